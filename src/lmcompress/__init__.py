@@ -1,0 +1,26 @@
+"""lmcompress: make LLM inference memory small and measure honestly what that costs.
+
+Public API (importing it does no work and patches nothing)::
+
+    from lmcompress import load_model, KVSpec, CompressedCache, SnapKV, StreamingLLM, IntKV
+"""
+
+from .errors import LMCompressError
+from .kv import CompressedCache, IntKV, KVSpec, SnapKV, StreamingLLM, prepare_model, scoring_hooks
+from .models import DEFAULT_MODEL, load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "CompressedCache",
+    "IntKV",
+    "KVSpec",
+    "LMCompressError",
+    "SnapKV",
+    "StreamingLLM",
+    "__version__",
+    "load_model",
+    "prepare_model",
+    "scoring_hooks",
+]

@@ -1,0 +1,105 @@
+"""Every touch of transformers internals lives here, so a transformers release breaks one file.
+
+Supported: transformers 5.17 (the GPU machine) through 5.x (5.23 on PyPI at the time of writing).
+What is used:
+
+* ``transformers.cache_utils.Cache`` / ``CacheLayerMixin``: the cache extension point.
+* ``AttentionInterface.register`` and ``AttentionMaskInterface.register``: our attention function and its
+  mask builder are registered under one name (``ATTN_NAME``) and selected with the public
+  ``model.set_attn_implementation``.
+* ``sdpa_attention_forward`` and ``sdpa_mask``: when our attention function sees an ordinary cache (plain
+  tensors) it delegates to transformers' own SDPA path, so outputs are identical to ``attn_implementation="sdpa"``.
+* config fields: ``layer_types``, ``sliding_window``, ``num_key_value_heads``, ``head_dim``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+__all__ = [
+    "ATTN_NAME",
+    "Cache",
+    "CacheLayerMixin",
+    "TRANSFORMERS_VERSION",
+    "attention_is_registered",
+    "layer_is_sliding",
+    "register_attention",
+    "sdpa_attention_forward",
+    "text_config",
+]
+
+ATTN_NAME = "lmcompress"
+TRANSFORMERS_VERSION: str = transformers.__version__
+
+
+def register_attention(fn: Callable[..., Any]) -> None:
+    """Register ``fn`` as attention implementation ``ATTN_NAME`` with SDPA-style masks.
+
+    Idempotent. Called lazily by :func:`lmcompress.kv.attention.prepare_model`, never at import.
+    """
+    AttentionInterface.register(ATTN_NAME, fn)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def attention_is_registered() -> bool:
+    return ATTN_NAME in ALL_ATTENTION_FUNCTIONS and ATTN_NAME in ALL_MASK_ATTENTION_FUNCTIONS
+
+
+def set_attention(model: torch.nn.Module, name: str) -> None:
+    """Select attention implementation ``name`` on ``model`` through the public API."""
+    model.set_attn_implementation(name)
+
+
+def attention_implementation(model: torch.nn.Module) -> str | None:
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def text_config(config: Any) -> Any:
+    """The decoder (text) config of a possibly multimodal config."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def layer_is_sliding(config: Any, layer_idx: int) -> bool:
+    """Whether decoder layer ``layer_idx`` uses sliding-window attention, as the model defines it."""
+    cfg = text_config(config)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        return layer_types[layer_idx] in ("sliding_attention", "chunked_attention")
+    return getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True)
+
+
+def sliding_window_of(config: Any) -> int | None:
+    cfg = text_config(config)
+    return getattr(cfg, "sliding_window", None)
+
+
+def kv_geometry(config: Any) -> tuple[int, int, int, int]:
+    """(num_layers, num_heads, num_kv_heads, head_dim) of a decoder config."""
+    cfg = text_config(config)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, heads, kv_heads, head_dim
+
+
+def max_positions(config: Any) -> int:
+    return int(getattr(text_config(config), "max_position_embeddings", 0) or 0)
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention modules of a decoder, in layer order (modules with a ``layer_idx`` and q/k/v or
+    fused qkv projections)."""
+    found = []
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and (hasattr(module, "q_proj") or hasattr(module, "qkv_proj")):
+            found.append(module)
+    return sorted(found, key=lambda m: m.layer_idx)

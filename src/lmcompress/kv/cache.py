@@ -1,0 +1,91 @@
+"""``CompressedCache``: a ``transformers.Cache`` of :class:`~lmcompress.kv.layer.CompressedLayer` objects.
+
+Usage::
+
+    model, tok = load_model("smollm2-135m")
+    cache = CompressedCache(model, KVSpec(evict=SnapKV(ratio=0.5), quant=IntKV(bits=4)))
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
+    print(cache.nbytes, cache.held_tokens())
+
+Building a cache switches the model to the ``lmcompress`` attention function (see
+:func:`~lmcompress.kv.attention.prepare_model`), which is transformers' SDPA path for ordinary caches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from .._compat import Cache, kv_geometry, layer_is_sliding, sliding_window_of
+from .layer import CompressedLayer
+from .spec import KVSpec
+
+
+class CompressedCache(Cache):
+    """KV cache that evicts and/or quantizes per ``spec`` and frees what it drops.
+
+    Args:
+        model: the model the cache serves (its config gives layers, heads and sliding windows). The model is
+            switched to the ``lmcompress`` attention implementation.
+        spec: the compression recipe.
+        reserve: spare token slots per layer kept after the first chunk and after each eviction, for the tokens
+            that will follow (question, answer); they are allocated memory and counted in ``nbytes``.
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: KVSpec | None = None, *, reserve: int = 0) -> None:
+        from ..errors import check_positive_int
+        from .attention import prepare_model
+
+        check_positive_int("reserve", reserve, allow_zero=True)
+        spec = spec or KVSpec()
+        prepare_model(model)
+        config = model.config
+        num_layers, _, _, head_dim = kv_geometry(config)
+        window = sliding_window_of(config)
+        layers = []
+        for i in range(num_layers):
+            sliding = layer_is_sliding(config, i) and window is not None
+            compress = not sliding or spec.compress_sliding
+            layers.append(
+                CompressedLayer(
+                    i,
+                    num_layers,
+                    evict=spec.evict if compress else None,
+                    quant=spec.quant if compress else None,
+                    sliding_window=window if sliding else None,
+                    reserve=0 if sliding else reserve,
+                )
+            )
+        if spec.quant is not None:
+            spec.quant.validate(head_dim)
+        super().__init__(layers=layers)
+        self.spec = spec
+
+    # ------------------------------------------------------------------------------------ accounting
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all layers' storage tensors (metadata and spare capacity included)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers for t in layer.tensors()]
+
+    def held_tokens(self) -> list[int]:
+        """Tokens held per layer (per head)."""
+        return [layer.held for layer in self.layers]
+
+    # ------------------------------------------------------------------------------------ control
+    @contextmanager
+    def compression_paused(self) -> Iterator[CompressedCache]:
+        """Within this block prefill chunks are appended without eviction (quantization still applies), e.g. to
+        feed a question after a compressed context."""
+        before = [layer.compression_enabled for layer in self.layers]
+        for layer in self.layers:
+            layer.compression_enabled = False
+        try:
+            yield self
+        finally:
+            for layer, flag in zip(self.layers, before):
+                layer.compression_enabled = flag

@@ -1,0 +1,116 @@
+"""Packed storage of quantized keys and values for one layer.
+
+Keys and values are encoded by their own codecs (so key and value rules differ, as in KIVI and QAQ) and kept
+packed at rest in growable buffers. Nothing here ever dequantizes the whole cache for attention: readers
+iterate over blocks (:meth:`PackedStore.blocks`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from ..buffers import TokenBuffer, gather_tokens
+from .codec import Codec
+
+
+class PackedStore:
+    """Quantized ``[B, H, length, D]`` keys and values, packed.
+
+    Args:
+        key_codec, value_codec: codecs for keys and values.
+        head_dim: D.
+        dtype: the dtype blocks are dequantized to (the model's compute dtype).
+    """
+
+    def __init__(self, key_codec: Codec, value_codec: Codec, head_dim: int, dtype: torch.dtype) -> None:
+        self.key_codec = key_codec
+        self.value_codec = value_codec
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.unit = math.lcm(key_codec.token_block, value_codec.token_block)
+        self._k: dict[str, TokenBuffer] = {}
+        self._v: dict[str, TokenBuffer] = {}
+        self.length = 0
+
+    # ---------------------------------------------------------------------------------------- writes
+    @staticmethod
+    def _append_parts(buffers: dict[str, TokenBuffer], parts: dict[str, torch.Tensor]) -> None:
+        for name, part in parts.items():
+            if name in buffers:
+                buffers[name].append(part)
+            else:
+                buffers[name] = TokenBuffer(part)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize and append ``[B, H, T, D]`` keys and values; ``T`` must be a multiple of :attr:`unit`."""
+        t = keys.shape[2]
+        if t == 0:
+            return
+        if t % self.unit:
+            raise ValueError(f"PackedStore.append needs a multiple of {self.unit} tokens, got {t}")
+        self._append_parts(self._k, self.key_codec.encode(keys))
+        self._append_parts(self._v, self.value_codec.encode(values))
+        self.length += t
+
+    def clear(self) -> None:
+        self._k, self._v, self.length = {}, {}, 0
+
+    def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keep tokens ``index: [B, H, k]`` (sorted ascending).
+
+        Row-independent codecs gather packed rows exactly. Codecs that group along tokens dequantize the kept
+        tokens and re-encode them (an approximation: it adds one more rounding); kept tokens that do not fill a
+        whole token block are returned in full precision as ``(keys, values)`` for the caller to hold.
+        """
+        k = index.shape[-1]
+        if self.key_codec.row_independent and self.value_codec.row_independent:
+            for buf in (*self._k.values(), *self._v.values()):
+                buf.gather(index)
+            self.length = k
+            return None
+        keys, values = self.dequantize()
+        self.clear()
+        keys, values = gather_tokens(keys, index), gather_tokens(values, index)
+        usable = k - k % self.unit
+        self.append(keys[:, :, :usable], values[:, :, :usable])
+        if usable == k:
+            return None
+        return keys[:, :, usable:], values[:, :, usable:]
+
+    # ---------------------------------------------------------------------------------------- reads
+    def _slice(self, codec: Codec, buffers: dict[str, TokenBuffer], start: int, end: int) -> torch.Tensor:
+        tb = codec.token_block
+        parts = {name: buf.slice(start // tb, end // tb) for name, buf in buffers.items()}
+        return codec.decode(parts, self.head_dim, self.dtype)
+
+    def blocks(self, block_tokens: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """Yield ``(start, end, keys, values)`` dequantized blocks of about ``block_tokens`` tokens."""
+        step = max(self.unit, block_tokens - block_tokens % self.unit)
+        for start in range(0, self.length, step):
+            end = min(start + step, self.length)
+            yield (
+                start,
+                end,
+                self._slice(self.key_codec, self._k, start, end),
+                self._slice(self.value_codec, self._v, start, end),
+            )
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All tokens dequantized, ``[B, H, length, D]`` each. Used only at compression events (scoring),
+        never for attention."""
+        return (
+            self._slice(self.key_codec, self._k, 0, self.length),
+            self._slice(self.value_codec, self._v, 0, self.length),
+        )
+
+    # ---------------------------------------------------------------------------------------- accounting
+    def tensors(self) -> list[torch.Tensor]:
+        return [buf.data for buf in (*self._k.values(), *self._v.values())]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buf.nbytes for buf in (*self._k.values(), *self._v.values()))
+

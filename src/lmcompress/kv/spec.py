@@ -1,0 +1,79 @@
+"""``KVSpec``: what a compressed cache does — eviction, quantization, or both — as one frozen, hashable,
+serialisable value. Specs key the result store, so :meth:`KVSpec.to_dict` is canonical and stable."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import LMCompressError
+from ..registry import EVICTION_METHODS, KV_QUANTIZERS
+from .evict.base import EvictionPolicy
+from .quant.base import KVQuantizer
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """A KV-cache compression recipe.
+
+    Attributes:
+        evict: an eviction policy (``SnapKV(ratio=0.5)``, ...) or None.
+        quant: a KV quantizer (``IntKV(bits=4)``, ...) or None.
+        compress_sliding: also evict/quantize sliding-window layers (default False: they keep the model's own
+            window in full precision, which bounds their size already).
+    """
+
+    evict: EvictionPolicy | None = None
+    quant: KVQuantizer | None = None
+    compress_sliding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.evict is not None and not isinstance(self.evict, EvictionPolicy):
+            raise LMCompressError(f"evict={self.evict!r} is not an eviction policy; see `lmcompress methods`")
+        if self.quant is not None and not isinstance(self.quant, KVQuantizer):
+            raise LMCompressError(f"quant={self.quant!r} is not a KV quantizer; see `lmcompress methods`")
+
+    @property
+    def is_identity(self) -> bool:
+        return (self.evict is None or self.evict.is_noop) and self.quant is None
+
+    def label(self) -> str:
+        """Short human-readable name, e.g. ``snapkv(ratio=0.5)+int(bits=4)``."""
+        parts = []
+        for obj in (self.evict, self.quant):
+            if obj is None:
+                continue
+            fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+            defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+            shown = ", ".join(f"{k}={v}" for k, v in fields.items() if v != defaults[k])
+            parts.append(f"{obj.name}({shown})")
+        return "+".join(parts) or "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "evict": self.evict.to_dict() if self.evict else None,
+            "quant": self.quant.to_dict() if self.quant else None,
+            "compress_sliding": self.compress_sliding,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KVSpec:
+        def build(registry, entry):
+            if entry is None:
+                return None
+            entry = dict(entry)
+            return registry.get(entry.pop("method"))(**entry)
+
+        return cls(
+            evict=build(EVICTION_METHODS, data.get("evict")),
+            quant=build(KV_QUANTIZERS, data.get("quant")),
+            compress_sliding=bool(data.get("compress_sliding", False)),
+        )
+
+    def key(self) -> str:
+        """Stable short hash of the canonical dict."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

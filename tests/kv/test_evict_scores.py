@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -148,7 +149,7 @@ def test_pyramid_budgets_shrink_upward_and_average_the_uniform_count():
     p = PyramidKV(ratio=0.5, window_size=64, beta=20)
     counts = [p.n_keep(1000, layer, 30) for layer in range(30)]
     assert counts[0] == 936 and counts[-1] == 64
-    assert all(a >= b for a, b in zip(counts, counts[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(counts))
     assert abs(sum(counts) - 30 * 500) <= 15  # rounding per layer
     # not a well-formed pyramid (short prompt): every layer keeps the uniform count
     assert {p.n_keep(100, layer, 30) for layer in range(30)} == {50}

@@ -41,7 +41,7 @@ UNIFORM = N - math.floor(RATIO * N)
 
 
 def scorers(ratio: float = RATIO, **size) -> dict:
-    kw = {"ratio": ratio, **size} if not size else size
+    kw = size or {"ratio": ratio}
     return {
         "random": Random(**kw),
         "streaming_llm": StreamingLLM(**kw),
@@ -195,7 +195,8 @@ def test_ratio_zero_gives_identical_logits(arch_model):
 def test_active_policy_that_evicts_nothing_keeps_logits(arch_model):
     """Every method running (scores, observation, buffers) with a budget above the prompt changes nothing."""
     _, model, ids, base_logits = arch_model
-    policies = list(scorers(budget=10 * N).values()) + [
+    policies = [
+        *scorers(budget=10 * N).values(),
         AdaKV(base=Knorm(budget=10 * N)),
         CAKE(budget=10 * N, window_size=WINDOW),
         DecodingCompression(base=Knorm(), interval=1, target_size=10 * N),

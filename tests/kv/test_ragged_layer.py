@@ -23,7 +23,7 @@ def filled_layer(n: int, quant=None, b: int = 1, h: int = 2, d: int = 16, seed: 
 
 def masked_reference(query, keys, values, visible, scaling):
     """Dense attention of ``query: [B, Hq, q, D]`` with ``visible: [B, Hkv, q, n]`` bool."""
-    b, hq, q, d = query.shape
+    hq = query.shape[1]
     g = hq // keys.shape[1]
     keys = keys.repeat_interleave(g, dim=1)
     values = values.repeat_interleave(g, dim=1)
@@ -77,7 +77,7 @@ def test_ragged_storage_holds_only_kept_entries():
 def test_ragged_with_quantization_stores_only_kept_tokens_packed():
     n, d = 64, 16
     quant = IntKV(bits=4, group_size=16)
-    layer, k, v = filled_layer(n, quant=quant, d=d)
+    layer, k, _ = filled_layer(n, quant=quant, d=d)
     kept = torch.zeros(1, 2, n, dtype=torch.bool)
     kept[0, 0, ::2] = True  # 32 tokens
     kept[0, 1, ::4] = True  # 16 tokens

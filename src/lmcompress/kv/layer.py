@@ -342,13 +342,15 @@ class CompressedLayer(CacheLayerMixin):
         self._inputs_cache = (key, inputs)
         return inputs
 
-    def keep(self, kept: torch.Tensor) -> None:
+    def keep(self, kept: torch.Tensor, in_place: bool = False) -> None:
         """Keep only ``kept`` tokens and free the rest.
 
         Args:
             kept: either ascending indices ``[B, Hkv, k]`` or a bool mask ``[B, Hkv, n]``, both in the layout of
                 :meth:`score_inputs` (``n`` = :attr:`held`; ragged rows are left-padded, padding is never kept).
                 Different counts per head switch the layer to the ragged layout.
+            in_place: keep the buffers' capacity for the tokens that follow instead of reallocating (for
+                eviction during decoding); the spare slots stay counted in ``nbytes``.
         """
         b, h, n = self.batch_size, self.num_heads, self.held
         if kept.dtype == torch.bool:
@@ -366,7 +368,7 @@ class CompressedLayer(CacheLayerMixin):
         if not self.ragged and bool((counts == counts.flatten()[0]).all()):
             k = int(counts.flatten()[0])
             index = mask.nonzero()[:, 2].view(b, h, k)
-            self.segments[0].keep(index)
+            self.segments[0].keep(index, in_place)
             return
         if not self.ragged:
             lists = [[mask[bi, hi].nonzero().squeeze(-1) for hi in range(h)] for bi in range(b)]
@@ -378,7 +380,7 @@ class CompressedLayer(CacheLayerMixin):
             pad = n - seg.held
             idx = mask[bi, hi].nonzero().squeeze(-1) - pad
             if idx.numel() != seg.held:
-                seg.keep(idx.view(1, 1, -1))
+                seg.keep(idx.view(1, 1, -1), in_place)
 
     def add_aux(self, name: str, values: torch.Tensor) -> None:
         """Add ``values: [B, Hkv, n]`` (layout of :meth:`score_inputs`) to the per-token values ``name``

@@ -162,17 +162,26 @@ class KVSegment:
         yield self.fp_k.view(), self.fp_v.view(), None if mask is None else mask[..., packed:]
 
     # ------------------------------------------------------------------------------------ eviction
-    def keep(self, index: torch.Tensor) -> None:
+    def keep(self, index: torch.Tensor, in_place: bool = False) -> None:
         """Keep the tokens ``index: [B, H, k]`` (ascending, same k for every head); frees the rest.
 
         Full-precision tokens are gathered exactly. Packed tokens are dequantized, gathered and re-quantized by
         the next :meth:`commit` (for per-token codecs re-quantizing a dequantized token reproduces its codes up
         to float rounding of the fp16 scale; token-block codecs round once more).
+
+        Args:
+            in_place: keep the buffers' capacity (the freed slots hold the next tokens) instead of reallocating
+                at the kept size; for decoding-time eviction of a few tokens per step. Full precision only.
         """
+        index = index.to(torch.int64)
+        if in_place and self.packed_length == 0:
+            for buf in (self.fp_k, self.fp_v, self.pos, *self.aux.values()):
+                if buf is not None:
+                    buf.compact(index)
+            return
         keys, values = self.all_tokens()
         if self.store is not None:
             self.store = self.quant.new_store(self.layer_idx, self.head_dim, self.dtype)
-        index = index.to(torch.int64)
         self._replace_fp(gather_tokens(keys, index), gather_tokens(values, index))
         if self.pos is not None:
             self.pos.gather(index, headroom=self.reserve)

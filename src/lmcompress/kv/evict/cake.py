@@ -226,4 +226,4 @@ class CAKE(EvictionPolicy):
         if budget is None or layer.held <= budget + self.window_size:
             return
         inputs = layer.score_inputs(query, scaling, module)
-        layer.keep(topk_mask(self.decode_indicator(inputs), budget + self.window_size))
+        layer.keep(topk_mask(self.decode_indicator(inputs), budget + self.window_size), in_place=True)

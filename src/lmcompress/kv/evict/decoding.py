@@ -114,5 +114,7 @@ class DecodingCompression(EvictionPolicy):
         state.steps = 0
         if layer.held > self.target_size:
             inputs = layer.score_inputs(state.queries, scaling, module)
-            layer.keep(self.base.with_budget(self.target_size).keep_mask(inputs))
+            # a few tokens over the target: keep the capacity for the next ones; far over (a long prompt): free
+            in_place = layer.held - self.target_size <= self.interval
+            layer.keep(self.base.with_budget(self.target_size).keep_mask(inputs), in_place=in_place)
         state.clear()

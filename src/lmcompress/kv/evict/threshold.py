@@ -83,4 +83,4 @@ class ThresholdEviction(EvictionPolicy):
             evict &= pos >= self.protect_sinks
         if bool(evict.any()):
             keep = ~evict if inputs.valid is None else inputs.valid & ~evict
-            layer.keep(keep)
+            layer.keep(keep, in_place=q == 1)

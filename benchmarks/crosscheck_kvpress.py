@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -169,7 +170,8 @@ def run_our_side(args: argparse.Namespace, ids: torch.Tensor, suffix: torch.Tens
             t0 = time.time()
             with torch.no_grad():
                 model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                kept = [[layer.positions()[0, h].tolist() for h in range(layer.num_heads)]
+                # positions of the kept tokens (= their prompt indices); ragged layers are left-padded with -1
+                kept = [[[p for p in layer.positions()[0, h].tolist() if p >= 0] for h in range(layer.num_heads)]
                         for layer in cache.layers]
                 logits = continuation_logits(model, suffix, cache, ids.shape[1])
             out["runs"][f"{method}@{ratio}"] = {"kept": kept, "logits": logits, "seconds": time.time() - t0}
@@ -182,10 +184,11 @@ def run_our_side(args: argparse.Namespace, ids: torch.Tensor, suffix: torch.Tens
 
 def compare(ours: dict, ref: dict, n: int) -> list[dict]:
     rows = []
-    base_diff = float((ours["runs"]["baseline"]["logits"] - ref["runs"]["baseline_sdpa"]["logits"]).abs().max())
-    rows.append({"method": "no compression", "ratio": 0.0, "heads": "-", "identical_heads": "-",
-                 "differing_entries": "-", "kept_per_head": n, "max_abs_logit_diff": base_diff,
-                 "top1_agree": _top1(ours["runs"]["baseline"]["logits"], ref["runs"]["baseline_sdpa"]["logits"])})
+    for impl in ("sdpa", "eager"):
+        theirs = ref["runs"][f"baseline_{impl}"]["logits"]
+        rows.append({"method": f"no compression (kvpress side: {impl})", "ratio": 0.0, "kept_per_head": n,
+                     "max_abs_logit_diff": float((ours["runs"]["baseline"]["logits"] - theirs).abs().max()),
+                     "top1_agree": _top1(ours["runs"]["baseline"]["logits"], theirs)})
     for key, mine in ours["runs"].items():
         if key == "baseline":
             continue
@@ -203,7 +206,8 @@ def compare(ours: dict, ref: dict, n: int) -> list[dict]:
                 kept_total += len(sb)
         la_logits, lb_logits = mine["logits"], theirs["logits"]
         rows.append({
-            "method": method, "ratio": float(ratio), "heads": heads, "identical_heads": identical,
+            "method": method, "ratio": float(ratio), "kvpress_attention": theirs["impl"], "heads": heads,
+            "identical_heads": identical,
             "differing_entries": diff_entries, "count_mismatch_heads": count_mismatch,
             "kept_per_head": kept_total / heads,
             "max_abs_logit_diff": float((la_logits - lb_logits).abs().max()),
@@ -223,8 +227,8 @@ def markdown(rows: list[dict]) -> str:
              "max abs logit diff (continuation) | next-token max abs diff | top-1 agree |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["method"] == "no compression":
-            lines.append(f"| no compression | 0 | - | - | {r['kept_per_head']} | {r['max_abs_logit_diff']:.2e} | - | "
+        if r["method"].startswith("no compression"):
+            lines.append(f"| {r['method']} | 0 | - | - | {r['kept_per_head']} | {r['max_abs_logit_diff']:.2e} | - | "
                          f"{r['top1_agree']} |")
             continue
         lines.append(
@@ -261,6 +265,8 @@ def main() -> None:
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     torch.set_grad_enabled(False)
     if args.side == "kvpress":
         run_kvpress_side(args)

@@ -46,14 +46,25 @@ def policy_for(method: str, ratio: float):
     raise SystemExit(f"unknown method {method}")
 
 
+def configs(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """(method, ratio) pairs in run order: the baseline, then ``--configs`` or every method x ratio."""
+    if args.configs:
+        pairs = []
+        for item in args.configs:
+            method, _, ratio = item.partition(":")
+            pairs.append((method, float(ratio)))
+    else:
+        pairs = [(m, r) for r in args.ratios for m in args.methods]
+    return [("none", 0.0), *pairs]
+
+
 def cells(args: argparse.Namespace):
-    for length in args.lengths:
-        for depth in args.depths:
-            for mode in args.modes:
-                yield {"method": "none", "ratio": 0.0, "mode": mode, "length": length, "depth": depth}
-                for method in args.methods:
-                    for ratio in args.ratios:
-                        yield {"method": method, "ratio": ratio, "mode": mode, "length": length, "depth": depth}
+    """Config-major order, so that an interrupted run leaves whole configurations."""
+    for method, ratio in configs(args):
+        for length in args.lengths:
+            for depth in args.depths:
+                for mode in args.modes:
+                    yield {"method": method, "ratio": ratio, "mode": mode, "length": length, "depth": depth}
 
 
 def cell_key(cell: dict) -> str:
@@ -92,6 +103,7 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.75, 0.9])
     parser.add_argument("--modes", nargs="+", choices=["agnostic", "aware"], default=["agnostic", "aware"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--configs", nargs="+", help="method:ratio pairs to run instead of methods x ratios")
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args()
 

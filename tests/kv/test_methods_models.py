@@ -208,3 +208,43 @@ def test_active_policy_that_evicts_nothing_keeps_logits(arch_model):
             logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
         torch.testing.assert_close(logits, base_logits, rtol=1e-5, atol=1e-5, msg=policy.name)
         assert all(layer.eviction_events == 0 for layer in cache.layers)
+
+
+@pytest.mark.parametrize("name", ["knorm", "adakv", "cake", "h2o"])
+def test_eviction_composes_with_quantization(name):
+    """KVSpec(evict=..., quant=...): only the kept tokens are stored, and stored packed."""
+    from lmcompress.kv import IntKV
+
+    model = tiny_model("llama")
+    torch.manual_seed(0)
+    ids = torch.randint(3, 256, (1, N))
+    policy = METHODS[name]
+    cache = CompressedCache(model, KVSpec(evict=policy, quant=IntKV(bits=4, group_size=16)))
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True)
+    plain = CompressedCache(model, KVSpec(evict=policy))
+    with torch.no_grad():
+        model(ids, past_key_values=plain, use_cache=True)
+    for layer, ref in zip(cache.layers, plain.layers):
+        assert torch.equal(layer.held_per_head(), ref.held_per_head())  # same kept counts as unquantized
+        for seg in layer.segments:
+            assert seg.fp_length == 0 and seg.packed_length == seg.held
+        d = layer.head_dim
+        per_entry = 2 * (d // 2 + 2 + 2) + 4 + 4 * aux_count(layer)  # 4-bit codes, fp16 scale+zero, position
+        spare = layer.held_per_head().numel() * 2 * d * 4  # one full-precision K and V slot per head (headroom)
+        assert layer.nbytes == int(layer.held_per_head().sum()) * per_entry + spare
+    token = out.logits[:, -1:].argmax(-1)
+    with torch.no_grad():
+        step = model(token, past_key_values=cache, use_cache=True)
+    assert torch.isfinite(step.logits).all()
+
+
+def test_gemma3_sliding_layers_can_be_compressed_explicitly():
+    model = tiny_model("gemma3")
+    ids = torch.randint(3, 256, (1, N))
+    cache = CompressedCache(model, KVSpec(evict=Knorm(ratio=0.5), compress_sliding=True))
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    # sliding layers evict to 20 and then keep the model's window (15 tokens); the full layer keeps 20
+    assert cache.held_tokens() == [15, 15, 15, UNIFORM]
+    assert all(layer.evict is not None for layer in cache.layers)

@@ -369,18 +369,19 @@ class CompressedLayer(CacheLayerMixin):
             k = int(counts.flatten()[0])
             index = mask.nonzero()[:, 2].view(b, h, k)
             self.segments[0].keep(index, in_place)
-            return
-        if not self.ragged:
+        elif not self.ragged:
             lists = [[mask[bi, hi].nonzero().squeeze(-1) for hi in range(h)] for bi in range(b)]
             self.segments = self.segments[0].split(lists)
             self.ragged = True
-            return
-        for i, seg in enumerate(self.segments):
-            bi, hi = divmod(i, h)
-            pad = n - seg.held
-            idx = mask[bi, hi].nonzero().squeeze(-1) - pad
-            if idx.numel() != seg.held:
-                seg.keep(idx.view(1, 1, -1), in_place)
+        else:
+            for i, seg in enumerate(self.segments):
+                bi, hi = divmod(i, h)
+                pad = n - seg.held
+                idx = mask[bi, hi].nonzero().squeeze(-1) - pad
+                if idx.numel() != seg.held:
+                    seg.keep(idx.view(1, 1, -1), in_place)
+        for seg in self.segments:  # kept packed tokens come back in full precision: store them packed again
+            seg.commit()
 
     def add_aux(self, name: str, values: torch.Tensor) -> None:
         """Add ``values: [B, Hkv, n]`` (layout of :meth:`score_inputs`) to the per-token values ``name``

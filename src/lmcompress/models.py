@@ -183,6 +183,13 @@ def _quiet_progress(quiet: bool):
         yield
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
 def known_max_positions(name: str) -> int:
     """Positions of an embedded model without loading it (0 if unknown)."""
     entry = EMBEDDED_MODELS.get(name)
@@ -222,7 +229,7 @@ def load_model(
         quiet: hide transformers' loading progress bars.
 
     Returns:
-        ``(model, tokenizer)``; the tokenizer is ``None`` for tiny test models.
+        ``(model, tokenizer)``; the tokenizer is ``None`` for tiny test models and folders without one.
 
     Raises:
         UnknownNameError: not a known name and not an existing path.
@@ -257,7 +264,10 @@ def load_model(
                 )
         kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
         with _quiet_progress(quiet):
-            tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+            if gguf_file or _has_tokenizer_files(Path(folder)):
+                tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+            else:
+                tokenizer = None  # a weights-only folder; tasks that need text say so
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
         model = model.to(device).eval()
     _check_architecture(model.config, name)

@@ -28,7 +28,7 @@ def attend_blocks(query: torch.Tensor, blocks: Iterable[Block], scaling: float) 
     """
     b, hq, q, d = query.shape
     qg: torch.Tensor | None = None
-    m = l = acc = None
+    m = denom = acc = None
     for keys, values, mask in blocks:
         if keys.shape[2] == 0:
             continue
@@ -36,7 +36,7 @@ def attend_blocks(query: torch.Tensor, blocks: Iterable[Block], scaling: float) 
         if qg is None:
             qg = query.reshape(b, hkv, hq // hkv, q, d).float()
             m = torch.full((b, hkv, hq // hkv, q), -torch.inf, device=query.device)
-            l = torch.zeros_like(m)
+            denom = torch.zeros_like(m)
             acc = torch.zeros((b, hkv, hq // hkv, q, values.shape[-1]), device=query.device)
         s = torch.einsum("bhgqd,bhkd->bhgqk", qg, keys.float()) * scaling
         if mask is not None:
@@ -45,10 +45,10 @@ def attend_blocks(query: torch.Tensor, blocks: Iterable[Block], scaling: float) 
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         p = torch.exp(s - m_safe.unsqueeze(-1))
         corr = torch.exp(m - m_safe)
-        l = l * corr + p.sum(dim=-1)
+        denom = denom * corr + p.sum(dim=-1)
         acc = acc * corr.unsqueeze(-1) + torch.einsum("bhgqk,bhkd->bhgqd", p, values.float())
         m = m_new
     if acc is None:
         return torch.zeros_like(query)
-    out = acc / l.clamp_min(1e-30).unsqueeze(-1)
+    out = acc / denom.clamp_min(1e-30).unsqueeze(-1)
     return out.reshape(b, hq, q, -1).to(query.dtype)

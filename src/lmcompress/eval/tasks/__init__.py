@@ -1,0 +1,7 @@
+"""Evaluation tasks (one file each, registered by name in ``TASKS``)."""
+
+from .base import RunContext, Task, TaskResult
+from .passkey import Passkey
+from .perplexity import Perplexity
+
+__all__ = ["Passkey", "Perplexity", "RunContext", "Task", "TaskResult"]

@@ -262,6 +262,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
     parser.add_argument("--side", choices=["ours", "kvpress"], default="ours")
+    parser.add_argument("--stage", choices=["all", "ours", "compare"], default="all",
+                        help="all: run both sides and compare; ours: only run and save our side (ours.pt), e.g. "
+                             "in parallel with a running kvpress side; compare: compare saved results")
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -273,14 +276,23 @@ def main() -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ids, suffix = build_inputs(args)
-    torch.save({"ids": ids, "suffix": suffix}, out / "inputs.pt")
-    cmd = [args.kvpress_python, __file__, "--side", "kvpress", "--model", args.model,
-           "--inputs", str(out / "inputs.pt"), "--result", str(out / "kvpress.pt"),
-           "--methods", *args.methods, "--ratios", *map(str, args.ratios)]
-    subprocess.run(cmd, check=True)
-    ours = run_our_side(args, ids, suffix)
-    ref = torch.load(out / "kvpress.pt")
+    if args.stage == "all" or not (out / "inputs.pt").exists():
+        ids, suffix = build_inputs(args)
+        torch.save({"ids": ids, "suffix": suffix}, out / "inputs.pt")
+    data = torch.load(out / "inputs.pt")
+    ids, suffix = data["ids"], data["suffix"]
+    if args.stage == "all":
+        cmd = [args.kvpress_python, __file__, "--side", "kvpress", "--model", args.model,
+               "--inputs", str(out / "inputs.pt"), "--result", str(out / "kvpress.pt"),
+               "--methods", *args.methods, "--ratios", *map(str, args.ratios)]
+        subprocess.run(cmd, check=True)
+    if args.stage in ("all", "ours"):
+        ours = run_our_side(args, ids, suffix)
+        torch.save(ours, out / "ours.pt")
+        if args.stage == "ours":
+            return
+    ours = torch.load(out / "ours.pt")
+    ref = torch.load(out / "kvpress.pt", weights_only=False)
     rows = compare(ours, ref, ids.shape[1])
     table = markdown(rows)
     (out / "crosscheck.json").write_text(json.dumps({"rows": rows, "kvpress_versions": ref["versions"],

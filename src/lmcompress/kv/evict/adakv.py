@@ -34,6 +34,7 @@ class AdaKV(EvictionPolicy):
     """
 
     name = "adakv"
+    display = "AdaKV"
     is_scorer = False
     base: EvictionPolicy | None = None
     alpha_safeguard: float = 0.2

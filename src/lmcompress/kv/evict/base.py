@@ -134,6 +134,8 @@ class EvictionPolicy:
     """
 
     name: ClassVar[str] = "base"
+    #: how messages name the method (the paper's spelling).
+    display: ClassVar[str] = "base"
     #: whether :meth:`score` needs ``ScoreInputs.hidden_states`` (a scoring hook must be active).
     needs_hidden_states: ClassVar[bool] = False
     #: whether this is a per-token scorer that wrappers (AdaKV, decoding compression, threshold) can use.

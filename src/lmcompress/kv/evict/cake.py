@@ -131,6 +131,7 @@ class CAKE(EvictionPolicy):
     """
 
     name = "cake"
+    display = "CAKE"
     is_scorer = False
     budget: int | None = 1024
     window_size: int = 32
@@ -175,7 +176,7 @@ class CAKE(EvictionPolicy):
         """The layer preference and the indicator ``[B, Hkv, n]`` (+inf on the window)."""
         w = self.window_size
         n = inputs.num_tokens
-        attn = window_attention(inputs, w, self.name)[..., : n - w]  # [B, Hkv, G, w, n-w]
+        attn = window_attention(inputs, w, self.display)[..., : n - w]  # [B, Hkv, G, w, n-w]
         entropy = -(attn * torch.log(attn + 1e-10)).sum()
         var_q = attn.var(dim=-2)  # [B, Hkv, G, n-w] (unbiased, as torch.var in the reference)
         pref = float(entropy.clamp_min(0) ** (1 / self.tau1) * var_q.sum() ** (1 / self.tau2))
@@ -187,7 +188,7 @@ class CAKE(EvictionPolicy):
         """``[B, Hkv, n]``: pooled attention of the newest query, +inf on the window."""
         w = self.window_size
         n = inputs.num_tokens
-        attn = window_attention(inputs, 1, self.name)[..., 0, : n - w]  # [B, Hkv, G, n-w]
+        attn = window_attention(inputs, 1, self.display)[..., 0, : n - w]  # [B, Hkv, G, n-w]
         return F.pad(pool_tokens(attn, self.kernel_size).mean(dim=2), (0, w), value=math.inf)
 
     # ------------------------------------------------------------------------------------------ cache hooks

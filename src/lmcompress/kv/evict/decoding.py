@@ -57,6 +57,7 @@ class DecodingCompression(EvictionPolicy):
     """
 
     name = "decoding"
+    display = "DecodingCompression"
     is_scorer = False
     base: EvictionPolicy | None = None
     interval: int = 512

@@ -39,6 +39,7 @@ class ExpectedAttention(EvictionPolicy):
     """
 
     name = "expected_attention"
+    display = "ExpectedAttention"
     n_future_positions: int = 512
     n_sink: int = 4
     use_covariance: bool = True
@@ -61,7 +62,7 @@ class ExpectedAttention(EvictionPolicy):
         rope = inputs.rope
         if rope is None or not rope.available:
             raise LMCompressError(
-                f"{self.name} needs the model's rotary embedding; build the cache with CompressedCache(model, ...)"
+                f"{self.display} needs the model's rotary embedding; build the cache with CompressedCache(model, ...)"
             )
         q = inputs.queries.shape[2]
         q_pos = query_positions(inputs, q)[0]
@@ -69,7 +70,7 @@ class ExpectedAttention(EvictionPolicy):
         pre = pre[:, :, q_pos >= self.n_sink]
         if pre.shape[2] == 0:
             raise LMCompressError(
-                f"{self.name} needs queries beyond the n_sink={self.n_sink} sink tokens; got {q} queries"
+                f"{self.display} needs queries beyond the n_sink={self.n_sink} sink tokens; got {q} queries"
             )
         mu = pre.mean(dim=2)
         cov = None
@@ -98,7 +99,7 @@ class ExpectedAttention(EvictionPolicy):
         if inputs.valid is not None:
             sink = sink | ~inputs.valid.unsqueeze(2)
         if bool(sink.all()):
-            raise LMCompressError(f"{self.name} needs more cached tokens than n_sink={self.n_sink}")
+            raise LMCompressError(f"{self.display} needs more cached tokens than n_sink={self.n_sink}")
         scores = logits.masked_fill(sink, -math.inf).softmax(dim=-1).mean(dim=2)
         if self.use_vnorm:
             scores = (scores + self.epsilon) * torch.linalg.vector_norm(inputs.values.float(), dim=-1)

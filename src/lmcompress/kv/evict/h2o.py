@@ -45,9 +45,10 @@ class H2O(EvictionPolicy):
     """
 
     name = "h2o"
+    display = "H2O"
 
     def observe(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
         layer.add_aux(H2O_AUX, summed_attention(layer.score_inputs(query, scaling)))
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        return accumulated_attention(inputs, self.name)
+        return accumulated_attention(inputs, self.display)

@@ -20,6 +20,7 @@ class KeyDiff(EvictionPolicy):
     """
 
     name = "keydiff"
+    display = "KeyDiff"
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         keys = inputs.keys.float()

@@ -16,6 +16,7 @@ class Knorm(EvictionPolicy):
     """score(j) = -||k_j||_2, computed in float32 (query-agnostic)."""
 
     name = "knorm"
+    display = "Knorm"
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         return -torch.linalg.vector_norm(inputs.keys.float(), dim=-1)

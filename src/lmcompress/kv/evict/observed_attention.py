@@ -22,9 +22,10 @@ class ObservedAttention(H2O):
     """
 
     name = "observed_attention"
+    display = "ObservedAttention"
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
-        acc = accumulated_attention(inputs, self.name)
+        acc = accumulated_attention(inputs, self.display)
         seen = inputs.seen if inputs.seen is not None else int(inputs.positions.max()) + 1
         count = (seen - inputs.positions).clamp_min(1).to(torch.float32)
         return acc / count

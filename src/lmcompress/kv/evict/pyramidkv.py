@@ -28,6 +28,7 @@ class PyramidKV(SnapKV):
     """
 
     name = "pyramidkv"
+    display = "PyramidKV"
     beta: int = 20
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ class Random(EvictionPolicy):
     """
 
     name = "random"
+    display = "Random"
     seed: int | None = 0
 
     def __post_init__(self) -> None:

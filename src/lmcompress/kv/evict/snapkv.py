@@ -38,6 +38,7 @@ class SnapKV(EvictionPolicy):
     """
 
     name = "snapkv"
+    display = "SnapKV"
     window_size: int = 64
     kernel_size: int = 5
 
@@ -55,6 +56,6 @@ class SnapKV(EvictionPolicy):
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         w = self.window_size
         n = inputs.num_tokens
-        attn = window_attention(inputs, w, self.name)[..., : n - w]  # [B, Hkv, G, w, n-w]
+        attn = window_attention(inputs, w, self.display)[..., : n - w]  # [B, Hkv, G, w, n-w]
         scores = pool_tokens(attn.mean(dim=-2), self.kernel_size).mean(dim=2)  # [B, Hkv, n-w]
         return F.pad(scores, (0, w), value=math.inf)

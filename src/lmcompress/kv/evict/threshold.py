@@ -40,6 +40,7 @@ class ThresholdEviction(EvictionPolicy):
     """
 
     name = "threshold"
+    display = "ThresholdEviction"
     is_scorer = False
     base: EvictionPolicy | None = None
     threshold: float | None = None

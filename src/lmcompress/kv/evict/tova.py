@@ -24,6 +24,7 @@ class TOVA(EvictionPolicy):
     """
 
     name = "tova"
+    display = "TOVA"
 
     @property
     def query_window(self) -> int:
@@ -31,7 +32,7 @@ class TOVA(EvictionPolicy):
 
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         n = inputs.num_tokens
-        attn = window_attention(inputs, 1, self.name)[..., 0, : n - 1]  # [B, Hkv, G, n-1]
+        attn = window_attention(inputs, 1, self.display)[..., 0, : n - 1]  # [B, Hkv, G, n-1]
         if inputs.valid is None:
             scores = attn.mean(dim=(1, 2), keepdim=False).unsqueeze(1).expand(-1, attn.shape[1], -1)
         else:

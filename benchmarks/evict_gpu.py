@@ -52,7 +52,7 @@ def policies(tiny: bool) -> list[tuple[str, object]]:
         ("streaming_llm 0.75", evict.StreamingLLM(ratio=0.75)),
         ("expected_attention 0.75", evict.ExpectedAttention(ratio=0.75)),
         ("adakv(snapkv) 0.5", evict.AdaKV(base=evict.SnapKV(ratio=0.5, window_size=win))),
-        ("cake 0.75", evict.CAKE(ratio=0.75, budget=None, window_size=32 if not tiny else 8)),
+        ("cake 0.75", evict.CAKE(ratio=0.75, window_size=32 if not tiny else 8)),
         ("observed_attention 0.75", evict.ObservedAttention(ratio=0.75)),
     ]
 

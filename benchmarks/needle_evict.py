@@ -40,9 +40,9 @@ def policy_for(method: str, ratio: float):
     if method == "adakv_snapkv":
         return evict.AdaKV(base=evict.SnapKV(ratio=ratio))
     if method == "cake":
-        return evict.CAKE(ratio=ratio, budget=None)
+        return evict.CAKE(ratio=ratio)
     if method == "cake_oneshot":
-        return evict.CAKE(ratio=ratio, budget=None, cascading=False)
+        return evict.CAKE(ratio=ratio, cascading=False)
     raise SystemExit(f"unknown method {method}")
 
 

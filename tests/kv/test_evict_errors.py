@@ -36,7 +36,7 @@ from .helpers import make_inputs
     (lambda: CAKE(tau2=-1.0), "tau2=-1.0 is out of range"),
     (lambda: CAKE(gamma=-1.0), "gamma=-1.0"),
     (lambda: CAKE(budget=16, window_size=32), "must exceed window_size"),
-    (lambda: CAKE(ratio=0.5), "either ratio or budget"),
+    (lambda: CAKE(ratio=0.5, budget=64), "either ratio or budget"),
     (lambda: AdaKV(base=CAKE()), "needs a score-based eviction policy"),
     (lambda: AdaKV(base=Knorm(ratio=0.5), alpha_safeguard=1.5), "alpha_safeguard=1.5"),
     (lambda: AdaKV(base=Knorm(), ratio=0.5), "leave ratio/budget unset"),
@@ -96,3 +96,12 @@ def test_nested_specs_round_trip_and_hash():
         assert hash(again) == hash(spec)
         assert again.key() == spec.key()
     assert len({s.key() for s in specs}) == len(specs)
+
+
+def test_cake_defaults_to_the_papers_cache_size_and_takes_a_sweep_ratio():
+    from lmcompress.kv.parse import parse_method
+
+    assert CAKE().layer_size(5000) == 1024 and not CAKE().is_noop
+    assert CAKE(ratio=0.75).layer_size(1000) == 250
+    spec = parse_method("cake:tau1=1.6", ratio=0.5)
+    assert spec.evict == CAKE(ratio=0.5, tau1=1.6)

@@ -107,7 +107,7 @@ def test_cake_keeps_evicting_to_budget_while_decoding(llama):
 
 def test_cake_with_ratio_uses_the_uniform_total(llama):
     model, ids = llama
-    cache = CompressedCache(model, KVSpec(evict=CAKE(ratio=0.75, budget=None, window_size=8)))
+    cache = CompressedCache(model, KVSpec(evict=CAKE(ratio=0.75, window_size=8)))
     with torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True)
     assert sum(cache.held_tokens()) == 4 * (64 - 48)

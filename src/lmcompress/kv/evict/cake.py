@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -121,8 +121,9 @@ class CAKE(EvictionPolicy):
     """Cascading and adaptive KV eviction (see the module docstring).
 
     Attributes:
-        budget: average tokens per layer, window included (the paper's ``cache_size``; default 1024). Set it to
-            None to give ``ratio`` instead (each layer then keeps ``n - floor(ratio * n)`` on average).
+        ratio: each layer keeps ``n - floor(ratio * n)`` tokens on average (window included); or
+        budget: average tokens per layer, window included (the paper's ``cache_size``). With neither, the paper's
+            default ``cache_size`` of 1024 applies.
         window_size: recent tokens always kept, whose queries score the rest (default 32).
         tau1, tau2: temperatures of the entropy and variance terms of the preference, > 0 (default 1, 1).
         gamma: weight of the variance term of the indicator, >= 0 (default 200).
@@ -133,7 +134,8 @@ class CAKE(EvictionPolicy):
     name = "cake"
     display = "CAKE"
     is_scorer = False
-    budget: int | None = 1024
+    #: the paper's default cache size (tokens per layer on average, window included).
+    PAPER_CACHE_SIZE: ClassVar[int] = 1024
     window_size: int = 32
     tau1: float = 1.0
     tau2: float = 1.0
@@ -158,8 +160,14 @@ class CAKE(EvictionPolicy):
             raise LMCompressError(
                 f"budget={self.budget} must exceed window_size={self.window_size} (it includes the window)"
             )
+        if self.budget is None and not self.ratio and self.PAPER_CACHE_SIZE <= self.window_size:
+            raise LMCompressError(f"window_size={self.window_size} must be below the default budget 1024")
         if self.protect_sinks or self.protect_recent:
             raise LMCompressError("CAKE keeps its own window; protect_sinks/protect_recent are not supported")
+
+    @property
+    def is_noop(self) -> bool:
+        return False
 
     @property
     def query_window(self) -> int:
@@ -169,6 +177,8 @@ class CAKE(EvictionPolicy):
         """Average tokens per layer (window included) for a prompt of ``n`` tokens."""
         if self.budget is not None:
             return min(n, self.budget)
+        if not self.ratio:
+            return min(n, self.PAPER_CACHE_SIZE)
         return n - evicted_count(n, float(self.ratio))
 
     # ------------------------------------------------------------------------------------------ scores

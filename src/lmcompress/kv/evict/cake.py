@@ -160,7 +160,7 @@ class CAKE(EvictionPolicy):
             raise LMCompressError(
                 f"budget={self.budget} must exceed window_size={self.window_size} (it includes the window)"
             )
-        if self.budget is None and not self.ratio and self.PAPER_CACHE_SIZE <= self.window_size:
+        if self.budget is None and not self.ratio and self.window_size >= self.PAPER_CACHE_SIZE:
             raise LMCompressError(f"window_size={self.window_size} must be below the default budget 1024")
         if self.protect_sinks or self.protect_recent:
             raise LMCompressError("CAKE keeps its own window; protect_sinks/protect_recent are not supported")

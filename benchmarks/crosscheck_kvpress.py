@@ -54,6 +54,8 @@ def kvpress_press(method: str, ratio: float):
         return simple[method](compression_ratio=ratio)
     if method == "adakv_snapkv":
         return kvpress.AdaKVPress(press=kvpress.SnapKVPress(compression_ratio=ratio))
+    if method == "pyramidkv_w8_beta4":  # a pyramid that is well formed on a short prompt
+        return kvpress.PyramidKVPress(compression_ratio=ratio, window_size=8, beta=4)
     raise ValueError(method)
 
 
@@ -150,6 +152,8 @@ def our_policy(method: str, ratio: float):
         return simple[method](ratio=ratio)
     if method == "adakv_snapkv":
         return evict.AdaKV(base=evict.SnapKV(ratio=ratio))
+    if method == "pyramidkv_w8_beta4":
+        return evict.PyramidKV(ratio=ratio, window_size=8, beta=4)
     raise ValueError(method)
 
 

@@ -20,6 +20,7 @@ import torch
 
 from .._compat import Cache, kv_geometry, layer_is_sliding, sliding_window_of
 from .layer import CompressedLayer
+from .rope import RopeTable
 from .spec import KVSpec
 
 
@@ -60,8 +61,27 @@ class CompressedCache(Cache):
             )
         if spec.quant is not None:
             spec.quant.validate(head_dim)
+        rope = RopeTable(model)
+        for layer in layers:
+            layer.rope = rope
         super().__init__(layers=layers)
+        self._share_policy_state()
         self.spec = spec
+
+    def _share_policy_state(self) -> None:
+        """Give the layers of each eviction policy the state the policy shares across them (CAKE's budgets)."""
+        by_policy: dict[int, list[CompressedLayer]] = {}
+        for layer in self.layers:
+            if layer.evict is not None:
+                by_policy.setdefault(id(layer.evict), []).append(layer)
+        for group in by_policy.values():
+            shared = group[0].evict.new_shared_state(group)
+            for layer in group:
+                layer.shared = shared
+
+    def reset(self) -> None:
+        super().reset()
+        self._share_policy_state()
 
     # ------------------------------------------------------------------------------------ accounting
     @property
@@ -73,8 +93,12 @@ class CompressedCache(Cache):
         return [t for layer in self.layers for t in layer.tensors()]
 
     def held_tokens(self) -> list[int]:
-        """Tokens held per layer (per head)."""
+        """Tokens held per layer (per head; the longest head where heads differ)."""
         return [layer.held for layer in self.layers]
+
+    def held_per_head(self) -> list[torch.Tensor]:
+        """Per layer, ``[B, Hkv]`` tokens held by every batch row and KV head."""
+        return [layer.held_per_head() for layer in self.layers]
 
     # ------------------------------------------------------------------------------------ control
     @contextmanager

@@ -67,3 +67,16 @@ def test_unsupported_specs_are_refused():
         model(PROMPT, past_key_values=cache)
     with pytest.raises(LMCompressError, match="rolling static decode needs evict=StreamingLLM"):
         cache.begin_static(8, rolling=True)
+
+
+def test_pipeline_static_decode_gives_the_eager_answer():
+    from lmcompress.eval.pipeline import answer
+
+    model = tiny_model("qwen2")
+    ctx, q = PROMPT[:, :50], PROMPT[:, 50:]
+    spec = KVSpec(evict=StreamingLLM(ratio=0.5))
+    eager = answer(model, ctx, q, spec, max_new_tokens=8, decode="eager", eos_token_ids=[])
+    static = answer(model, ctx, q, spec, max_new_tokens=8, decode="static", eos_token_ids=[])
+    assert static.token_ids == eager.token_ids and len(eager.token_ids) == 8
+    with pytest.raises(LMCompressError, match="static decode needs full-precision storage"):
+        answer(model, ctx, q, KVSpec(quant=IntKV(bits=8, group_size=16)), max_new_tokens=4, decode="static")

@@ -423,7 +423,7 @@ class CompressedLayer(CacheLayerMixin):
         """Back to the dynamic layout, with the tokens written while static."""
         if self.static is None:
             return
-        held, seen = self.static.release()
+        _, seen = self.static.release()
         seg = self.segments[0]
         seg.last_position = seen - 1
         self.seen = seen

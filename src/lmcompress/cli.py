@@ -57,7 +57,8 @@ def build_grid(args: argparse.Namespace):
     if not specs:
         raise LMCompressError("--methods is empty; give at least one method (e.g. none)")
     tasks = [
-        Passkey(length=length, depth=depth, samples=args.samples, query_aware=args.query_aware)
+        Passkey(length=length, depth=depth, samples=args.samples, query_aware=args.query_aware,
+                decode=args.decode)
         for length in _ints(args.lengths, "lengths")
         for depth in _floats(args.depths, "depths")
     ]
@@ -102,15 +103,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 check_context_fits(loaded[name][0], longest + getattr(runs[0].task, "max_new_tokens", 0))
             return loaded[name]
 
-        if todo:
+        executor = make_executor(args, dtype, loader)
+        if todo and isinstance(executor, InlineExecutor):
             loader(args.model)  # fail fast on a missing model or a too-long context
-        records = InlineExecutor(args.device, dtype, progress=not args.quiet, loader=loader).run(runs, store)
+        records = executor.run(runs, store)
     paths = write_outputs(records, out)
     print(markdown_table(summarize(records)))
     print("\nNeedle grids (accuracy per length: depths in order):\n" + grid_text(
         __import__("lmcompress.runner.report", fromlist=["needle_grid"]).needle_grid(records)))
     print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']} (store: {store_path})")
     return 0
+
+
+def make_executor(args: argparse.Namespace, dtype, loader):
+    """The executor named by ``--executor``: inline (this process), local (one process per ``--devices``
+    entry) or ray (``--workers`` actors on a Ray cluster at ``--ray-address``)."""
+    from .runner.executors import InlineExecutor
+    from .runner.parallel import LocalExecutor, RayExecutor
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    if args.executor == "inline":
+        return InlineExecutor(args.device, dtype, progress=not args.quiet, loader=loader)
+    if args.executor == "local":
+        devices = [d.strip() for d in (args.devices or args.device).split(",") if d.strip()]
+        return LocalExecutor(devices, dtype_name, progress=not args.quiet)
+    gpus = 0.0 if args.device == "cpu" else 1.0
+    return RayExecutor(args.ray_address, args.workers, gpus, dtype_name, progress=not args.quiet)
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -190,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--depths", default=DEFAULT_DEPTHS, help=f"needle depths (default {DEFAULT_DEPTHS})")
     b.add_argument("--samples", type=int, default=1, help="keys per (length, depth) cell (default 1)")
     b.add_argument("--query-aware", action="store_true", help="compress context and question together")
+    b.add_argument("--decode", default="auto", choices=("auto", "eager", "static"),
+                   help="decode path: auto (static slots + CUDA graph on CUDA where possible), eager, static")
     b.add_argument("--no-ppl", dest="ppl", action="store_false", help="skip the perplexity run")
     b.add_argument("--ppl-context", type=int, default=1536, help="compressed prefix tokens (default 1536)")
     b.add_argument("--ppl-eval", type=int, default=512, help="scored continuation tokens (default 512)")
@@ -198,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--executor", default="inline", choices=("inline", "local", "ray"),
+                   help="inline (default), local (a worker process per --devices entry) or ray")
+    b.add_argument("--devices", default=None, help="for --executor local: e.g. cuda:0,cuda:1 (default --device)")
+    b.add_argument("--workers", type=int, default=1, help="for --executor ray: number of actors")
+    b.add_argument("--ray-address", default=None, help="for --executor ray: cluster address (default: local)")
     b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("methods", help="list registered methods by kind")

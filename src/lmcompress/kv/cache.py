@@ -101,6 +101,52 @@ class CompressedCache(Cache):
         return [layer.held_per_head() for layer in self.layers]
 
     # ------------------------------------------------------------------------------------ control
+    # ------------------------------------------------------------------------------------ static decode
+    def begin_static(self, new_tokens: int, *, rolling: bool = False) -> None:
+        """Switch every layer to fixed-shape decode storage (:mod:`lmcompress.kv.static`), so decode steps can
+        be captured in a CUDA graph. Call after the prompt is processed; :meth:`end_static` switches back.
+
+        Args:
+            new_tokens: decode steps to make room for (append mode).
+            rolling: keep the held size fixed instead: each new token overwrites the oldest non-sink token
+                (StreamingLLM's rolling window; needs ``evict=StreamingLLM``).
+
+        Raises:
+            LMCompressError: a layer is quantized, ragged or keeps policy state (use the eager path), or
+                ``rolling`` without StreamingLLM.
+        """
+        from ..errors import LMCompressError, check_positive_int
+
+        check_positive_int("new_tokens", new_tokens)
+        ring_start = None
+        if rolling:
+            if self.spec.evict is None or self.spec.evict.name != "streaming_llm":
+                raise LMCompressError("rolling static decode needs evict=StreamingLLM (its window rolls); "
+                                      f"got {self.spec.label()}")
+            ring_start = self.spec.evict.n_sink
+        try:
+            for layer in self.layers:
+                layer.begin_static(new_tokens, ring_start if layer.evict is not None else None)
+        except LMCompressError:
+            self.end_static()
+            raise
+
+    def end_static(self) -> None:
+        for layer in self.layers:
+            layer.end_static()
+
+    @property
+    def is_static(self) -> bool:
+        return any(layer.static is not None for layer in self.layers)
+
+    def static_state(self) -> list[tuple[torch.Tensor, ...]]:
+        """Device-side counters of every layer (to undo warm-up steps before capturing a graph)."""
+        return [layer.static.state() for layer in self.layers]
+
+    def restore_static_state(self, state: list[tuple[torch.Tensor, ...]]) -> None:
+        for layer, st in zip(self.layers, state):
+            layer.static.restore(st)
+
     @contextmanager
     def compression_paused(self) -> Iterator[CompressedCache]:
         """Within this block prefill chunks are appended without eviction (quantization still applies), e.g. to

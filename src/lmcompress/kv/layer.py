@@ -29,6 +29,7 @@ from .buffers import TokenBuffer
 from .evict.base import EvictionPolicy, ScoreInputs
 from .quant.base import KVQuantizer
 from .segment import REFERENCE_BLOCK_TOKENS, REFERENCE_QUERY_TILE, KVSegment
+from .static import StaticSlots
 
 __all__ = ["REFERENCE_BLOCK_TOKENS", "REFERENCE_QUERY_TILE", "CompressedLayer", "KVHandle"]
 
@@ -95,6 +96,8 @@ class CompressedLayer(CacheLayerMixin):
         #: the model's rotary embedding as a :class:`~lmcompress.kv.rope.RopeTable`, set by the cache.
         self.rope: Any = None
         self._inputs_cache: tuple[int, ScoreInputs] | None = None
+        #: fixed-shape decode storage while the cache is in static mode (see kv/static.py), else None.
+        self.static: StaticSlots | None = None
 
     # ------------------------------------------------------------------------------------ cache layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -111,6 +114,10 @@ class CompressedLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[B, Hkv, q, D]`` states in full precision; returns ``(handle, handle)``."""
+        if self.static is not None:  # device-side only: capturable in a CUDA graph
+            self.static.write(key_states, value_states)
+            handle = KVHandle(self, 1)
+            return handle, handle
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q, _ = key_states.shape
@@ -180,7 +187,9 @@ class CompressedLayer(CacheLayerMixin):
 
     @property
     def held(self) -> int:
-        """Tokens held per head (the longest head in the ragged layout)."""
+        """Tokens held per head (the longest head in the ragged layout; the slot count in static mode)."""
+        if self.static is not None:
+            return self.static.capacity
         return max((s.held for s in self.segments), default=0)
 
     def held_per_head(self) -> torch.Tensor:
@@ -266,6 +275,8 @@ class CompressedLayer(CacheLayerMixin):
         Returns ``[B, q, Hq, D]`` (the layout transformers' attention functions return).
         """
         q = query.shape[2]
+        if self.static is not None:
+            return self.static.attend(query, scaling).transpose(1, 2).contiguous()
         if not self.ragged:
             mask = self._fit_mask(attention_mask, q)
             out = self.segments[0].attend(query, mask, scaling, causal=q > 1)
@@ -285,6 +296,8 @@ class CompressedLayer(CacheLayerMixin):
     def after_attention(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
                         module: torch.nn.Module | None = None) -> None:
         """Let the policy observe and compress, trim sliding windows, commit to packed storage."""
+        if self.static is not None:
+            return
         q = query.shape[2]
         if self.evict is not None:
             if q > 1 and attention_mask is not None and self.held == q and not self.is_sliding:
@@ -382,6 +395,42 @@ class CompressedLayer(CacheLayerMixin):
                     seg.keep(idx.view(1, 1, -1), in_place)
         for seg in self.segments:  # kept packed tokens come back in full precision: store them packed again
             seg.commit()
+
+    # ------------------------------------------------------------------------------------ static mode
+    def begin_static(self, new_tokens: int, ring_start: int | None) -> None:
+        """Switch to fixed-shape decode storage (see :mod:`lmcompress.kv.static`).
+
+        Args:
+            new_tokens: decode steps to make room for (append mode).
+            ring_start: None for append mode; else rolling mode with fixed capacity, overwriting from this slot.
+        """
+        seg = self._uniform
+        if seg is None or seg.fp_k is None or seg.store is not None or seg.aux:
+            raise LMCompressError(
+                f"static decode needs full-precision storage with the same tokens in every head (layer "
+                f"{self.layer_idx}: {'ragged' if self.ragged else 'quantized or policy-tracked'}); "
+                "use the eager decode path for this spec"
+            )
+        if self.is_sliding:
+            capacity, ring_start = self.sliding_window, 0
+        elif ring_start is not None:
+            capacity = seg.held
+        else:
+            capacity = seg.held + new_tokens
+        self.static = StaticSlots(seg.fp_k, seg.fp_v, seg.pos, seg.held, self.seen, capacity, ring_start)
+
+    def end_static(self) -> None:
+        """Back to the dynamic layout, with the tokens written while static."""
+        if self.static is None:
+            return
+        _, seen = self.static.release()
+        seg = self.segments[0]
+        seg.last_position = seen - 1
+        self.seen = seen
+        self.static = None
+        self._inputs_cache = None
+        if self.is_sliding:
+            seg.trim_front(self.sliding_window - 1)
 
     def add_aux(self, name: str, values: torch.Tensor) -> None:
         """Add ``values: [B, Hkv, n]`` (layout of :meth:`score_inputs`) to the per-token values ``name``

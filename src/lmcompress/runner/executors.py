@@ -1,7 +1,8 @@
 """Executors run a list of ``RunSpec`` against a ``ResultStore``, skipping runs already stored.
 
-``InlineExecutor`` runs in this process, loading each model once. (Fan-out over local GPUs or a Ray cluster
-plugs in here with the same contract: every finished run is written to the store as soon as it ends.)
+``InlineExecutor`` runs in this process, loading each model once. Fan-out over local devices or a Ray cluster
+(``lmcompress.runner.parallel``) keeps the same contract: every finished run is written to the store as soon as
+it ends.
 """
 
 from __future__ import annotations

@@ -47,9 +47,8 @@ def build_grid(args: argparse.Namespace):
     ratios = _floats(args.ratios, "ratios")
     specs = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        sweep = has_eviction(method) and not any(
-            {"ratio", "budget"} & set(_part(raw)[1]) for raw in method.split("+")
-        )
+        explicit = {"ratio", "budget", "base.ratio", "base.budget"}
+        sweep = has_eviction(method) and not any(explicit & set(_part(raw)[1]) for raw in method.split("+"))
         if sweep:
             specs += [parse_method(method, ratio=r) for r in ratios]
         else:

@@ -40,6 +40,9 @@ class StaticSlots:
                 buf.replace(buf.view(), headroom=capacity - buf.length)
         self.bufs = (fp_k, fp_v, pos)
         self.k, self.v = fp_k.data, fp_v.data
+        # Unused slots are read under a zero-weight mask; uninitialized memory may hold NaN and 0 * NaN = NaN.
+        self.k[:, :, held:].zero_()
+        self.v[:, :, held:].zero_()
         self.pos = None if pos is None else pos.data
         self.capacity = capacity
         self.ring_start = ring_start

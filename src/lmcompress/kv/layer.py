@@ -26,6 +26,7 @@ from ..errors import LMCompressError
 from .buffers import TokenBuffer
 from .evict.base import EvictionPolicy, ScoreInputs
 from .quant.base import KVQuantizer
+from .quant.observation import AttentionObservation
 from .quant.store import PackedStore
 from .reference import attend_blocks
 
@@ -222,25 +223,61 @@ class CompressedLayer(CacheLayerMixin):
         """
         q = query.shape[2]
         mask = self._fit_mask(attention_mask, q)
+        observe = self.store is not None and self.store.needs_attention
+        lse = None
         if self.packed_length == 0:
             keys, values = self.fp_k.view(), self.fp_v.view()
             out = torch.nn.functional.scaled_dot_product_attention(
                 query, keys, values, attn_mask=mask, is_causal=mask is None and q > 1,
                 scale=scaling, enable_gqa=query.shape[1] != keys.shape[1],
             )
-            return out.transpose(1, 2).contiguous()
-        outs = []
+        else:
+            out = None
+            if query.is_cuda and q == 1 and mask is None and not observe:
+                out = self._kernel_attention(query, scaling)
+            if out is None:
+                out, lse = self._reference_attention(query, mask, scaling, observe)
+        if observe:
+            self._observe_attention(query, mask, scaling, lse)
+        return out.transpose(1, 2).contiguous()
+
+    def _reference_attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                             want_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block-wise torch attention over packed + full-precision tokens: ``([B, Hq, q, D], lse or None)``."""
+        q = query.shape[2]
+        outs, lses = [], []
         for q0 in range(0, q, REFERENCE_QUERY_TILE):
             q1 = min(q, q0 + REFERENCE_QUERY_TILE)
             tile_mask = None if mask is None else mask[:, :, q0:q1]
-            outs.append(attend_blocks(query[:, :, q0:q1], self._blocks(tile_mask), scaling))
-        return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+            res = attend_blocks(query[:, :, q0:q1], self._blocks(tile_mask), scaling, return_lse=want_lse)
+            out, lse = res if want_lse else (res, None)
+            outs.append(out)
+            lses.append(lse)
+        return torch.cat(outs, dim=2), torch.cat(lses, dim=2) if want_lse else None
+
+    def _kernel_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor | None:
+        """Decode attention on CUDA with the Triton kernel reading packed K/V (None when the storage format has
+        no kernel; the reference path then runs)."""
+        from .kernels import dispatch
+
+        return dispatch.decode_attention(self.store, self.fp_k.view(), self.fp_v.view(), query, scaling)
 
     def _blocks(self, mask: torch.Tensor | None):
         packed = self.packed_length
-        for start, end, k, v in self.store.blocks(REFERENCE_BLOCK_TOKENS):
-            yield k, v, None if mask is None else mask[..., start:end]
+        yield from self.store.attention_blocks(REFERENCE_BLOCK_TOKENS, mask)
         yield self.fp_k.view(), self.fp_v.view(), None if mask is None else mask[..., packed:]
+
+    def _observe_attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                           lse: torch.Tensor | None) -> None:
+        """Hand attention-aware storage (QAQ) the last query rows of this forward (see ``AttentionObservation``)."""
+        q = query.shape[2]
+        w = min(q, self.store.attention_rows)
+        rows_mask = mask[:, :, -w:] if mask is not None else self._layout_mask(w)
+        self.store.observe_attention(AttentionObservation(
+            query=query[:, :, -w:], scaling=scaling, mask=rows_mask,
+            lse=None if lse is None else lse[:, :, -w:], fp_keys=self.fp_k.view(),
+            full=self.evict is not None and self.compression_enabled and q > 1,
+        ))
 
     # ------------------------------------------------------------------------------------ compression
     def after_attention(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
@@ -289,7 +326,7 @@ class CompressedLayer(CacheLayerMixin):
         new_k, new_v = torch.gather(keys, 2, idx), torch.gather(values, 2, idx)
         new_pos = torch.gather(self.positions(), 2, kept.to(torch.int64))
         if self.store is not None:
-            self.store = self.quant.new_store(self.layer_idx, self.head_dim, self.dtype)
+            self.store = self.store.emptied(kept)
         room = 0 if self.quant is not None else self.reserve
         self.fp_k.replace(new_k, headroom=room)
         self.fp_v.replace(new_v, headroom=room)
@@ -308,13 +345,13 @@ class CompressedLayer(CacheLayerMixin):
 
     def _commit(self) -> None:
         """Move full-precision tokens older than the residual window into packed storage."""
-        residual = self.quant.residual
-        movable = self.fp_length - residual
+        movable = self.fp_length - self.quant.commit_residual
         movable -= movable % self.store.unit
         if movable <= 0:
             return
         fk, fv = self.fp_k.view(), self.fp_v.view()
         self.store.append(fk[:, :, :movable], fv[:, :, :movable])
         rest_k, rest_v = fk[:, :, movable:], fv[:, :, movable:]
-        self.fp_k.replace(rest_k, headroom=max(residual, 1))
-        self.fp_v.replace(rest_v, headroom=max(residual, 1))
+        room = max(self.quant.residual, 1)
+        self.fp_k.replace(rest_k, headroom=room)
+        self.fp_v.replace(rest_v, headroom=room)

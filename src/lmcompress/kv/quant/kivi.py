@@ -1,0 +1,78 @@
+"""KIVI (Liu et al., 2024): asymmetric 2-/4-bit KV quantization, keys per channel and values per token, with a
+full-precision window of recent tokens.
+
+Rules (following the paper and its reference implementation):
+
+* keys: per channel, each channel's min/max over a group of ``group_size`` consecutive tokens (default 32);
+* values: per token, channels in groups of ``group_size``;
+* asymmetric (scale + zero point, fp16 here), codes packed;
+* the newest tokens are kept in full precision; when that window holds ``residual`` tokens (a multiple of
+  ``group_size``, default 128) it is quantized whole and emptied. A prefill of ``n`` tokens quantizes the
+  largest multiple of ``residual`` and keeps the rest in full precision.
+
+Deviations: the reference implementation keeps values in a sliding window of exactly ``residual`` full-precision
+tokens (quantizing one value per step) while keys are flushed whole; here keys and values share the flushed
+window, so values spend a little longer in full precision. Codes are packed along the channel axis of each token
+for both keys and values (the reference packs keys along tokens); the bytes are the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import LMCompressError, check_positive_int
+from ...registry import KV_QUANTIZERS
+from .base import KVQuantizer
+from .store import PackedStore
+from .uniform import UniformCodec, check_bits
+
+
+@KV_QUANTIZERS.register("kivi")
+@dataclass(frozen=True)
+class KIVI(KVQuantizer):
+    """KIVI KV quantization.
+
+    Attributes:
+        bits: 2 or 4 as in the paper (3 and 8 are accepted too; 3 is stored in a 4-bit container).
+        group_size: tokens per key group and channels per value group (default 32; must divide head_dim).
+        residual: full-precision window R, a multiple of ``group_size`` (default 128).
+    """
+
+    name = "kivi"
+    residual: int = 128
+    bits: int = 2
+    group_size: int = 32
+
+    ALLOWED_BITS = (2, 3, 4, 8)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bits(self.bits)
+        if self.bits not in self.ALLOWED_BITS:
+            raise LMCompressError(f"bits={self.bits!r} is not supported by KIVI; allowed: 2, 3, 4, 8")
+        check_positive_int("group_size", self.group_size)
+        check_positive_int("residual", self.residual)
+        if self.residual % self.group_size:
+            raise LMCompressError(
+                f"residual={self.residual} must be a multiple of group_size={self.group_size} "
+                "(the window is flushed in whole key groups)"
+            )
+
+    def key_codec(self, layer_idx: int) -> UniformCodec:
+        return UniformCodec(self.bits, self.group_size, granularity="channel")
+
+    def value_codec(self, layer_idx: int) -> UniformCodec:
+        return UniformCodec(self.bits, self.group_size, granularity="token")
+
+    @property
+    def commit_residual(self) -> int:
+        return 0
+
+    def new_store(self, layer_idx: int, head_dim: int, dtype: torch.dtype) -> PackedStore:
+        return PackedStore(self.key_codec(layer_idx), self.value_codec(layer_idx), head_dim, dtype,
+                           unit=self.residual)
+
+    def validate(self, head_dim: int) -> None:
+        self.value_codec(0).validate(head_dim)

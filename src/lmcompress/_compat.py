@@ -26,9 +26,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 __all__ = [
     "ATTN_NAME",
+    "TRANSFORMERS_VERSION",
     "Cache",
     "CacheLayerMixin",
-    "TRANSFORMERS_VERSION",
     "attention_is_registered",
     "layer_is_sliding",
     "register_attention",

@@ -352,6 +352,6 @@ class CompressedLayer(CacheLayerMixin):
         fk, fv = self.fp_k.view(), self.fp_v.view()
         self.store.append(fk[:, :, :movable], fv[:, :, :movable])
         rest_k, rest_v = fk[:, :, movable:], fv[:, :, movable:]
-        room = max(self.quant.residual, 1)
+        room = max(self.quant.commit_residual, 1)
         self.fp_k.replace(rest_k, headroom=room)
         self.fp_v.replace(rest_v, headroom=room)

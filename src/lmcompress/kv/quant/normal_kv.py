@@ -9,6 +9,7 @@ from ...registry import KV_QUANTIZERS
 from .base import KVQuantizer
 from .normal import NormalCodec
 from .outliers import check_alpha
+from .uniform import check_bits
 from .uniform_kv import with_outliers
 
 
@@ -39,6 +40,8 @@ class NormalKV(KVQuantizer):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_alpha(self.outliers)
+        check_bits(self.key_bits, what="key_bits")
+        check_bits(self.value_bits, what="value_bits")
         self.key_codec(0)
         self.value_codec(0)
 

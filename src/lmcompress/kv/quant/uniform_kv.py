@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ...registry import KV_QUANTIZERS
 from .base import KVQuantizer
 from .outliers import OutlierCodec, check_alpha
-from .uniform import UniformCodec
+from .uniform import UniformCodec, check_bits
 
 
 def with_outliers(codec, alpha: float):
@@ -46,6 +46,8 @@ class UniformKV(KVQuantizer):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_alpha(self.outliers)
+        check_bits(self.key_bits, what="key_bits")
+        check_bits(self.value_bits, what="value_bits")
         self.key_codec(0)
         self.value_codec(0)
 

@@ -233,7 +233,7 @@ class CompressedLayer(CacheLayerMixin):
             )
         else:
             out = None
-            if query.is_cuda and q == 1 and mask is None and not observe:
+            if query.is_cuda and q == 1 and not observe and (mask is None or bool(mask.all())):
                 out = self._kernel_attention(query, scaling)
             if out is None:
                 out, lse = self._reference_attention(query, mask, scaling, observe)

@@ -144,9 +144,6 @@ def run_case(batch: int, tokens: int, splits_scale: tuple[float, ...]) -> list[d
         ms = bench(dequant_sdpa, warmup=3, rep=20)
         rows.append(dict(batch=batch, tokens=tokens, path=f"dequant+sdpa-{name}", ms=ms, bytes=packed_bytes,
                          speedup_vs_sdpa=sdpa_ms / ms))
-        del kp, vp
-    del q, k, v
-    torch.cuda.empty_cache()
     return rows
 
 
@@ -172,6 +169,8 @@ def main() -> None:
     for batch in args.batches:
         for tokens in args.tokens:
             rows.extend(run_case(batch, tokens, tuple(args.splits_scale)))
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
             print(f"done B={batch} T={tokens} ({time.time() - t0:.0f} s)", flush=True)
     for r in rows:
         r["gbps"] = r["bytes"] / (r["ms"] * 1e-3) / 1e9

@@ -102,6 +102,15 @@ def bench(fn, warmup: int = 10, rep: int = 50) -> float:
     return float(triton.testing.do_bench(graphed(fn), warmup=warmup, rep=rep, return_mode="median"))
 
 
+def bench_eager(fn, warmup: int = 10, rep: int = 50) -> float:
+    """Median ms of ``fn`` called from Python (launch overhead included where the GPU waits for it)."""
+    if DEVICE != "cuda":
+        return float("nan")
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
 def run_case(batch: int, tokens: int, splits_scale: tuple[float, ...]) -> list[dict]:
     torch.manual_seed(0)
     dev = DEVICE
@@ -111,9 +120,13 @@ def run_case(batch: int, tokens: int, splits_scale: tuple[float, ...]) -> list[d
     v = torch.randn(batch, HKV, tokens, D, device=dev, dtype=torch.bfloat16)
     rows = []
     bf16_bytes = 2 * k.numel() * 2 + q.numel() * 2
-    ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True))
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True)
+
+    ms = bench(sdpa)
     sdpa_ms = ms
-    rows.append(dict(batch=batch, tokens=tokens, path="sdpa-bf16", ms=ms, bytes=bf16_bytes))
+    rows.append(dict(batch=batch, tokens=tokens, path="sdpa-bf16", ms=ms, ms_eager=bench_eager(sdpa),
+                     bytes=bf16_bytes))
     sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 4
     for name, fmt in FORMATS.items():
         kp, vp, args = make_packed(k, v, fmt)
@@ -128,11 +141,15 @@ def run_case(batch: int, tokens: int, splits_scale: tuple[float, ...]) -> list[d
         best = None
         for f in splits_scale:
             splits = max(1, int(default_splits * f))
-            ms = bench(lambda kp=kp, vp=vp, args=args, splits=splits: decode.decode_attention(
-                q, kp, vp, scaling=scaling, splits=splits, **args))
+            def kernel(kp=kp, vp=vp, args=args, splits=splits):
+                return decode.decode_attention(q, kp, vp, scaling=scaling, splits=splits, **args)
+
+            ms = bench(kernel)
             row = dict(batch=batch, tokens=tokens, path=f"kernel-{name}", splits=splits, ms=ms, bytes=packed_bytes,
                        rel_err=rel, bytes_ratio=bf16_bytes / packed_bytes, speedup_vs_sdpa=sdpa_ms / ms,
                        default=f == 1.0)
+            if f == 1.0:
+                row["ms_eager"] = bench_eager(kernel)
             rows.append(row)
             best = row if best is None or ms < best["ms"] else best
 
@@ -143,7 +160,7 @@ def run_case(batch: int, tokens: int, splits_scale: tuple[float, ...]) -> list[d
 
         ms = bench(dequant_sdpa, warmup=3, rep=20)
         rows.append(dict(batch=batch, tokens=tokens, path=f"dequant+sdpa-{name}", ms=ms, bytes=packed_bytes,
-                         speedup_vs_sdpa=sdpa_ms / ms))
+                         speedup_vs_sdpa=sdpa_ms / ms, ms_eager=bench_eager(dequant_sdpa, warmup=3, rep=20)))
     return rows
 
 
@@ -180,12 +197,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_kv_attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}")
-    print(f"{'B':>2} {'T':>7} {'path':<22} {'splits':>6} {'us':>9} {'MB':>8} {'GB/s':>7} {'x SDPA':>7} {'rel err':>8}")
+    print(f"{'B':>2} {'T':>7} {'path':<22} {'splits':>6} {'us':>9} {'eager us':>9} {'MB':>8} {'GB/s':>7} "
+          f"{'x SDPA':>7} {'rel err':>8}")
     for r in rows:
         if r["path"].startswith("kernel") and not r.get("default"):
             continue
         print(f"{r['batch']:>2} {r['tokens']:>7} {r['path']:<22} {r.get('splits', ''):>6} {r['ms'] * 1e3:>9.1f} "
-              f"{r['bytes'] / 1e6:>8.1f} {r['gbps']:>7.0f} {r.get('speedup_vs_sdpa', 1.0):>7.2f} "
+              f"{r.get('ms_eager', float('nan')) * 1e3:>9.1f} {r['bytes'] / 1e6:>8.1f} {r['gbps']:>7.0f} {r.get('speedup_vs_sdpa', 1.0):>7.2f} "
               f"{r.get('rel_err', float('nan')):>8.1e}")
     print("\nbest kernel split per case (us): " + ", ".join(
         f"B{r['batch']}/T{r['tokens']}/{r['path'][7:]}: {min(x['ms'] for x in rows if x['path'] == r['path'] and x['batch'] == r['batch'] and x['tokens'] == r['tokens']) * 1e3:.1f}"

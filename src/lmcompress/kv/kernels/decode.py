@@ -12,7 +12,9 @@ Grid: ``(B * Hkv, splits)``. Each program owns one KV head and a contiguous rang
 ``BLOCK_N`` tokens it loads the codes with wide row loads and, for each of the ``PER`` codes in a byte, unpacks
 a ``[BLOCK_N, D/PER]`` slice of channels ``{PER*j + s}``, dequantizes it and multiplies it with the matching
 slice of the query (``tl.dot`` on ``[16, D/PER]`` tiles); per-channel key scales are folded into the query
-(``q * scale``, plus ``q . zero`` per block), so keys cost no per-element scale loads. An online softmax (exp2)
+(``q * scale``, plus ``q . zero`` per block), so keys cost no per-element scale loads. Scores are computed with
+fp16 operands split in high and low halves (two dots), close to fp32 accuracy: large logits would otherwise
+carry fp16's 5e-4 relative error into the softmax. An online softmax (exp2)
 keeps ``m``, ``l`` and ``PER`` output slices. A second kernel combines the splits and returns the output and the
 log-sum-exp (natural log), so that full-precision tokens can be merged in afterwards.
 """
@@ -27,8 +29,13 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _dot_qk(qs, ks):
-    return tl.dot(qs, tl.trans(ks), out_dtype=tl.float32)
+def _dot_qk(a, b):
+    """``a [H, K] @ b[N, K]^T`` with fp32 ``a`` split into two fp16 halves (hi + lo, ~22 mantissa bits) on the
+    tensor cores; ``b`` must be exact in fp16 (codes) or is split by the caller."""
+    hi = a.to(tl.float16)
+    lo = (a - hi.to(tl.float32)).to(tl.float16)
+    bt = tl.trans(b)
+    return tl.dot(hi, bt, out_dtype=tl.float32) + tl.dot(lo, bt, out_dtype=tl.float32)
 
 
 @triton.jit
@@ -103,7 +110,7 @@ def _decode_kernel(
                     qs = q3
                 bias += tl.sum(qs * kz[None, :], axis=1)
                 codes = ((kc >> (s * BITS)) & MASK).to(tl.float16)
-                qk += _dot_qk((qs * ks[None, :]).to(tl.float16), codes)
+                qk += _dot_qk(qs * ks[None, :], codes)
             qk += bias[:, None]
         else:
             grp = (offs_j * PER) // KEY_GD
@@ -120,8 +127,10 @@ def _decode_kernel(
                     qs = q2
                 else:
                     qs = q3
-                k_s = (((kc >> (s * BITS)) & MASK).to(tl.float32) * ks + kz).to(tl.float16)
-                qk += _dot_qk(qs.to(tl.float16), k_s)
+                k_s = ((kc >> (s * BITS)) & MASK).to(tl.float32) * ks + kz
+                k_hi = k_s.to(tl.float16)
+                k_lo = (k_s - k_hi.to(tl.float32)).to(tl.float16)
+                qk += _dot_qk(qs, k_hi) + tl.dot(qs.to(tl.float16), tl.trans(k_lo), out_dtype=tl.float32)
         qk = qk * qk_scale
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -182,7 +191,7 @@ def _combine_kernel(
     po = tl.load(PO + b * spo_b + hq * spo_h + offs_s[:, None] * spo_s + offs_d[None, :], mask=smask[:, None],
                  other=0.0)
     out = tl.sum(po * w[:, None], axis=0) / l_sum
-    tl.store(OUT + b * so_b + hq * so_h + offs_d, out.to(OUT.dtype.element_ty))
+    tl.store(OUT + b * so_b + hq * so_h + offs_d, out)
     tl.store(LSE + b * HQ + hq, (m_max + tl.log2(l_sum)) / 1.4426950408889634)
 
 
@@ -249,7 +258,7 @@ def decode_attention(
         KEY_TB=key_token_block, KEY_GD=key_group if key_token_block == 1 else 1, VAL_GD=value_group,
         num_warps=4,
     )
-    out = torch.empty((b, hq, 1, d), dtype=query.dtype, device=query.device)
+    out = torch.empty((b, hq, 1, d), dtype=torch.float32, device=query.device)
     lse = torch.empty((b, hq, 1), dtype=torch.float32, device=query.device)
     _combine_kernel[(b * hq,)](
         partial, pml, out, lse, splits,
@@ -257,7 +266,7 @@ def decode_attention(
         out.stride(0), out.stride(1),
         HQ=hq, BLOCK_S=triton.next_power_of_2(splits), D=d,
     )
-    return out, lse
+    return out.to(query.dtype), lse
 
 
 def merge_full_precision(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,

@@ -42,6 +42,13 @@ def test_two_bit_codes_are_four_per_byte():
     assert pack(codes, 2).tolist() == [[1 | 2 << 2 | 3 << 4]]
 
 
+def test_three_bit_codes_are_eight_per_three_bytes():
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]])
+    stream = sum(int(c) << (3 * j) for j, c in enumerate(codes[0]))
+    assert pack(codes, 3).tolist() == [[stream & 0xFF, (stream >> 8) & 0xFF, stream >> 16]]
+    assert packed_size(64, 3) == 24
+
+
 @SETTINGS
 @given(
     bits=st.integers(1, 8),

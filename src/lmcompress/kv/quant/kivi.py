@@ -35,7 +35,7 @@ class KIVI(KVQuantizer):
     """KIVI KV quantization.
 
     Attributes:
-        bits: 2 or 4 as in the paper (3 and 8 are accepted too; 3 is stored in a 4-bit container).
+        bits: 2 or 4 as in the paper (3 and 8 are accepted too).
         group_size: tokens per key group and channels per value group (default 32; must divide head_dim).
         residual: full-precision window R, a multiple of ``group_size`` (default 128).
     """

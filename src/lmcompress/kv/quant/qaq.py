@@ -30,12 +30,11 @@ Deviations, all deliberate:
    copy is kept here (it would defeat the memory saving): a token is stored at ``max_bits`` until its window of
    ``n`` observations is complete, then re-quantized once, downward, from those ``max_bits`` codes to its final
    width (an extra rounding at ``max_bits``, e.g. 8). A token's width never rises afterwards.
-5. Widths that do not pack into bytes (3, 5, 6, 7) are raised to their container (4, 8): same bytes, less error.
-6. Outliers are the top ``alpha`` by magnitude of each token vector (the paper: ``alpha`` quantiles at both
+5. Outliers are the top ``alpha`` by magnitude of each token vector (the paper: ``alpha`` quantiles at both
    ends), stored with their indices, which are counted in the bytes (the paper's size formula omits them).
-7. QAQ's reference code quantizes around the group mean with ``2**bits`` steps of ``(max - min) / 2**bits``;
+6. QAQ's reference code quantizes around the group mean with ``2**bits`` steps of ``(max - min) / 2**bits``;
    here the asymmetric min/max quantizer of :mod:`.uniform` (error <= scale / 2) is used.
-8. With an eviction policy, kept tokens are re-quantized after eviction with the attention of the compressed
+7. With an eviction policy, kept tokens are re-quantized after eviction with the attention of the compressed
    chunk's last ``n`` queries.
 """
 
@@ -51,7 +50,6 @@ from ...registry import KV_QUANTIZERS
 from . import granularity as gr
 from .base import KVQuantizer
 from .outliers import check_alpha, top_magnitudes
-from .packing import container_bits
 from .uniform import UniformCodec, check_bits
 from .uniform_kv import with_outliers
 
@@ -60,11 +58,10 @@ QUERY_SAMPLE = 256
 
 
 def bits_for_error(ranges: torch.Tensor, sigma: torch.Tensor, min_bits: int, max_bits: int) -> torch.Tensor:
-    """``ceil(log2(range / (2 sqrt(3) sigma) + 1))`` clamped to ``[min_bits, max_bits]`` and raised to a packable
-    width (1, 2, 4, 8). ``sigma`` may be inf (any width will do: ``min_bits``)."""
+    """``ceil(log2(range / (2 sqrt(3) sigma) + 1))`` clamped to ``[min_bits, max_bits]``. ``sigma`` may be inf
+    (any width will do: ``min_bits``)."""
     need = torch.log2(ranges / (2 * math.sqrt(3) * sigma) + 1)
-    bits = torch.ceil(need - 1e-6).clamp(min_bits, max_bits).to(torch.int64)
-    return torch.where(bits > 4, 8, torch.where(bits == 3, 4, bits)).clamp_max(container_bits(max_bits))
+    return torch.ceil(need - 1e-6).clamp(min_bits, max_bits).to(torch.int64)
 
 
 def key_sigma(query_sq_norm: torch.Tensor, tokens: int, key_error: float) -> torch.Tensor:
@@ -135,8 +132,8 @@ class QAQ(KVQuantizer):
 
     @property
     def top_width(self) -> int:
-        """The stored width of ``max_bits`` (its container: 3 -> 4, 5..7 -> 8)."""
-        return container_bits(self.max_bits)
+        """The width of tokens whose attention window is not complete yet."""
+        return self.max_bits
 
     def key_codec(self, layer_idx: int):
         return self.codec(self.top_width)

@@ -2,7 +2,7 @@
 
 Layout of one layer's store (held order = append order):
 
-* *final* tokens ``[0, F)``: for keys and for values, one bucket per width (1, 2, 4, 8), each a set of packed
+* *final* tokens ``[0, F)``: for keys and for values, one bucket per width (1..8), each a set of packed
   parts ``[B, H, n_w, ...]`` holding its tokens in held order, and a ``uint8 [F]`` width per token (keys and
   values each) from which a token's bucket row is found (its rank among tokens of that width);
 * *pending* tokens ``[F, F + P)``: the newest tokens, whose attention window is not complete yet, packed at
@@ -27,8 +27,6 @@ from ..buffers import TokenBuffer
 from .observation import AttentionObservation, lse_over, window_probabilities
 from .qaq import QAQ, QUERY_SAMPLE
 from .store import PackedStore
-
-WIDTHS = (1, 2, 4, 8)
 
 
 class BitBuckets:

@@ -11,7 +11,7 @@ per layer, or per channel over a block of tokens):
 Scales and zero points are stored in fp16, rounded outward (zero down, scale up) so the levels still cover
 ``[min, max]``: the rounding error of every element is at most ``scale / 2`` (``scale`` being the stored fp16
 value). Rounding is half-up (``floor(v + 0.5)``), as in the Triton kernel. Codes are packed along the channel
-axis (2 codes of 4 bits or 4 codes of 2 bits per byte; 3 bits use a 4-bit container).
+axis (2 codes of 4 bits or 4 codes of 2 bits per byte; 8 codes of 3 bits in 3 bytes, see :mod:`.packing`).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ class UniformKV(KVQuantizer):
     """Uniform integer quantization with separate rules for keys and values.
 
     Attributes:
-        key_bits, value_bits: 1..8 (2..8 when symmetric); 3 bits are stored in a 4-bit container and 5-7 in 8.
+        key_bits, value_bits: 1..8 (2..8 when symmetric), all packed exactly (3 bits: 8 codes in 3 bytes).
         key_granularity, value_granularity: ``token``, ``head``, ``layer`` or ``channel``.
         group_size: channels per group (``token``; must divide head_dim) or tokens per group (``channel``).
         symmetric: scale only (no zero point).

@@ -11,7 +11,7 @@ so a killed run resumes):
 * ``mc``: BIG-bench multiple choice (``--task``), the question's KV compressed (needs the bigbench sdist, see
   ``lmcompress.eval.tasks.multiple_choice``);
 * ``needle``: pass-key retrieval: a ``--tokens``-token filler with a 5-digit key at several depths is prefilled
-  and compressed, then the question is asked and 8 tokens are generated greedily;
+  and compressed, then the question is asked and 12 tokens are generated greedily;
 * ``kverr``: QAQ's evaluator metrics (``lmcompress.eval.tasks.kv_error``);
 * ``table``: print markdown tables of the JSON lines.
 
@@ -108,9 +108,12 @@ def grid(name: str) -> dict[str, object]:
 def qaq_grid() -> dict[str, QAQ]:
     """QAQ at a few error targets (labels give sigma_S / sigma_X), per-layer scales, min 1 bit."""
     out = {}
-    for ke, ve in ((1e-3, 1e-2), (3e-3, 3e-2), (1e-2, 0.1), (3e-2, 0.3)):
+    for ke, ve in ((1e-3, 1e-2), (3e-3, 3e-2), (1e-2, 0.1), (3e-2, 0.3), (0.3, 1.0)):
         out[f"qaq-{ke:g}/{ve:g}"] = QAQ(key_error=ke, value_error=ve, min_bits=1, granularity="layer")
     out["qaq-0.003/0.03-head"] = QAQ(key_error=3e-3, value_error=3e-2, min_bits=1, granularity="head")
+    out["qaq-0.003/0.03-max4"] = QAQ(key_error=3e-3, value_error=3e-2, min_bits=1, max_bits=4, granularity="layer")
+    out["qaq-0.003/0.03-noout"] = QAQ(key_error=3e-3, value_error=3e-2, min_bits=1, granularity="layer",
+                                      outliers=0.0)
     return out
 
 
@@ -248,7 +251,7 @@ def needle(model, tok, config, tokens: int, trials: int) -> dict:
             logits = model(question, past_key_values=cache).logits[0, -1]
         out = []
         tok_id = int(logits.argmax())
-        for _ in range(8):
+        for _ in range(12):  # the key's digits are single tokens after "The pass key is"
             out.append(tok_id)
             logits = model(torch.tensor([[tok_id]]), past_key_values=cache).logits[0, -1]
             tok_id = int(logits.argmax())

@@ -99,9 +99,6 @@ def grid(name: str) -> dict[str, object]:
     if name == "mc":  # short prompts: KIVI's window would hold them whole; a 32-token window quantizes them
         for b in (4, 2):
             g[f"kivi-{b}-R32"] = KVSpec(quant=KIVI(bits=b, residual=32))
-        for backend in ("quanto", "hqq"):
-            for b in (4, 2):
-                g[Peer(backend, b, residual=32).label() + "-R32"] = Peer(backend, b, residual=32)
     return g
 
 

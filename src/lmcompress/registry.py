@@ -43,7 +43,11 @@ class Registry(Generic[T]):
     def _load(self) -> None:
         if not self._loaded:
             self._loaded = True
-            importlib.import_module(self._package)
+            try:
+                importlib.import_module(self._package)
+            except ModuleNotFoundError as exc:  # an optional part of the package that is not there
+                if exc.name != self._package:
+                    raise
 
     def get(self, name: str) -> T:
         self._load()

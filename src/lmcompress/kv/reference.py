@@ -33,7 +33,7 @@ def attend_blocks(
     """
     b, hq, q, d = query.shape
     qg: torch.Tensor | None = None
-    m = l = acc = None
+    m = denom = acc = None
     for keys, values, mask in blocks:
         if keys.shape[2] == 0:
             continue
@@ -41,7 +41,7 @@ def attend_blocks(
         if qg is None:
             qg = query.reshape(b, hkv, hq // hkv, q, d).float()
             m = torch.full((b, hkv, hq // hkv, q), -torch.inf, device=query.device)
-            l = torch.zeros_like(m)
+            denom = torch.zeros_like(m)
             acc = torch.zeros((b, hkv, hq // hkv, q, values.shape[-1]), device=query.device)
         s = torch.einsum("bhgqd,bhkd->bhgqk", qg, keys.float()) * scaling
         if mask is not None:
@@ -50,16 +50,16 @@ def attend_blocks(
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         p = torch.exp(s - m_safe.unsqueeze(-1))
         corr = torch.exp(m - m_safe)
-        l = l * corr + p.sum(dim=-1)
+        denom = denom * corr + p.sum(dim=-1)
         acc = acc * corr.unsqueeze(-1) + torch.einsum("bhgqk,bhkd->bhgqd", p, values.float())
         m = m_new
     if acc is None:
         out = torch.zeros_like(query)
         lse = torch.full((b, hq, q), -torch.inf, device=query.device)
         return (out, lse) if return_lse else out
-    out = acc / l.clamp_min(1e-30).unsqueeze(-1)
+    out = acc / denom.clamp_min(1e-30).unsqueeze(-1)
     out = out.reshape(b, hq, q, -1).to(query.dtype)
     if not return_lse:
         return out
-    lse = torch.where(l > 0, m + torch.log(l.clamp_min(1e-30)), torch.full_like(m, -torch.inf))
+    lse = torch.where(denom > 0, m + torch.log(denom.clamp_min(1e-30)), torch.full_like(m, -torch.inf))
     return out, lse.reshape(b, hq, q)

@@ -48,7 +48,9 @@ class KVSpec:
                 continue
             fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
             defaults = {f.name: f.default for f in dataclasses.fields(obj)}
-            shown = ", ".join(f"{k}={v}" for k, v in fields.items() if v != defaults[k])
+            always = {"bits", "ratio"}
+            shown = ", ".join(f"{k}={v}" for k, v in fields.items()
+                              if v != defaults[k] or (k in always and not (k == "ratio" and fields.get("budget"))))
             parts.append(f"{obj.name}({shown})")
         return "+".join(parts) or "none"
 

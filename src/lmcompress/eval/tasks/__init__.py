@@ -1,5 +1,8 @@
-"""Evaluation tasks, registered by name in ``TASKS``."""
+"""Evaluation tasks (one file each, registered by name in ``TASKS``)."""
 
 from . import kv_error, multiple_choice
+from .base import RunContext, Task, TaskResult
+from .passkey import Passkey
+from .perplexity import Perplexity
 
-__all__ = ["kv_error", "multiple_choice"]
+__all__ = ["Passkey", "Perplexity", "RunContext", "Task", "TaskResult", "kv_error", "multiple_choice"]

@@ -21,7 +21,7 @@ def window_attention(inputs: ScoreInputs, window: int) -> torch.Tensor:
         ``[B, Hkv, G, window, n]`` float32 probabilities.
     """
     keys = inputs.keys
-    b, hkv, n, _ = keys.shape
+    _, hkv, n, _ = keys.shape
     q = group_queries(inputs.queries[:, :, -window:], hkv).float()
     logits = torch.einsum("bhgqd,bhkd->bhgqk", q, keys.float()) * inputs.scaling
     q_pos = torch.arange(n - window, n, device=keys.device)

@@ -13,8 +13,9 @@ Grid: ``(B * Hkv, splits)``. Each program owns one KV head and a contiguous rang
 a ``[BLOCK_N, D/PER]`` slice of channels ``{PER*j + s}``, dequantizes it and multiplies it with the matching
 slice of the query (``tl.dot`` on ``[16, D/PER]`` tiles); per-channel key scales are folded into the query
 (``q * scale``, plus ``q . zero`` per block), so keys cost no per-element scale loads. Scores are computed with
-fp16 operands split in high and low halves (two dots), close to fp32 accuracy: large logits would otherwise
-carry fp16's 5e-4 relative error into the softmax. An online softmax (exp2)
+fp16 operands split in high and low halves (two or three dots), close to fp32 accuracy: large logits would
+otherwise carry fp16's 5e-4 relative error into the softmax. The probability-value product uses fp16 operands
+(a bf16/fp16 model's output is rounded coarser anyway), split in halves too for fp32 queries. An online softmax (exp2)
 keeps ``m``, ``l`` and ``PER`` output slices. A second kernel combines the splits and returns the output and the
 log-sum-exp (natural log), so that full-precision tokens can be merged in afterwards.
 """
@@ -48,6 +49,7 @@ def _decode_kernel(
     spo_b, spo_h, spo_s, spm_b, spm_h, spm_s,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     BITS: tl.constexpr, KEY_TB: tl.constexpr, KEY_GD: tl.constexpr, VAL_GD: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -137,7 +139,8 @@ def _decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        p16 = p.to(tl.float16)
+        p_hi = p.to(tl.float16)
+        p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
 
         vc = tl.load(vc_base + offs_n[:, None] * svc_t + offs_j[None, :], mask=nmask[:, None], other=0)
         vgrp = (offs_j * PER) // VAL_GD
@@ -146,8 +149,12 @@ def _decode_kernel(
         vs = vs.to(tl.float32)
         vz = vz.to(tl.float32)
         for s in tl.static_range(PER):
-            v_s = (((vc >> (s * BITS)) & MASK).to(tl.float32) * vs + vz).to(tl.float16)
-            pv = tl.dot(p16, v_s, out_dtype=tl.float32)
+            v_s = ((vc >> (s * BITS)) & MASK).to(tl.float32) * vs + vz
+            v_hi = v_s.to(tl.float16)
+            pv = tl.dot(p_hi, v_hi, out_dtype=tl.float32)
+            if PRECISE:  # fp32 queries: split p and v in fp16 halves too (~fp32 accuracy)
+                v_lo = (v_s - v_hi.to(tl.float32)).to(tl.float16)
+                pv += tl.dot(p_lo, v_hi, out_dtype=tl.float32) + tl.dot(p_hi, v_lo, out_dtype=tl.float32)
             if s == 0:
                 acc0 = acc0 * alpha[:, None] + pv
             elif s == 1:
@@ -256,7 +263,7 @@ def decode_attention(
         partial.stride(0), partial.stride(1), partial.stride(2), pml.stride(0), pml.stride(1), pml.stride(2),
         HKV=hkv, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n, D=d, BITS=bits,
         KEY_TB=key_token_block, KEY_GD=key_group if key_token_block == 1 else 1, VAL_GD=value_group,
-        num_warps=4,
+        PRECISE=query.dtype == torch.float32, num_warps=4,
     )
     out = torch.empty((b, hq, 1, d), dtype=torch.float32, device=query.device)
     lse = torch.empty((b, hq, 1), dtype=torch.float32, device=query.device)

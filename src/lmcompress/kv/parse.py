@@ -1,0 +1,89 @@
+"""Parse method strings into ``KVSpec`` (used by the CLI and grid configs).
+
+Grammar: ``none`` or parts joined by ``+``; a part is ``name`` or ``name:key=value,key=value``. A name is a
+registered eviction method (``snapkv``), a registered KV quantizer (``int``), or a quantizer name followed by
+its bit width (``int4`` = ``int:bits=4``). Eviction parts take the sweep's ratio unless they set their own.
+Examples: ``snapkv``, ``streaming_llm:n_sink=8``, ``int4``, ``snapkv+int:bits=2,group_size=32``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..errors import LMCompressError
+from ..registry import EVICTION_METHODS, KV_QUANTIZERS
+from .spec import KVSpec
+
+
+def _value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _part(text: str) -> tuple[str, dict[str, Any]]:
+    name, _, args = text.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, args.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise LMCompressError(f"method argument {item!r} in {text!r} is not key=value")
+        kwargs[key.strip()] = _value(val.strip())
+    return name.strip().lower(), kwargs
+
+
+def _build(cls, kwargs: dict[str, Any], text: str):
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        import dataclasses
+
+        allowed = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise LMCompressError(f"bad arguments in {text!r} ({exc}); allowed: {allowed}") from None
+
+
+def parse_method(text: str, ratio: float | None = None, budget: int | None = None) -> KVSpec:
+    """``text`` -> ``KVSpec``; ``ratio``/``budget`` apply to the eviction part unless it sets its own."""
+    text = text.strip()
+    if text.lower() in ("none", "baseline", ""):
+        return KVSpec()
+    evict = quant = None
+    for raw in text.split("+"):
+        name, kwargs = _part(raw)
+        if name in EVICTION_METHODS:
+            if evict is not None:
+                raise LMCompressError(f"{text!r} names two eviction methods; allowed: at most one")
+            if "ratio" not in kwargs and "budget" not in kwargs:
+                if budget is not None:
+                    kwargs["budget"] = budget
+                elif ratio is not None:
+                    kwargs["ratio"] = ratio
+            evict = _build(EVICTION_METHODS.get(name), kwargs, raw)
+            continue
+        match = re.fullmatch(r"([a-z_]+?)(\d+)", name)
+        if name not in KV_QUANTIZERS and match and match.group(1) in KV_QUANTIZERS:
+            name, kwargs = match.group(1), {"bits": int(match.group(2)), **kwargs}
+        if name in KV_QUANTIZERS:
+            if quant is not None:
+                raise LMCompressError(f"{text!r} names two KV quantizers; allowed: at most one")
+            quant = _build(KV_QUANTIZERS.get(name), kwargs, raw)
+            continue
+        raise LMCompressError(
+            f"unknown method {name!r}; eviction: {', '.join(EVICTION_METHODS.names())}; "
+            f"KV quantization: {', '.join(KV_QUANTIZERS.names())} (bit widths as e.g. int4); or none"
+        )
+    return KVSpec(evict=evict, quant=quant)
+
+
+def has_eviction(text: str) -> bool:
+    """Whether a method string contains an eviction part (so a ratio sweep applies)."""
+    return any(_part(raw)[0] in EVICTION_METHODS for raw in text.split("+") if raw.strip())

@@ -85,9 +85,41 @@ def check_merge(device: str) -> None:
     assert float((merged.cpu() - ref).abs().max()) < 2e-3
 
 
+def check_store_dispatch(device: str) -> None:
+    """The layer-level dispatch over KIVI's store (packed keys, values partly in its full-precision window) and
+    over a per-token store equals the reference attention over the dequantized states."""
+    from lmcompress.kv.kernels import dispatch
+    from lmcompress.kv.quant import KIVI, IntKV
+
+    g = torch.Generator().manual_seed(3)
+    for quant in (KIVI(bits=2, group_size=32, residual=64), IntKV(bits=4, group_size=32)):
+        store = quant.new_store(0, 64, torch.float32)
+        for _ in range(3):
+            store.append(torch.randn(1, 2, 64, 64, generator=g).to(device),
+                         torch.randn(1, 2, 64, 64, generator=g).to(device))
+        fk, fv = torch.randn(1, 2, 7, 64, generator=g).to(device), torch.randn(1, 2, 7, 64, generator=g).to(device)
+        q = torch.randn(1, 4, 1, 64, generator=g).to(device)
+        out = dispatch.decode_attention(store, fk, fv, q, 0.125) if device == "cuda" else _dispatch_cpu(
+            dispatch, store, fk, fv, q)
+        k, v = store.dequantize()
+        ref = attend_blocks(q, [(k, v, None), (fk, fv, None)], 0.125)
+        assert float((out.cpu() - ref.cpu()).abs().max()) < 1e-4, quant
+
+
+def _dispatch_cpu(dispatch, store, fk, fv, q):
+    """dispatch.decode_attention minus its CUDA check (the interpreter runs the kernels on CPU tensors)."""
+    enabled = dispatch.enabled
+    dispatch.enabled = lambda x: True
+    try:
+        return dispatch.decode_attention(store, fk, fv, q, 0.125)
+    finally:
+        dispatch.enabled = enabled
+
+
 if __name__ == "__main__":  # run by the CPU test under TRITON_INTERPRET=1
     check_pack("cpu")
     print("decode rel err", check_decode("cpu", torch.float32, tokens=128, batch=1))
     check_decode("cpu", torch.bfloat16, tokens=96, batch=1, groups=3, splits=2)
     check_merge("cpu")
+    check_store_dispatch("cpu")
     print("ok")

@@ -36,6 +36,13 @@ def test_merge_with_full_precision_tokens_on_gpu():
 
 
 @cuda
+def test_store_dispatch_on_gpu():
+    from kernel_checks import check_store_dispatch
+
+    check_store_dispatch("cuda")
+
+
+@cuda
 def test_cache_uses_kernels_on_gpu():
     """A model decoding with a KIVI cache on CUDA goes through the kernel and matches the reference path."""
     from transformers import LlamaConfig, LlamaForCausalLM

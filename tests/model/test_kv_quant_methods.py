@@ -88,16 +88,29 @@ def test_kivi_flushes_its_window_whole(model):
     assert (layer.packed_length, layer.fp_length) == (48, 0)  # window full: flushed into the packed store
 
 
+def kivi_bytes(tokens: int, heads: int, dim: int, bits: int, group: int, window: int) -> int:
+    """Bytes of KIVI's store holding ``tokens`` (a multiple of the window): keys packed with an fp16 scale and
+    zero per channel and group of tokens, values packed with an fp16 scale and zero per token and group of
+    channels except the newest ``window``, which are fp32."""
+    codes = heads * dim * bits // 8
+    keys = tokens * codes + (tokens // group) * heads * dim * 4
+    packed_values = tokens - window
+    values = packed_values * codes + packed_values * heads * (dim // group) * 4
+    return keys + values + window * heads * dim * 4
+
+
 def test_kivi_layout_and_bytes(model):
     cache, _ = run(model, KVSpec(quant=KIVI(bits=2, group_size=8, residual=16)), prompt=32, steps=0)
     store = cache.layers[0].store
     k, v = store.parts("keys"), store.parts("values")
     # keys: per channel over 8-token groups; values: per token over 8-channel groups; 2-bit codes, 4 per byte
     assert k["scale"].shape == (1, 2, 4, 16) and k["codes"].shape == (1, 2, 4, 8, 4)
-    assert v["scale"].shape == (1, 2, 32, 2) and v["codes"].shape == (1, 2, 32, 4)
-    elements = 2 * 32 * 16  # heads x tokens x channels, for keys and for values each
-    bits = 2 + 2 * 16 / 8  # codes + fp16 scale and zero per 8 elements
-    assert store.nbytes == 2 * elements * bits / 8
+    # the newest 16 values stay in full precision (KIVI's sliding value window)
+    assert v["scale"].shape == (1, 2, 16, 2) and v["codes"].shape == (1, 2, 16, 4)
+    assert store.value_packed == 16
+    assert store.nbytes == kivi_bytes(32, 2, 16, 2, 8, 16)
+    _, values = store.dequantize()
+    assert torch.equal(values[:, :, 16:], cache.layers[0].store._vfp.view())  # exact window
 
 
 def test_snapkv_composes_with_kivi(model):
@@ -108,14 +121,14 @@ def test_snapkv_composes_with_kivi(model):
     assert cache.held_tokens() == [32] * 4
     layer = cache.layers[0]
     assert (layer.packed_length, layer.fp_length) == (32, 0)
-    store = layer.store
-    # 4x fewer tokens; 2-bit codes + fp16 scale and zero per 8 elements = 6 bits/value instead of 32 (fp32)
-    assert store.nbytes == 2 * (2 * 32 * 16) * 6 / 8
+    # 4x fewer tokens, 2-bit codes with fp16 scale and zero per 8 elements, the newest 16 values in fp32
+    assert layer.store.nbytes == kivi_bytes(32, 2, 16, 2, 8, 16)
     assert full.nbytes == 4 * 2 * (2 * 128 * 16) * 4
     # what else the layer holds: int32 positions of the kept tokens and one free full-precision slot
     positions, spare = 2 * 32 * 4, 2 * (2 * 1 * 16) * 4
-    assert layer.nbytes == store.nbytes + positions + spare
-    assert full.nbytes / cache.nbytes == pytest.approx(32768 / (1536 + 256 + 256))
+    assert layer.nbytes == layer.store.nbytes + positions + spare
+    assert full.nbytes / cache.nbytes == pytest.approx(full.nbytes / (4 * (kivi_bytes(32, 2, 16, 2, 8, 16)
+                                                                          + positions + spare)))
 
 
 @pytest.mark.parametrize("evict", [StreamingLLM(ratio=0.5, protect_sinks=4), SnapKV(ratio=0.5, window_size=8)])

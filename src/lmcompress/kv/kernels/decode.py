@@ -220,6 +220,7 @@ def decode_attention(
     scaling: float,
     splits: int | None = None,
     block_n: int | None = None,
+    tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query: [B, Hq, 1, D]`` over packed keys/values (parts of the uniform codec).
 
@@ -230,6 +231,7 @@ def decode_attention(
         key_group, value_group: channels per scale group (``D`` for one per head; ignored for per-channel keys).
         scaling: softmax scale.
         splits, block_n: override the split count / tokens per block (benchmarks).
+        tokens: attend over the first ``tokens`` tokens only (default: all the key codes hold).
 
     Returns:
         ``(out [B, Hq, 1, D] in query.dtype, lse [B, Hq, 1] float32)``.
@@ -238,7 +240,7 @@ def decode_attention(
     kc, vc = keys["codes"], values["codes"]
     if kc.dim() == 5:
         kc = kc.reshape(kc.shape[0], kc.shape[1], -1, kc.shape[-1])
-    hkv, t = kc.shape[1], kc.shape[2]
+    hkv, t = kc.shape[1], tokens if tokens is not None else kc.shape[2]
     g = hq // hkv
     ks, kz, vs, vz = keys["scale"], keys["zero"], values["scale"], values["zero"]
     block_n = block_n or (key_token_block if key_token_block > 1 else 64)

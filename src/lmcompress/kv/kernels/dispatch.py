@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from ..quant.kivi_store import KIVIStore
 from ..quant.store import PackedStore
 from ..quant.uniform import UniformCodec
 
@@ -60,7 +61,7 @@ def quantize_pack(codec, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
 
 def kernel_format(store) -> dict | None:
     """Kernel arguments describing ``store``'s layout, or None when the decode kernel cannot read it."""
-    if type(store) is not PackedStore:
+    if type(store) not in (PackedStore, KIVIStore):
         return None
     kc, vc = store.key_codec, store.value_codec
     d = store.head_dim
@@ -84,5 +85,14 @@ def decode_attention(store, fp_keys: torch.Tensor, fp_values: torch.Tensor, quer
         return None
     from . import decode
 
-    out, lse = decode.decode_attention(query, store.parts("keys"), store.parts("values"), scaling=scaling, **fmt)
+    keys, values, packed, tail_k, tail_v = store.kernel_view()
+    if tail_k is not None:  # KIVI: the newest values of the packed region are in full precision
+        fp_keys = torch.cat([tail_k.to(fp_keys.dtype), fp_keys], dim=2)
+        fp_values = torch.cat([tail_v.to(fp_values.dtype), fp_values], dim=2)
+    if packed == 0:
+        b, hq, _, d = query.shape
+        out = query.new_zeros((b, hq, 1, d))
+        lse = torch.full((b, hq, 1), -torch.inf, device=query.device)
+    else:
+        out, lse = decode.decode_attention(query, keys, values, scaling=scaling, tokens=packed, **fmt)
     return decode.merge_full_precision(out, lse, query, fp_keys, fp_values, scaling)

@@ -6,14 +6,14 @@ Rules (following the paper and its reference implementation):
 * keys: per channel, each channel's min/max over a group of ``group_size`` consecutive tokens (default 32);
 * values: per token, channels in groups of ``group_size``;
 * asymmetric (scale + zero point, fp16 here), codes packed;
-* the newest tokens are kept in full precision; when that window holds ``residual`` tokens (a multiple of
-  ``group_size``, default 128) it is quantized whole and emptied. A prefill of ``n`` tokens quantizes the
-  largest multiple of ``residual`` and keeps the rest in full precision.
+* keys: the newest keys are kept in full precision; when that window holds ``residual`` tokens (R, a multiple
+  of ``group_size``, default 128) it is quantized whole and emptied. A prefill of ``n`` tokens quantizes the
+  largest multiple of R and keeps the rest in full precision;
+* values: the newest R values are kept in full precision (a sliding window: each older value is quantized as
+  it leaves it), as in the reference implementation (:class:`~.kivi_store.KIVIStore`).
 
-Deviations: the reference implementation keeps values in a sliding window of exactly ``residual`` full-precision
-tokens (quantizing one value per step) while keys are flushed whole; here keys and values share the flushed
-window, so values spend a little longer in full precision. Codes are packed along the channel axis of each token
-for both keys and values (the reference packs keys along tokens); the bytes are the same.
+Deviation: codes are packed along the channel axis of each token for both keys and values (the reference packs
+keys along tokens); the bytes are the same.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 from ...errors import LMCompressError, check_positive_int
 from ...registry import KV_QUANTIZERS
 from .base import KVQuantizer
+from .kivi_store import KIVIStore
 from .store import PackedStore
 from .uniform import UniformCodec, check_bits
 
@@ -71,8 +72,8 @@ class KIVI(KVQuantizer):
         return 0
 
     def new_store(self, layer_idx: int, head_dim: int, dtype: torch.dtype) -> PackedStore:
-        return PackedStore(self.key_codec(layer_idx), self.value_codec(layer_idx), head_dim, dtype,
-                           unit=self.residual)
+        return KIVIStore(self.key_codec(layer_idx), self.value_codec(layer_idx), head_dim, dtype,
+                         unit=self.residual, value_window=self.residual)
 
     def validate(self, head_dim: int) -> None:
         self.value_codec(0).validate(head_dim)

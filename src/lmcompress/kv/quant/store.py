@@ -140,6 +140,11 @@ class PackedStore:
         n = self.length // codec.token_block
         return {name: buf.slice(0, n) for name, buf in buffers.items()}
 
+    def kernel_view(self) -> tuple[dict, dict, int, torch.Tensor | None, torch.Tensor | None]:
+        """For the decode kernel: packed key parts, packed value parts, the tokens they cover, and the store's
+        other tokens as full-precision ``(keys, values)`` (None here: every token is packed)."""
+        return self.parts("keys"), self.parts("values"), self.length, None, None
+
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All tokens dequantized, ``[B, H, length, D]`` each. Used only at compression events (scoring),
         never for attention."""

@@ -5,15 +5,18 @@ cache holds (metadata included), next to transformers' QuantizedCache (quanto / 
 Subcommands (each appends one JSON line per configuration to ``--out`` and skips configurations already there,
 so a killed run resumes):
 
-* ``ppl``: perplexity of ``--tokens`` tokens of the Lee corpus, fed in chunks of ``--chunk`` tokens so that each
-  chunk attends to the compressed cache of the earlier ones; scored on the predictions made after the first
-  chunk;
-* ``mc``: BIG-bench multiple choice (``--task``), the question's KV compressed (needs the bigbench sdist, see
-  ``lmcompress.eval.tasks.multiple_choice``);
-* ``needle``: pass-key retrieval: a ``--tokens``-token filler with a 5-digit key at several depths is prefilled
-  and compressed, then the question is asked and 12 tokens are generated greedily;
-* ``kverr``: QAQ's evaluator metrics (``lmcompress.eval.tasks.kv_error``);
+* ``ppl``: the ``perplexity`` task's protocol (``lmcompress.eval.tasks.perplexity``): ``--context`` tokens of the
+  Lee corpus prefilled into the compressed cache, then ``--eval`` tokens scored in chunks of ``--chunk`` with
+  eviction paused (every chunk attends to the compressed prefix; quantizers commit each chunk after it);
+* ``mc``: BIG-bench multiple choice (``--task``), the question's KV compressed (``multiple_choice`` task; needs
+  the bigbench sdist);
+* ``needle``: the ``passkey`` task's prompts (synthetic filler, ``--tokens`` long, key at depths 0.1/0.5/0.9):
+  the context is prefilled and compressed, the question appended, 10 tokens generated greedily;
+* ``kverr``: QAQ's evaluator metrics (``kv_error`` task);
 * ``table``: print markdown tables of the JSON lines.
+
+The same protocol code runs the lmcompress specs and the transformers ``QuantizedCache`` peer (any cache
+object), so the rows compare like with like.
 
 Compression ratio: bytes of an uncompressed bf16 cache of the same tokens / bytes held by the compressed cache
 with its full-precision tensors counted at 2 bytes per element (the CPU model runs in fp32; a bf16 model would
@@ -28,7 +31,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -39,17 +41,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from lmcompress.errors import LMCompressError  # noqa: E402
-from lmcompress.eval.tasks.kv_error import (  # noqa: E402
-    KVErrorTask,
-    bf16_equivalent_bytes,
-    uncompressed_bf16_bytes,
-)
+from lmcompress.eval.kv_bytes import bf16_equivalent_bytes, uncompressed_bf16_bytes  # noqa: E402
+from lmcompress.eval.tasks import KVError, RunContext  # noqa: E402
 from lmcompress.kv import CompressedCache, KVSpec, SnapKV, scoring_hooks  # noqa: E402
 from lmcompress.kv.quant import FP8KV, KIVI, QAQ, NormalKV, UniformKV  # noqa: E402
 
@@ -84,6 +82,8 @@ def grid(name: str) -> dict[str, object]:
         g[f"uniform-{b}+out1%"] = KVSpec(quant=UniformKV(key_bits=b, value_bits=b, group_size=32, outliers=0.01))
     for b in bits:
         g[f"normal-{b}"] = KVSpec(quant=NormalKV(key_bits=b, value_bits=b))
+    for b in (4, 3, 2):
+        g[f"normal-{b}+out1%"] = KVSpec(quant=NormalKV(key_bits=b, value_bits=b, outliers=0.01))
     g["fp8"] = KVSpec(quant=FP8KV())
     for b in bits:
         g[f"kivi-{b}"] = KVSpec(quant=KIVI(bits=b))
@@ -137,7 +137,7 @@ def flat_tensors(x) -> list[torch.Tensor]:
 def cache_bytes(cache) -> tuple[int, int]:
     """(bytes held, bytes with fp32 tensors counted at 2 bytes/element)."""
     if isinstance(cache, CompressedCache):
-        return cache.nbytes, bf16_equivalent_bytes(cache)
+        return cache.nbytes, bf16_equivalent_bytes(cache.tensors())
     tensors = []
     for layer in cache.layers:
         tensors += flat_tensors([layer.keys, layer.values, layer._quantized_keys, layer._quantized_values])
@@ -147,31 +147,29 @@ def cache_bytes(cache) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------- tasks
-def text_ids(tok, tokens: int) -> torch.Tensor:
-    from lmcompress.eval.text import english_text
-
-    return tok(english_text("lee"), return_tensors="pt").input_ids[:, :tokens]
-
-
 @torch.no_grad()
-def perplexity(model, tok, config, tokens: int, chunk: int) -> dict:
-    ids = text_ids(tok, tokens)
-    n = ids.shape[1]
+def perplexity(model, tok, config, context: int, evaluate: int, chunk: int) -> dict:
+    """The ``perplexity`` task's protocol with any cache (one window of the Lee corpus)."""
+    from lmcompress.eval.tasks.perplexity import text_token_ids
+
+    window = text_token_ids(tok, "lee")[: context + evaluate].unsqueeze(0)
+    span = window.shape[1]
     cache = make_cache(model, config)
-    nll, count = 0.0, 0
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        with scoring_hooks(model, cache) if isinstance(cache, CompressedCache) else _null():
-            logits = model(ids[:, s:e], past_key_values=cache).logits[0].float()
-        if s == 0:
-            continue
-        targets = ids[0, s + 1 : e + 1]
-        lp = F.log_softmax(logits[: targets.shape[0]], -1)
-        nll -= float(lp.gather(1, targets.unsqueeze(1)).sum())
-        count += targets.shape[0]
+    compressed = isinstance(cache, CompressedCache)
+    with scoring_hooks(model, cache) if compressed else _null():
+        out = model(input_ids=window[:, :context], past_key_values=cache, logits_to_keep=1)
     held, bf16 = cache_bytes(cache)
+    nll = -float(torch.log_softmax(out.logits[0, -1].float(), -1)[window[0, context]])
+    count = 1
+    with cache.compression_paused() if compressed else _null():
+        for s in range(context, span - 1, chunk):
+            e = min(s + chunk, span - 1)
+            logp = torch.log_softmax(model(input_ids=window[:, s:e], past_key_values=cache).logits[0].float(), -1)
+            targets = window[0, s + 1 : e + 1]
+            nll -= float(logp.gather(1, targets[:, None]).sum())
+            count += targets.numel()
     return {"ppl": math.exp(nll / count), "scored": count, "bytes": held, "bytes_bf16": bf16,
-            "ratio": uncompressed_bf16_bytes(model, n) / bf16}
+            "ratio": uncompressed_bf16_bytes(model, context) / bf16}
 
 
 class _null:
@@ -182,77 +180,44 @@ class _null:
         return False
 
 
-@torch.no_grad()
 def multiple_choice(model, tok, config, task: str, limit: int | None) -> dict:
-    from lmcompress.eval.tasks.multiple_choice import bigbench_questions, encode_choices
+    from lmcompress.eval.tasks.multiple_choice import bigbench_questions, evaluate
 
-    correct = correct_mean = 0
-    bytes_ref = bytes_bf16 = 0
-    questions = bigbench_questions(task, limit)
-    for q in questions:
-        prompt_ids, choice_ids = encode_choices(tok, q.prompt, q.choices)
-        cache = make_cache(model, config)
-        last = model(prompt_ids, past_key_values=cache, logits_to_keep=1).logits[0, -1].float()
-        bytes_bf16 += cache_bytes(cache)[1]
-        bytes_ref += uncompressed_bf16_bytes(model, prompt_ids.shape[1])
-        first = F.log_softmax(last, -1)
-        sums, means = [], []
-        for choice in choice_ids:
-            total = float(first[choice[0]])
-            if len(choice) > 1:
-                branch = copy.deepcopy(cache)
-                logits = model(torch.tensor([choice[:-1]]), past_key_values=branch).logits[0].float()
-                total += float(F.log_softmax(logits, -1).gather(1, torch.tensor(choice[1:]).unsqueeze(1)).sum())
-            sums.append(total)
-            means.append(total / len(choice))
-        correct += int(max(range(len(sums)), key=sums.__getitem__) == q.answer)
-        correct_mean += int(max(range(len(means)), key=means.__getitem__) == q.answer)
-    n = len(questions)
-    return {"accuracy": correct / n, "accuracy_mean": correct_mean / n, "questions": n,
-            "ratio": bytes_ref / bytes_bf16, "bytes_bf16": bytes_bf16 / n}
-
-
-def passkey_prompt(tok, tokens: int, depth: float, key: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context ids, question ids): repeated filler with the key stated twice at ``depth``; the chat-template
-    question asks for the number only."""
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    unit = tok(filler, add_special_tokens=False).input_ids
-    reps = max(1, tokens // len(unit))
-    pos = int(reps * depth)
-    text = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-    text += filler * pos + needle + filler * (reps - pos)
-    messages = [{"role": "user", "content": text + "\nWhat is the pass key? Reply with the number only."}]
-    full = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    split = full.index("\nWhat is the pass key?")
-    context = tok(full[:split], return_tensors="pt", add_special_tokens=False).input_ids
-    question = tok(full[split:], return_tensors="pt", add_special_tokens=False).input_ids
-    return context, question
+    res = evaluate(model, tok, bigbench_questions(task, limit), lambda m: make_cache(m, config), cache_bytes)
+    return {"accuracy": res["accuracy"], "accuracy_mean": res["accuracy_mean"], "questions": res["questions"],
+            "prompt_tokens": res["prompt_tokens"], "ratio": res["ratio_bf16"], "bytes_bf16": res["kv_bytes_bf16"]}
 
 
 @torch.no_grad()
 def needle(model, tok, config, tokens: int, trials: int) -> dict:
+    """The ``passkey`` task's prompts; context prefilled and compressed, then question and greedy answer."""
+    import random
+
+    from lmcompress.eval.tasks.passkey import build_prompt, first_number
+
     depths = (0.1, 0.5, 0.9)
     found = 0
     ratio_num = ratio_den = 0
+    rng = random.Random(0)
     for i in range(trials):
-        key = 10000 + (7919 * (i + 1)) % 90000
-        context, question = passkey_prompt(tok, tokens, depths[i % len(depths)], key)
+        key = str(rng.randrange(10000, 100000))
+        parts = build_prompt(tok, tokens, depths[i % len(depths)], key)
         cache = make_cache(model, config)
-        with scoring_hooks(model, cache) if isinstance(cache, CompressedCache) else _null():
-            model(context, past_key_values=cache)
-        ratio_num += uncompressed_bf16_bytes(model, context.shape[1])
+        compressed = isinstance(cache, CompressedCache)
+        with scoring_hooks(model, cache) if compressed else _null():
+            model(parts.context_ids, past_key_values=cache)
+        ratio_num += uncompressed_bf16_bytes(model, parts.context_ids.shape[1])
         ratio_den += cache_bytes(cache)[1]
-        paused = cache.compression_paused() if isinstance(cache, CompressedCache) else _null()
-        with paused:
-            logits = model(question, past_key_values=cache).logits[0, -1]
+        with cache.compression_paused() if compressed else _null():
+            logits = model(parts.question_ids, past_key_values=cache).logits[0, -1]
         out = []
         tok_id = int(logits.argmax())
-        for _ in range(12):  # the key's digits are single tokens after "The pass key is"
+        for _ in range(10):
+            if tok_id == tok.eos_token_id:
+                break
             out.append(tok_id)
-            logits = model(torch.tensor([[tok_id]]), past_key_values=cache).logits[0, -1]
-            tok_id = int(logits.argmax())
-        found += int(str(key) in tok.decode(out))
+            tok_id = int(model(torch.tensor([[tok_id]]), past_key_values=cache).logits[0, -1].argmax())
+        found += int(first_number(tok.decode(out)) == key)
     return {"found": found, "trials": trials, "accuracy": found / trials, "ratio": ratio_num / ratio_den}
 
 
@@ -277,8 +242,9 @@ def run(args) -> None:
     configs = grid(args.cmd)
     if args.only:
         configs = {k: v for k, v in configs.items() if any(k.startswith(p) for p in args.only)}
-    extra = {"cmd": args.cmd, **{k: getattr(args, k) for k in ("tokens", "chunk", "task", "limit", "trials")
-                                 if getattr(args, k, None) is not None}}
+    keys = {"ppl": ("context", "eval", "chunk"), "mc": ("task", "limit"), "needle": ("tokens", "trials"),
+            "kverr": ("tokens", "chunk", "trials")}[args.cmd]
+    extra = {"cmd": args.cmd, **{k: getattr(args, k) for k in keys}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     skip = done_labels(args.out, extra)
     for label, config in configs.items():
@@ -287,7 +253,12 @@ def run(args) -> None:
         t0 = time.time()
         try:
             if args.cmd == "ppl":
-                res = perplexity(model, tok, config, args.tokens, args.chunk)
+                res = perplexity(model, tok, config, args.context, args.eval, args.chunk)
+                if label == "fp":  # the replica of the task's protocol gives the task's figure
+                    from lmcompress.eval.tasks import Perplexity
+
+                    task = Perplexity(context_tokens=args.context, eval_tokens=args.eval, chunk=args.chunk)
+                    res["task_ppl"] = task.run(RunContext(model, tok, config)).metrics["perplexity"]
             elif args.cmd == "mc":
                 res = multiple_choice(model, tok, config, args.task, args.limit)
             elif args.cmd == "needle":
@@ -295,9 +266,9 @@ def run(args) -> None:
             else:
                 if isinstance(config, Peer):
                     continue
-                res = KVErrorTask(samples=args.trials, context_tokens=args.tokens,
-                                  continuation_tokens=args.chunk).run(model, tok, config)
-                res.pop("layers")
+                task = KVError(samples=args.trials, context_tokens=args.tokens, continuation_tokens=args.chunk)
+                out = task.run(RunContext(model, tok, config))
+                res = {**out.metrics, **out.costs, "ratio": out.costs["ratio_bf16"]}
         except (ImportError, LMCompressError) as exc:  # a peer backend not installed; a spec that does not fit
             res = {"error": str(exc).splitlines()[0]}
         rec = {"label": label, **extra, **res, "seconds": round(time.time() - t0, 1),
@@ -329,8 +300,10 @@ def main() -> None:
     parser.add_argument("cmd", choices=["ppl", "mc", "needle", "kverr", "table"])
     parser.add_argument("path", nargs="?", type=Path, help="(table) the JSON-lines file")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--tokens", type=int, default=2048, help="needle: prompt length; kverr: context")
+    parser.add_argument("--context", type=int, default=1536, help="ppl: compressed prefix")
+    parser.add_argument("--eval", type=int, default=512, help="ppl: scored tokens")
+    parser.add_argument("--chunk", type=int, default=64, help="ppl: eval chunk; kverr: continuation")
     parser.add_argument("--task", default="general_knowledge")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--trials", type=int, default=6)
@@ -342,13 +315,6 @@ def main() -> None:
         return
     if args.out is None:
         parser.error("--out is required")
-    for name in ("chunk",) if args.cmd in ("mc", "needle") else ():
-        setattr(args, name, None)
-    if args.cmd != "mc":
-        args.task = None
-        args.limit = None
-    if args.cmd in ("ppl", "mc"):
-        args.trials = None
     run(args)
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lmcompress.errors import LMCompressError, ModelFileError
+from lmcompress.eval.kv_bytes import bf16_equivalent_bytes, uncompressed_bf16_bytes
 from lmcompress.eval.tasks import kv_error, multiple_choice
 from lmcompress.kv import KVSpec, SnapKV
 from lmcompress.kv.quant import KIVI, IntKV
@@ -28,6 +29,10 @@ def _no_grad():
 @pytest.fixture
 def model(tiny_models):
     return tiny_models("llama")
+
+
+def fresh(spec: KVSpec):
+    return multiple_choice.new_compressed_cache(spec)
 
 
 def ids(n: int, seed: int = 0) -> torch.Tensor:
@@ -71,13 +76,15 @@ def test_bf16_equivalent_bytes_halves_float32(model):
     cache = CompressedCache(model, KVSpec(quant=KIVI(bits=2, group_size=8, residual=16)))
     model(ids(40), past_key_values=cache)
     fp32 = sum(t.numel() * 4 for t in cache.tensors() if t.dtype == torch.float32)
-    assert kv_error.bf16_equivalent_bytes(cache) == cache.nbytes - fp32 // 2
+    assert fp32 > 0
+    assert bf16_equivalent_bytes(cache.tensors()) == cache.nbytes - fp32 // 2
+    assert uncompressed_bf16_bytes(model, 40) == 4 * 2 * 2 * 16 * 40 * 2  # layers, K/V, heads, dims, tokens
 
 
 def test_choice_log_likelihoods_match_a_plain_forward(model):
     prompt = ids(12)
     choices = [[5, 6, 7], [9], [30, 31]]
-    sums, means, (nbytes, _) = multiple_choice.choice_log_likelihoods(model, KVSpec(), prompt, choices)
+    sums, means, (nbytes, _) = multiple_choice.choice_log_likelihoods(model, fresh(KVSpec()), prompt, choices)
     for i, c in enumerate(choices):
         full = torch.cat([prompt, torch.tensor([c])], dim=1)
         logp = F.log_softmax(model(full).logits[0].float(), -1)
@@ -90,12 +97,22 @@ def test_choice_log_likelihoods_match_a_plain_forward(model):
 def test_choices_are_scored_against_the_compressed_prompt(model):
     prompt = ids(40)
     choices = [[5, 6, 7], [9, 10]]
-    exact, _, _ = multiple_choice.choice_log_likelihoods(model, KVSpec(), prompt, choices)
+    exact, _, (full_bytes, _) = multiple_choice.choice_log_likelihoods(model, fresh(KVSpec()), prompt, choices)
     quant, _, (nbytes, _) = multiple_choice.choice_log_likelihoods(
-        model, KVSpec(quant=IntKV(bits=2, group_size=16)), prompt, choices)
+        model, fresh(KVSpec(quant=IntKV(bits=2, group_size=16))), prompt, choices)
     assert not torch.allclose(exact, quant)
-    _, _, (full_bytes, _) = multiple_choice.choice_log_likelihoods(model, KVSpec(), prompt, choices)
     assert nbytes < full_bytes / 4
+
+
+def test_choices_split_like_running_text():
+    class Tok:
+        def __call__(self, text, return_tensors=None, add_special_tokens=True):
+            ids = [ord(c) for c in text]
+            return type("E", (), {"input_ids": torch.tensor([ids]) if return_tensors else ids})()
+
+    prompt_ids, choice_ids = multiple_choice.encode_choices(Tok(), "Q: x\nA: ", ("four", " two"))
+    assert prompt_ids[0].tolist() == [ord(c) for c in "Q: x\nA:"]
+    assert choice_ids == [[ord(c) for c in " four"], [ord(c) for c in " two"]]
 
 
 def fake_bigbench(folder, tasks: dict) -> None:

@@ -28,29 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from ..._compat import attention_modules
-from ...errors import check_positive_int
+from ...errors import LMCompressError, check_choice, check_positive_int
 from ...kv.cache import CompressedCache
 from ...kv.hooks import scoring_hooks
 from ...kv.spec import KVSpec
 from ...registry import TASKS
-
-
-def bf16_equivalent_bytes(cache: CompressedCache) -> int:
-    """``cache.nbytes`` with every float32 tensor counted at 2 bytes per element (as in a bf16/fp16 model);
-    packed codes, fp16 scales and integer tensors are counted as they are."""
-    total = 0
-    for t in cache.tensors():
-        size = 2 if t.dtype == torch.float32 else t.element_size()
-        total += t.numel() * size
-    return total
-
-
-def uncompressed_bf16_bytes(model: torch.nn.Module, tokens: int, batch: int = 1) -> int:
-    """Bytes of a bf16 K/V cache of ``tokens`` tokens for ``model`` (every layer, keys and values)."""
-    from ..._compat import kv_geometry
-
-    layers, _, kv_heads, head_dim = kv_geometry(model.config)
-    return 2 * layers * kv_heads * head_dim * tokens * batch * 2
+from ..kv_bytes import bf16_equivalent_bytes, uncompressed_bf16_bytes
+from ..text import TEXT_SOURCES, english_text
+from .base import RunContext, Task, TaskResult
 
 
 def held_states(layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +89,7 @@ def kv_error_sample(model: torch.nn.Module, spec: KVSpec, ids: torch.Tensor, con
         v_mse, v_rel = _errors(rv, v)
         layers.append({"layer": layer.layer_idx, "key_mse": k_mse, "key_rel": k_rel, "value_mse": v_mse,
                        "value_rel": v_rel, "held": layer.held})
-    nbytes, nbytes_bf16 = cache.nbytes, bf16_equivalent_bytes(cache)
+    nbytes, nbytes_bf16 = cache.nbytes, bf16_equivalent_bytes(cache.tensors())
     with capture_attention_outputs(model) as ref_out:
         ref_logits = model(ids[:, context:], past_key_values=ref_cache).logits.float()
         ref_out = dict(ref_out)
@@ -138,8 +123,8 @@ def summarize(samples: list[dict]) -> dict:
         for k in keys:
             entry[k] = sum(s["layers"][i][k] for s in samples) / n
         layers.append(entry)
-    out = {k: sum(s[k] for s in samples) / n for k in ("logit_kl", "top1_agreement", "logit_mse", "nbytes",
-                                                        "nbytes_bf16", "ratio_bf16")}
+    names = ("logit_kl", "top1_agreement", "logit_mse", "nbytes", "nbytes_bf16", "ratio_bf16")
+    out = {k: sum(s[k] for s in samples) / n for k in names}
     for k in keys:
         out[k] = sum(e[k] for e in layers) / len(layers)
     out["layers"] = layers
@@ -149,7 +134,7 @@ def summarize(samples: list[dict]) -> dict:
 
 @TASKS.register("kv_error")
 @dataclass(frozen=True)
-class KVErrorTask:
+class KVError(Task):
     """QAQ's evaluator metrics on text from ``source`` (see the module docstring).
 
     Attributes:
@@ -160,23 +145,36 @@ class KVErrorTask:
     """
 
     name = "kv_error"
+    primary_metric = "logit_kl"
+    higher_is_better = False
+
     source: str = "lee-test"
     samples: int = 4
     context_tokens: int = 512
     continuation_tokens: int = 64
 
     def __post_init__(self) -> None:
+        check_choice("source", self.source, TEXT_SOURCES)
         check_positive_int("samples", self.samples)
         check_positive_int("context_tokens", self.context_tokens)
         check_positive_int("continuation_tokens", self.continuation_tokens)
 
     def sequences(self, tokenizer) -> list[torch.Tensor]:
-        from ..text import english_text
-
         ids = tokenizer(english_text(self.source), return_tensors="pt").input_ids
         n = self.context_tokens + self.continuation_tokens
-        return [ids[:, i * n : (i + 1) * n] for i in range(min(self.samples, ids.shape[1] // n))]
+        count = min(self.samples, ids.shape[1] // n)
+        if count == 0:
+            raise LMCompressError(f"text source {self.source!r} has fewer than {n} tokens")
+        return [ids[:, i * n : (i + 1) * n] for i in range(count)]
 
-    def run(self, model: torch.nn.Module, tokenizer, spec: KVSpec) -> dict:
-        samples = [kv_error_sample(model, spec, ids, self.context_tokens) for ids in self.sequences(tokenizer)]
-        return summarize(samples)
+    def run(self, ctx: RunContext) -> TaskResult:
+        if ctx.tokenizer is None:
+            raise LMCompressError("the kv_error task needs a model with a tokenizer (not a tiny test model)")
+        samples = [kv_error_sample(ctx.model, ctx.spec, ids.to(ctx.device), self.context_tokens)
+                   for ids in self.sequences(ctx.tokenizer)]
+        s = summarize(samples)
+        layers = s.pop("layers")
+        costs = {k: s.pop(k) for k in ("nbytes", "nbytes_bf16", "ratio_bf16")}
+        costs["kv_bytes"] = costs.pop("nbytes")
+        costs["kv_bytes_bf16"] = costs.pop("nbytes_bf16")
+        return TaskResult(metrics=s, costs=costs, details={"layers": layers})

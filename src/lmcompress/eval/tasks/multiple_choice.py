@@ -8,12 +8,13 @@ its own copy of the compressed cache.
 
 Questions come from BIG-bench JSON tasks read straight from the ``bigbench==1.0.0`` source distribution
 (``pip download --no-deps bigbench==1.0.0 -d DIR``; 358 MB, never imported): prompts follow BIG-bench's
-defaults (``"\\nQ: " + input [+ "\\n  choice: ..." when the task lists its choices] + "\\nA: "``, then the choice
-text).
+defaults (``"\\nQ: " + input [+ "\\n  choice: ..." when the task lists its choices] + "\\nA:"``), and each choice
+is scored as ``" " + choice``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -30,7 +31,8 @@ from ...kv.cache import CompressedCache
 from ...kv.hooks import scoring_hooks
 from ...kv.spec import KVSpec
 from ...registry import TASKS
-from .kv_error import bf16_equivalent_bytes, uncompressed_bf16_bytes
+from ..kv_bytes import bf16_equivalent_bytes, uncompressed_bf16_bytes
+from .base import RunContext, Task, TaskResult
 
 SDIST = "bigbench-1.0.0.tar.gz"
 
@@ -85,57 +87,86 @@ def bigbench_questions(name: str, limit: int | None = None, folder: str | None =
     return questions
 
 
+def new_compressed_cache(spec: KVSpec):
+    """A cache factory for :func:`choice_log_likelihoods`: ``model -> CompressedCache(model, spec)``."""
+    return lambda model: CompressedCache(model, spec)
+
+
+def cache_bytes(cache) -> tuple[int, int]:
+    """``(bytes held, bytes as a bf16 model holds them)`` of a :class:`CompressedCache`."""
+    return cache.nbytes, bf16_equivalent_bytes(cache.tensors())
+
+
 @torch.no_grad()
 def choice_log_likelihoods(
-    model: torch.nn.Module, spec: KVSpec, prompt_ids: torch.Tensor, choice_ids: list[list[int]]
+    model: torch.nn.Module, make_cache, prompt_ids: torch.Tensor, choice_ids: list[list[int]],
+    measure=cache_bytes,
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """Summed and mean log-probabilities ``[n]`` of each choice's tokens after the compressed prompt.
 
     The prompt is prefilled and compressed once; each choice is scored on its own copy of that cache.
 
     Args:
+        make_cache: ``model -> cache`` (a :class:`CompressedCache` or any transformers cache).
         prompt_ids: ``[1, P]``.
         choice_ids: token ids of each choice (continuing the prompt).
+        measure: ``cache -> (bytes held, bf16-equivalent bytes)``.
 
     Returns:
-        ``(sums, means, (nbytes, nbytes_bf16))``, the bytes being those of the compressed prompt's cache.
+        ``(sums, means, bytes)``, the bytes being those of the compressed prompt's cache.
     """
-    cache = CompressedCache(model, spec)
-    with scoring_hooks(model, cache):
+    cache = make_cache(model)
+    compressed = isinstance(cache, CompressedCache)
+    with scoring_hooks(model, cache) if compressed else contextlib.nullcontext():
         last = model(prompt_ids, past_key_values=cache, logits_to_keep=1).logits[0, -1].float()
-    prompt_bytes = (cache.nbytes, bf16_equivalent_bytes(cache))
+    prompt_bytes = measure(cache)
     first = F.log_softmax(last, -1)
     sums, means = [], []
     for choice in choice_ids:
         total = float(first[choice[0]])
         if len(choice) > 1:
             branch = copy.deepcopy(cache)
-            with branch.compression_paused():
-                logits = model(torch.tensor([choice[:-1]]), past_key_values=branch).logits[0].float()
-            logp = F.log_softmax(logits, -1)
-            total += float(logp.gather(1, torch.tensor(choice[1:]).unsqueeze(1)).sum())
+            with branch.compression_paused() if compressed else contextlib.nullcontext():
+                ids = torch.tensor([choice[:-1]], device=prompt_ids.device)
+                logits = model(ids, past_key_values=branch).logits[0].float()
+            target = torch.tensor(choice[1:], device=logits.device).unsqueeze(1)
+            total += float(F.log_softmax(logits, -1).gather(1, target).sum())
         sums.append(total)
         means.append(total / len(choice))
     return torch.tensor(sums), torch.tensor(means), prompt_bytes
 
 
 def encode_choices(tokenizer, prompt: str, choices: tuple[str, ...]) -> tuple[torch.Tensor, list[list[int]]]:
-    """Prompt ids and each choice's ids as the tokenizer splits ``prompt + choice`` (the choice's tokens are
-    those after the prompt's)."""
+    """Prompt ids and each choice's ids: the prompt without trailing spaces, each choice after one space (how
+    the tokenizer splits running text, e.g. ``"A:"`` + ``" four"``)."""
+    prompt = prompt.rstrip()
     prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
-    p = prompt_ids.shape[1]
-    out = []
-    for c in choices:
-        full = tokenizer(prompt + c).input_ids
-        if full[:p] != prompt_ids[0].tolist() or len(full) == p:
-            full = prompt_ids[0].tolist() + tokenizer(c, add_special_tokens=False).input_ids
-        out.append(full[p:])
-    return prompt_ids, out
+    return prompt_ids, [tokenizer(" " + c.strip(), add_special_tokens=False).input_ids for c in choices]
+
+
+def evaluate(model: torch.nn.Module, tokenizer, questions: list[Question], make_cache,
+             measure=cache_bytes) -> dict:
+    """Accuracy (summed and mean log-likelihood) and prompt KV bytes over ``questions``."""
+    correct = correct_mean = 0
+    held = bf16 = ref = tokens = 0
+    device = next(model.parameters()).device
+    for q in questions:
+        prompt_ids, choice_ids = encode_choices(tokenizer, q.prompt, q.choices)
+        sums, means, (b_held, b_bf16) = choice_log_likelihoods(
+            model, make_cache, prompt_ids.to(device), choice_ids, measure)
+        correct += int(int(sums.argmax()) == q.answer)
+        correct_mean += int(int(means.argmax()) == q.answer)
+        held, bf16 = held + b_held, bf16 + b_bf16
+        ref += uncompressed_bf16_bytes(model, prompt_ids.shape[1])
+        tokens += prompt_ids.shape[1]
+    n = len(questions)
+    return {"accuracy": correct / n, "accuracy_mean": correct_mean / n, "questions": n,
+            "prompt_tokens": tokens / n, "kv_bytes": held / n, "kv_bytes_bf16": bf16 / n, "ratio_bf16": ref / bf16}
 
 
 @TASKS.register("multiple_choice")
 @dataclass(frozen=True)
-class MultipleChoiceTask:
+class MultipleChoice(Task):
     """Zero-shot multiple-choice accuracy on a BIG-bench JSON task with the question's KV compressed.
 
     Attributes:
@@ -144,6 +175,8 @@ class MultipleChoiceTask:
     """
 
     name = "multiple_choice"
+    primary_metric = "accuracy"
+
     task: str = "general_knowledge"
     limit: int | None = None
 
@@ -151,25 +184,11 @@ class MultipleChoiceTask:
         if self.limit is not None:
             check_positive_int("limit", self.limit)
 
-    def run(self, model: torch.nn.Module, tokenizer, spec: KVSpec) -> dict:
-        correct = correct_mean = 0
-        bytes_, bytes_bf16, bytes_ref, tokens = 0, 0, 0, 0
-        for q in bigbench_questions(self.task, self.limit):
-            prompt_ids, choice_ids = encode_choices(tokenizer, q.prompt, q.choices)
-            sums, means, (nbytes, nbytes_bf16) = choice_log_likelihoods(model, spec, prompt_ids, choice_ids)
-            correct += int(int(sums.argmax()) == q.answer)
-            correct_mean += int(int(means.argmax()) == q.answer)
-            bytes_ += nbytes
-            bytes_bf16 += nbytes_bf16
-            bytes_ref += uncompressed_bf16_bytes(model, prompt_ids.shape[1])
-            tokens += prompt_ids.shape[1]
-        total = len(bigbench_questions(self.task, self.limit))
-        return {
-            "accuracy": correct / total,
-            "accuracy_mean": correct_mean / total,
-            "questions": total,
-            "prompt_tokens": tokens / total,
-            "kv_bytes": bytes_ / total,
-            "kv_bytes_bf16": bytes_bf16 / total,
-            "ratio_bf16": bytes_ref / bytes_bf16,
-        }
+    def run(self, ctx: RunContext) -> TaskResult:
+        if ctx.tokenizer is None:
+            raise LMCompressError("the multiple_choice task needs a model with a tokenizer")
+        res = evaluate(ctx.model, ctx.tokenizer, bigbench_questions(self.task, self.limit),
+                       new_compressed_cache(ctx.spec))
+        metrics = {k: res[k] for k in ("accuracy", "accuracy_mean")}
+        costs = {k: res[k] for k in ("questions", "prompt_tokens", "kv_bytes", "kv_bytes_bf16", "ratio_bf16")}
+        return TaskResult(metrics=metrics, costs=costs)

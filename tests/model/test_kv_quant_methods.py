@@ -280,3 +280,13 @@ def test_non_finite_states_rejected_when_committed(model):
 def test_methods_reject_bad_settings(make):
     with pytest.raises(LMCompressError):
         make()
+
+
+def test_method_strings_parse_to_quantizers():
+    from lmcompress.kv.parse import parse_method
+
+    assert parse_method("uniform2").quant == UniformKV(key_bits=2, value_bits=2)
+    assert parse_method("kivi4").quant == KIVI(bits=4)
+    assert parse_method("normal3:outliers=0.01").quant == NormalKV(key_bits=3, value_bits=3, outliers=0.01)
+    spec = parse_method("snapkv+qaq:key_error=0.01", ratio=0.5)
+    assert spec.quant == QAQ(key_error=0.01) and spec.evict == SnapKV(ratio=0.5)

@@ -3,7 +3,7 @@ values."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 from ...registry import KV_QUANTIZERS
 from .base import KVQuantizer
@@ -26,6 +26,7 @@ class NormalKV(KVQuantizer):
         symmetric: assume zero mean.
         outliers: fraction in [0, 0.5) of each token vector kept exactly.
         residual: recent tokens kept in full precision.
+        bits: (init only) sets both ``key_bits`` and ``value_bits``.
     """
 
     name = "normal"
@@ -36,8 +37,13 @@ class NormalKV(KVQuantizer):
     group_size: int = 32
     symmetric: bool = False
     outliers: float = 0.0
+    bits: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, bits: int | None) -> None:
+        if bits is not None:  # shorthand for key_bits = value_bits = bits (``uniform4`` on the command line)
+            check_bits(bits)
+            object.__setattr__(self, "key_bits", bits)
+            object.__setattr__(self, "value_bits", bits)
         super().__post_init__()
         check_alpha(self.outliers)
         check_bits(self.key_bits, what="key_bits")

@@ -7,7 +7,7 @@ KIVI's layout without its residual rule; ``granularity`` ``head``/``layer`` are 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 from ...registry import KV_QUANTIZERS
 from .base import KVQuantizer
@@ -32,6 +32,7 @@ class UniformKV(KVQuantizer):
         symmetric: scale only (no zero point).
         outliers: fraction in [0, 0.5) of each token vector kept exactly (largest magnitudes).
         residual: recent tokens kept in full precision.
+        bits: (init only) sets both ``key_bits`` and ``value_bits``.
     """
 
     name = "uniform"
@@ -42,8 +43,13 @@ class UniformKV(KVQuantizer):
     group_size: int = 32
     symmetric: bool = False
     outliers: float = 0.0
+    bits: InitVar[int | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, bits: int | None) -> None:
+        if bits is not None:  # shorthand for key_bits = value_bits = bits (``uniform4`` on the command line)
+            check_bits(bits)
+            object.__setattr__(self, "key_bits", bits)
+            object.__setattr__(self, "value_bits", bits)
         super().__post_init__()
         check_alpha(self.outliers)
         check_bits(self.key_bits, what="key_bits")

@@ -125,7 +125,7 @@ def fake_bigbench(folder, tasks: dict) -> None:
 
 
 def test_bigbench_questions_are_read_from_the_sdist(tmp_path):
-    task = {"name": "toy", "append_choices_to_input": True, "examples": [
+    task = {"name": "toy", "examples": [
         {"input": "How many legs do horses have?", "target_scores": {"two": 0, "four": 1}},
         {"input": "No scores here", "target": "x"},
     ]}
@@ -133,7 +133,7 @@ def test_bigbench_questions_are_read_from_the_sdist(tmp_path):
     questions = multiple_choice.bigbench_questions("toy", folder=str(tmp_path))
     assert len(questions) == 1
     q = questions[0]
-    assert q.prompt == "\nQ: How many legs do horses have?\n  choice: two\n  choice: four\nA: "
+    assert q.prompt == "Question: How many legs do horses have?\nAnswer:"
     assert q.choices == ("two", "four") and q.answer == 1
     with pytest.raises(LMCompressError, match="no JSON task"):
         multiple_choice.bigbench_task("missing", str(tmp_path))

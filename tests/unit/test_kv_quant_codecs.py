@@ -192,3 +192,15 @@ def test_non_finite_states_rejected(bad, codec):
     x[1, 2, 3, 4] = bad
     with pytest.raises(LMCompressError, match="NaN/inf"):
         codec.encode(x)
+
+
+def test_outliers_across_heads_are_per_token():
+    x = states(7)  # [2, 3, 8, 16]: 48 elements per token over the 3 heads
+    codec = OutlierCodec(UniformCodec(2, 16, granularity="layer"), 0.05, across_heads=True)
+    parts = codec.encode(x)
+    assert parts["outlier_idx"].shape == (2, 1, 8, 3)  # ceil(0.05 * 48) per token, shared by the heads
+    x_hat = codec.decode(parts, 16, torch.float32)
+    units = x.transpose(1, 2).reshape(2, 8, 48)
+    top = units.abs().topk(3, dim=-1).indices
+    restored = torch.gather(x_hat.transpose(1, 2).reshape(2, 8, 48), -1, top)
+    assert torch.equal(restored, torch.gather(units, -1, top))

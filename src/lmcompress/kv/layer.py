@@ -276,7 +276,7 @@ class CompressedLayer(CacheLayerMixin):
         self.store.observe_attention(AttentionObservation(
             query=query[:, :, -w:], scaling=scaling, mask=rows_mask,
             lse=None if lse is None else lse[:, :, -w:], fp_keys=self.fp_k.view(),
-            full=self.evict is not None and self.compression_enabled and q > 1,
+            full=self.evict is not None and self.compression_enabled and q > 1, all_queries=query,
         ))
 
     # ------------------------------------------------------------------------------------ compression

@@ -7,9 +7,10 @@ per token (``accuracy_mean``, QAQ's normalization). The question is compressed o
 its own copy of the compressed cache.
 
 Questions come from BIG-bench JSON tasks read straight from the ``bigbench==1.0.0`` source distribution
-(``pip download --no-deps bigbench==1.0.0 -d DIR``; 358 MB, never imported): prompts follow BIG-bench's
-defaults (``"\\nQ: " + input [+ "\\n  choice: ..." when the task lists its choices] + "\\nA:"``), and each choice
-is scored as ``" " + choice``.
+(``pip download --no-deps bigbench==1.0.0 -d DIR``; 358 MB, never imported). Prompt: ``"Question: <input>\\n
+Answer:"``, each choice scored as ``" " + choice`` (lm-eval's format). With full precision SmolLM2-135M scores
+45.7% on general_knowledge (70 questions, chance 1/6-1/7) and 28% on the first 100 of date_understanding (chance
+17%); BIG-bench's own prefixes (``"\\nQ: "``, choices listed, ``"\\nA:"``) gave 35.7% and 27%.
 """
 
 from __future__ import annotations
@@ -67,11 +68,9 @@ class Question:
 
 
 def bigbench_questions(name: str, limit: int | None = None, folder: str | None = None) -> list[Question]:
-    """The first ``limit`` multiple-choice questions of a BIG-bench JSON task, formatted with its prefixes."""
+    """The first ``limit`` multiple-choice questions of a BIG-bench JSON task as ``"Question: <input>\\nAnswer:"``
+    prompts (choices are scored as continuations, not listed in the prompt)."""
     task = bigbench_task(name, folder)
-    inp = task.get("example_input_prefix", "\nQ: ")
-    out = task.get("example_output_prefix", "\nA: ")
-    choice_prefix = task.get("choice_prefix", "\n  choice: ")
     prefix = task.get("task_prefix", "")
     questions = []
     for ex in task["examples"][:limit]:
@@ -79,11 +78,9 @@ def bigbench_questions(name: str, limit: int | None = None, folder: str | None =
         if not scores:
             continue
         choices = tuple(scores)
-        text = ex["input"]
-        if task.get("append_choices_to_input", True):
-            text += choice_prefix + choice_prefix.join(choices)
         answer = max(range(len(choices)), key=lambda i: scores[choices[i]])
-        questions.append(Question(prompt=prefix + inp + text + out, choices=choices, answer=answer))
+        prompt = f"{prefix}Question: {ex['input'].strip()}\nAnswer:"
+        questions.append(Question(prompt=prompt, choices=choices, answer=answer))
     return questions
 
 

@@ -23,6 +23,7 @@ class AttentionObservation:
         the held tokens (the store normalizes over them).
     fp_keys: ``[B, Hkv, n_fp, D]`` the full-precision (not yet committed) keys, the last ``n_fp`` held tokens.
     full: probabilities over every held token are wanted (an eviction follows), not only the recent ones.
+    all_queries: ``[B, Hq, q, D]`` every query row of the forward (``query`` is its tail), or None.
     """
 
     query: torch.Tensor
@@ -31,6 +32,7 @@ class AttentionObservation:
     lse: torch.Tensor | None
     fp_keys: torch.Tensor
     full: bool = False
+    all_queries: torch.Tensor | None = None
 
 
 def window_probabilities(obs: AttentionObservation, keys: torch.Tensor, columns: slice) -> torch.Tensor:

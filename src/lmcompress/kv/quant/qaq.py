@@ -22,16 +22,18 @@ Deviations, all deliberate:
    the layer asks for, so that every token lives in one bucket of equal-width packed rows. Attention statistics
    are the maximum over the query heads of each KV group. Scale/zero granularity is separate (``granularity``).
 2. ``1/sqrt(D)`` is not neglected: the norm used is that of the scaled query (``scaling * q``), which is what the
-   softmax sees. ``||Q||^2``'s 90% quantile is estimated online from the last ``QUERY_SAMPLE`` squared norms this
-   layer's queries had (per KV head), instead of a distribution precomputed offline.
+   softmax sees. ``||Q||^2``'s 90% quantile is estimated online per KV head, instead of from a distribution
+   precomputed offline: it is the quantile over the query vectors of the latest forward that had at least
+   ``QUERY_SAMPLE`` of them for the head (a prefill chunk); single decode steps keep it.
 3. The ``+1`` inside the bits formula: the quantizer used here has ``2**bits`` levels from ``min`` to ``max``
    (error ``(max - min) / (2 (2**bits - 1))``), as in QAQ's code; the paper's mid-point rule drops it.
 4. The paper re-quantizes tokens up or down each step from a full-precision copy in CPU memory. No full-precision
    copy is kept here (it would defeat the memory saving): a token is stored at ``max_bits`` until its window of
    ``n`` observations is complete, then re-quantized once, downward, from those ``max_bits`` codes to its final
    width (an extra rounding at ``max_bits``, e.g. 8). A token's width never rises afterwards.
-5. Outliers are the top ``alpha`` by magnitude of each token vector (the paper: ``alpha`` quantiles at both
-   ends), stored with their indices, which are counted in the bytes (the paper's size formula omits them).
+5. Outliers are the top ``alpha`` by magnitude of each token vector (of all heads together with per-layer
+   parameters; the paper: ``alpha`` quantiles at both ends of each group), stored with their indices, which are
+   counted in the bytes (the paper's size formula omits them).
 6. QAQ's reference code quantizes around the group mean with ``2**bits`` steps of ``(max - min) / 2**bits``;
    here the asymmetric min/max quantizer of :mod:`.uniform` (error <= scale / 2) is used.
 7. With an eviction policy, kept tokens are re-quantized after eviction with the attention of the compressed
@@ -49,12 +51,11 @@ from ...errors import LMCompressError, check_choice, check_positive_int
 from ...registry import KV_QUANTIZERS
 from . import granularity as gr
 from .base import KVQuantizer
-from .outliers import check_alpha, top_magnitudes
+from .outliers import OutlierCodec, check_alpha, top_magnitudes
 from .uniform import UniformCodec, check_bits
-from .uniform_kv import with_outliers
 
-#: squared query norms remembered per KV head for the 90% quantile.
-QUERY_SAMPLE = 256
+#: query vectors per KV head a forward needs to (re)estimate the squared-norm quantile.
+QUERY_SAMPLE = 32
 
 
 def bits_for_error(ranges: torch.Tensor, sigma: torch.Tensor, min_bits: int, max_bits: int) -> torch.Tensor:
@@ -127,8 +128,12 @@ class QAQ(KVQuantizer):
 
     # ------------------------------------------------------------------------------------------ codecs
     def codec(self, bits: int):
-        """The codec of one width (keys and values alike)."""
-        return with_outliers(UniformCodec(bits, self.group_size, False, self.granularity), self.outliers)
+        """The codec of one width (keys and values alike); with per-layer parameters the outliers are chosen
+        per token across heads too."""
+        inner = UniformCodec(bits, self.group_size, False, self.granularity)
+        if not self.outliers:
+            return inner
+        return OutlierCodec(inner, self.outliers, across_heads=self.granularity == "layer")
 
     @property
     def top_width(self) -> int:
@@ -150,7 +155,8 @@ class QAQ(KVQuantizer):
     def token_ranges(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, H, t]`` largest ``max - min`` over the parameter groups of each token vector of ``x``, outliers
         left out."""
-        ignore = top_magnitudes(x, self.outliers)[1] if self.outliers else None
+        across = self.granularity == "layer"
+        ignore = top_magnitudes(x, self.outliers, across_heads=across)[1] if self.outliers else None
         xg = gr.groups(x.float(), self.granularity, self.group_size)
         ig = None if ignore is None else gr.groups(ignore, self.granularity, self.group_size)
         lo, hi = gr.masked_min_max(xg, ig)

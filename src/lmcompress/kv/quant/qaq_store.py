@@ -14,7 +14,7 @@ else re-quantized from their ``max_bits`` codes. Attention reads the store block
 block gathered from the buckets), never dequantizing it whole.
 
 Bytes held: every bucket's codes/scales/zeros/outliers, both width arrays, the pending store and its statistics,
-and the query-norm sample (``[B, Hkv, QUERY_SAMPLE]`` fp16).
+and the query-norm estimate (``[B, Hkv]`` float32).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class QAQStore:
         self.values = BitBuckets(method, head_dim, dtype)
         self.pending = PackedStore(top, top, head_dim, dtype)
         self.pending_attention: TokenBuffer | None = None  # [B, Hkv, P] float32
-        self.query_norms: TokenBuffer | None = None  # [B, Hkv, <= QUERY_SAMPLE] fp16, newest last
+        self.query_norm: torch.Tensor | None = None  # [B, Hkv] float32 squared-norm quantile
         self._incoming: torch.Tensor | None = None  # [B, Hkv, n] attention of tokens not yet appended
         self._all_held: torch.Tensor | None = None  # [B, Hkv, held] when an eviction follows
 
@@ -124,9 +124,10 @@ class QAQStore:
 
     def tensors(self) -> list[torch.Tensor]:
         out = self.keys.tensors() + self.values.tensors() + self.pending.tensors()
-        for buf in (self.pending_attention, self.query_norms):
-            if buf is not None:
-                out.append(buf.data)
+        if self.pending_attention is not None:
+            out.append(self.pending_attention.data)
+        if self.query_norm is not None:
+            out.append(self.query_norm)
         return out
 
     @property
@@ -139,33 +140,25 @@ class QAQStore:
                 "pending": {self.method.top_width: self.pending.length}}
 
     # ---------------------------------------------------------------------------------------- observation
-    def _update_query_norms(self, query: torch.Tensor, scaling: float, hkv: int) -> None:
+    def _update_query_norm(self, query: torch.Tensor, scaling: float, hkv: int) -> None:
+        """Re-estimate the squared-norm quantile from this forward's queries when it has ``QUERY_SAMPLE`` query
+        vectors per KV head (or when there is no estimate yet)."""
         b, hq, q, _ = query.shape
-        norms = ((query.float() * scaling) ** 2).sum(-1)  # [B, Hq, q]
-        norms = norms.reshape(b, hkv, hq // hkv, q).transpose(2, 3).reshape(b, hkv, -1)[..., -QUERY_SAMPLE:]
-        norms = norms.to(torch.float16).unsqueeze(-1)  # [B, Hkv, n, 1]: token axis 2
-        if self.query_norms is None:
-            self.query_norms = TokenBuffer(norms, headroom=QUERY_SAMPLE - norms.shape[2])
-        else:
-            self.query_norms.append(norms)
-            if self.query_norms.length > QUERY_SAMPLE:
-                self._trim_query_norms()
-
-    def _trim_query_norms(self) -> None:
-        kept = self.query_norms.view()[:, :, -QUERY_SAMPLE:]
-        self.query_norms.replace(kept.clone(), headroom=QUERY_SAMPLE // 4)
+        if self.query_norm is not None and q * (hq // hkv) < QUERY_SAMPLE:
+            return
+        norms = ((query.float() * scaling) ** 2).sum(-1).reshape(b, hkv, -1)  # [B, Hkv, G * q]
+        self.query_norm = torch.quantile(norms, self.method.query_quantile, dim=-1)
 
     def query_sq_norm(self) -> torch.Tensor:
-        """``[B, Hkv]`` the ``query_quantile`` quantile of the remembered squared query norms."""
-        sample = self.query_norms.view()[..., 0].float()
-        return torch.quantile(sample, self.method.query_quantile, dim=-1)
+        """``[B, Hkv]`` the ``query_quantile`` quantile of the squared scaled query norms."""
+        return self.query_norm
 
     def observe_attention(self, obs: AttentionObservation) -> None:
         """Record the window-max attention of pending and incoming tokens (and of all held tokens when an
         eviction follows) from the forward's last query rows."""
         self._all_held = None
         hkv = obs.fp_keys.shape[1]
-        self._update_query_norms(obs.query, obs.scaling, hkv)
+        self._update_query_norm(obs.query if obs.all_queries is None else obs.all_queries, obs.scaling, hkv)
         if obs.lse is None:  # every held token is in full precision
             obs.lse = lse_over(obs, obs.fp_keys)
         packed = self.length
@@ -237,7 +230,7 @@ class QAQStore:
         """A fresh store for the ``kept: [B, Hkv, k]`` tokens an eviction leaves (they are re-committed next):
         their attention is that of the compressing chunk's last rows; the query-norm sample carries over."""
         fresh = QAQStore(self.method, self.head_dim, self.dtype)
-        fresh.query_norms = self.query_norms
+        fresh.query_norm = self.query_norm
         if self._all_held is not None:
             fresh._incoming = torch.gather(self._all_held, 2, kept.to(torch.int64))
         self._all_held = None

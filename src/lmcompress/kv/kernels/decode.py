@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+#: tokens per iteration for per-token keys (per-channel keys use one key group, e.g. 32, unless told otherwise)
+DEFAULT_BLOCK_N = 64
 
 
 @triton.jit
@@ -94,8 +96,8 @@ def _decode_kernel(
         nmask = offs_n < end
         kc = tl.load(kc_base + offs_n[:, None] * skc_t + offs_j[None, :], mask=nmask[:, None], other=0)
         qk = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-        if KEY_TB > 1:
-            # per-channel scales of this block (BLOCK_N == KEY_TB): fold them into the query
+        if KEY_TB == BLOCK_N:
+            # per-channel scales of this block (one key group per tile): fold them into the query
             row = (n0 // KEY_TB) * sks_t
             bias = tl.zeros([BLOCK_H], dtype=tl.float32)
             for s in tl.static_range(PER):
@@ -115,11 +117,12 @@ def _decode_kernel(
                 qk += _dot_qk(qs * ks[None, :], codes)
             qk += bias[:, None]
         else:
-            grp = (offs_j * PER) // KEY_GD
-            ks = tl.load(ks_base + offs_n[:, None] * sks_t + grp[None, :] * sks_d, mask=nmask[:, None], other=0.0)
-            kz = tl.load(kz_base + offs_n[:, None] * sks_t + grp[None, :] * sks_d, mask=nmask[:, None], other=0.0)
-            ks = ks.to(tl.float32)
-            kz = kz.to(tl.float32)
+            # per-element scales: per token (groups of KEY_GD channels) or per channel over several key groups
+            rows = (offs_n // KEY_TB)[:, None] * sks_t
+            ks = tl.load(ks_base + rows + ((offs_j * PER) // KEY_GD)[None, :] * sks_d, mask=nmask[:, None],
+                         other=0.0).to(tl.float32)
+            kz = tl.load(kz_base + rows + ((offs_j * PER) // KEY_GD)[None, :] * sks_d, mask=nmask[:, None],
+                         other=0.0).to(tl.float32)
             for s in tl.static_range(PER):
                 if s == 0:
                     qs = q0
@@ -129,6 +132,10 @@ def _decode_kernel(
                     qs = q2
                 else:
                     qs = q3
+                if KEY_GD < PER:  # the group changes with the code slot (per-channel scales)
+                    cols = ((offs_j * PER + s) // KEY_GD)[None, :] * sks_d
+                    ks = tl.load(ks_base + rows + cols, mask=nmask[:, None], other=0.0).to(tl.float32)
+                    kz = tl.load(kz_base + rows + cols, mask=nmask[:, None], other=0.0).to(tl.float32)
                 k_s = ((kc >> (s * BITS)) & MASK).to(tl.float32) * ks + kz
                 k_hi = k_s.to(tl.float16)
                 k_lo = (k_s - k_hi.to(tl.float32)).to(tl.float16)
@@ -203,9 +210,10 @@ def _combine_kernel(
 
 
 def num_splits(batch_heads: int, tokens: int, block: int, sms: int) -> int:
-    """Splits of the sequence so that about 4 programs run per SM, each over whole blocks."""
+    """Splits of the sequence: about 8 programs per SM and at most 16 blocks per program (each program's loop
+    is latency-bound, so shorter loops and more programs keep more loads in flight)."""
     blocks = triton.cdiv(tokens, block)
-    return max(1, min(blocks, triton.cdiv(4 * sms, batch_heads)))
+    return max(1, min(blocks, max(triton.cdiv(8 * sms, batch_heads), triton.cdiv(blocks, 16))))
 
 
 def decode_attention(
@@ -243,7 +251,9 @@ def decode_attention(
     hkv, t = kc.shape[1], tokens if tokens is not None else kc.shape[2]
     g = hq // hkv
     ks, kz, vs, vz = keys["scale"], keys["zero"], values["scale"], values["zero"]
-    block_n = block_n or (key_token_block if key_token_block > 1 else 64)
+    block_n = block_n or (key_token_block if key_token_block > 1 else DEFAULT_BLOCK_N)
+    if key_token_block > 1 and block_n % key_token_block:
+        raise ValueError(f"block_n={block_n} must be a multiple of the key group {key_token_block}")
     if splits is None:
         sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
         splits = num_splits(b * hkv, t, block_n, sms)

@@ -1,7 +1,11 @@
 """End-to-end prefill + decode on a Llama-3.1-8B-shaped model (random bf16 weights) on CUDA: TTFT, decode
-ms/token, peak memory and KV bytes for transformers' DynamicCache (the anchor setup) and lmcompress caches.
+ms/token, peak memory and KV bytes for transformers' DynamicCache and StaticCache + torch.compile (the anchor
+setups, re-measured in the same run) and lmcompress caches, decoded eagerly or with a captured CUDA graph.
 
-Random weights are fine for time and memory, never for quality. Usage:
+Method strings are lmcompress method strings with an optional decode suffix: ``@graph`` (static slots + CUDA
+graph) or ``@rolling`` (StreamingLLM's rolling window, fixed size, CUDA graph). ``dynamic`` and
+``hf_static_compiled`` are the transformers baselines. Random weights are fine for time and memory, never for
+quality. Usage:
 
     PYTHONPATH=src python benchmarks/gpu_e2e.py --contexts 8192 32768 --out OUT
 
@@ -17,8 +21,9 @@ import statistics
 import time
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
+from lmcompress.eval.graph_decode import StaticDecoder
 from lmcompress.kv import CompressedCache
 from lmcompress.kv.parse import parse_method
 
@@ -36,6 +41,31 @@ def build_model(layers: int) -> LlamaForCausalLM:
     return model.eval()
 
 
+def _hf_static_compiled(model, ids, new_tokens):
+    """transformers' StaticCache + torch.compile(mode="reduce-overhead"), as in the project's anchor script."""
+    ctx = ids.shape[1]
+    model.set_attn_implementation("sdpa")
+    cache = StaticCache(config=model.config, max_cache_len=ctx + new_tokens + 8)
+    t0 = time.perf_counter()
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    torch.cuda.synchronize()
+    ttft = time.perf_counter() - t0
+    tok = out.logits[:, -1:].argmax(-1)
+    step = torch.compile(lambda t, p: model(t, past_key_values=cache, use_cache=True, position_ids=p).logits,
+                         mode="reduce-overhead", fullgraph=False)
+    times, pos = [], ctx
+    for _ in range(new_tokens):
+        p = torch.tensor([[pos]], device="cuda")
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        tok = step(tok, p)[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t1)
+        pos += 1
+    kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+    return ttft, times[len(times) // 2:], kv, cache
+
+
 @torch.inference_mode()
 def run(model, ctx: int, method: str, new_tokens: int) -> dict:
     torch.cuda.synchronize()
@@ -43,28 +73,43 @@ def run(model, ctx: int, method: str, new_tokens: int) -> dict:
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     ids = torch.randint(100, 120000, (1, ctx), device="cuda")
-    if method == "dynamic":
-        model.set_attn_implementation("sdpa")
-        cache = DynamicCache(config=model.config)
+    name, _, decode = method.partition("@")
+    if name == "hf_static_compiled":
+        ttft, times, kv_bytes, cache = _hf_static_compiled(model, ids, new_tokens)
+        med = statistics.median(times)
     else:
-        cache = CompressedCache(model, parse_method(method), reserve=new_tokens + 1)
-    t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    torch.cuda.synchronize()
-    ttft = time.perf_counter() - t0
-    kv_bytes = (sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-                if method == "dynamic" else cache.nbytes)
-    tok = out.logits[:, -1:].argmax(-1)
-    times = []
-    for _ in range(new_tokens):
-        t1 = time.perf_counter()
-        out = model(tok, past_key_values=cache, use_cache=True)
-        tok = out.logits[:, -1:].argmax(-1)
+        if name == "dynamic":
+            model.set_attn_implementation("sdpa")
+            cache = DynamicCache(config=model.config)
+        else:
+            cache = CompressedCache(model, parse_method(name), reserve=new_tokens + 1)
+        t0 = time.perf_counter()
+        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t1)
-    med = statistics.median(times[4:])
+        ttft = time.perf_counter() - t0
+        kv_bytes = (sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+                    if name == "dynamic" else cache.nbytes)
+        tok = out.logits[:, -1:].argmax(-1)
+        times = []
+        if decode:
+            dec = StaticDecoder(model, cache, new_tokens, rolling=decode == "rolling")
+            dec.start(int(tok), ctx)
+            for _ in range(new_tokens):
+                t1 = time.perf_counter()
+                dec.run(1)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t1)
+            dec.close()
+        else:
+            for _ in range(new_tokens):
+                t1 = time.perf_counter()
+                out = model(tok, past_key_values=cache, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t1)
+        med = statistics.median(times[4:])
     peak = torch.cuda.max_memory_allocated() - base
-    del cache, out
+    del cache
     return {"context": ctx, "method": method, "ttft_s": round(ttft, 3), "decode_ms": round(med * 1e3, 2),
             "tok_s": round(1 / med, 1), "peak_gib": round(peak / GiB, 2), "kv_gib": round(kv_bytes / GiB, 3)}
 
@@ -73,7 +118,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768])
     ap.add_argument("--methods", nargs="+",
-                    default=["dynamic", "none", "streaming_llm:ratio=0.75", "snapkv:ratio=0.5", "int4"])
+                    default=["dynamic", "hf_static_compiled", "none", "none@graph", "streaming_llm:ratio=0.75",
+                             "streaming_llm:ratio=0.75@graph", "streaming_llm:ratio=0.75@rolling",
+                             "snapkv:ratio=0.5@graph", "int4"])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -81,8 +128,8 @@ def main() -> None:
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     model = build_model(args.layers)
     print(f"weights {sum(p.numel() * p.element_size() for p in model.parameters()) / GiB:.2f} GiB", flush=True)
-    run(model, 1024, "dynamic", 8)  # warm-up
-    run(model, 1024, "none", 8)
+    for warm in ("dynamic", "none", "none@graph"):  # warm-up
+        run(model, 1024, warm, 8)
     rows = []
     for ctx in args.contexts:
         for method in args.methods:

@@ -103,3 +103,29 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
         if hasattr(module, "layer_idx") and (hasattr(module, "q_proj") or hasattr(module, "qkv_proj")):
             found.append(module)
     return sorted(found, key=lambda m: m.layer_idx)
+
+
+def rotary_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder's shared rotary-embedding module (``model.model.rotary_emb`` in every supported
+    architecture), or None if the model has none."""
+    base = getattr(model, "model", model)
+    base = getattr(base, "language_model", base)
+    return getattr(base, "rotary_emb", None)
+
+
+def rotary_cos_sin(rotary: torch.nn.Module, config: Any, layer_idx: int, positions: torch.Tensor,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)``, each ``[P, rotary_dim]`` float32, that the model applies at int ``positions: [P]`` in layer
+    ``layer_idx`` (Gemma 3 uses a different RoPE for sliding and full layers; its module takes ``layer_type``)."""
+    import inspect
+
+    x = torch.zeros(1, device=device, dtype=torch.float32)
+    pos = positions.to(device=device, dtype=torch.long).unsqueeze(0)
+    params = inspect.signature(rotary.forward).parameters
+    if "layer_type" in params:
+        layer_types = getattr(text_config(config), "layer_types", None)
+        layer_type = layer_types[layer_idx] if layer_types is not None else None
+        cos, sin = rotary(x, pos, layer_type=layer_type)
+    else:
+        cos, sin = rotary(x, pos)
+    return cos[0].float(), sin[0].float()

@@ -47,9 +47,8 @@ def build_grid(args: argparse.Namespace):
     ratios = _floats(args.ratios, "ratios")
     specs = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        sweep = has_eviction(method) and not any(
-            {"ratio", "budget"} & set(_part(raw)[1]) for raw in method.split("+")
-        )
+        explicit = {"ratio", "budget", "base.ratio", "base.budget"}
+        sweep = has_eviction(method) and not any(explicit & set(_part(raw)[1]) for raw in method.split("+"))
         if sweep:
             specs += [parse_method(method, ratio=r) for r in ratios]
         else:
@@ -57,7 +56,8 @@ def build_grid(args: argparse.Namespace):
     if not specs:
         raise LMCompressError("--methods is empty; give at least one method (e.g. none)")
     tasks = [
-        Passkey(length=length, depth=depth, samples=args.samples, query_aware=args.query_aware)
+        Passkey(length=length, depth=depth, samples=args.samples, query_aware=args.query_aware,
+                decode=args.decode)
         for length in _ints(args.lengths, "lengths")
         for depth in _floats(args.depths, "depths")
     ]
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--depths", default=DEFAULT_DEPTHS, help=f"needle depths (default {DEFAULT_DEPTHS})")
     b.add_argument("--samples", type=int, default=1, help="keys per (length, depth) cell (default 1)")
     b.add_argument("--query-aware", action="store_true", help="compress context and question together")
+    b.add_argument("--decode", default="auto", choices=("auto", "eager", "static"),
+                   help="decode path: auto (static slots + CUDA graph on CUDA where possible), eager, static")
     b.add_argument("--no-ppl", dest="ppl", action="store_false", help="skip the perplexity run")
     b.add_argument("--ppl-context", type=int, default=1536, help="compressed prefix tokens (default 1536)")
     b.add_argument("--ppl-eval", type=int, default=512, help="scored continuation tokens (default 512)")

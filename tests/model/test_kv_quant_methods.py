@@ -220,7 +220,7 @@ def test_layer_hands_exact_attention_probabilities(model):
     store = RecordingStore(old.key_codec, old.value_codec, old.head_dim, old.dtype)
     k, v = old.dequantize()
     store.append(k, v)
-    layer.store = store
+    layer.segments[0].store = store
     torch.manual_seed(0)
     query = torch.randn(1, 4, 2, 16)
     new_k, new_v = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 2, 16)
@@ -290,3 +290,37 @@ def test_method_strings_parse_to_quantizers():
     assert parse_method("normal3:outliers=0.01").quant == NormalKV(key_bits=3, value_bits=3, outliers=0.01)
     spec = parse_method("snapkv+qaq:key_error=0.01", ratio=0.5)
     assert spec.quant == QAQ(key_error=0.01) and spec.evict == SnapKV(ratio=0.5)
+
+
+def every_eviction_policy():
+    import dataclasses
+
+    from lmcompress.kv.evict.knorm import Knorm
+    from lmcompress.registry import EVICTION_METHODS
+
+    for name in EVICTION_METHODS.names():
+        cls = EVICTION_METHODS.get(name)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {"base": Knorm(ratio=0.5)} if "base" in fields else {"ratio": 0.5}
+        if "window_size" in fields:
+            kwargs["window_size"] = 8
+        if "threshold" in fields:
+            kwargs["threshold"] = 1.0
+        yield pytest.param(cls, kwargs, id=name)
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), list(every_eviction_policy()))
+def test_every_eviction_policy_composes_with_quantization(model, cls, kwargs):
+    from lmcompress.kv import scoring_hooks
+
+    tokens = ids(52)
+    for quant in (IntKV(bits=4, group_size=16), KIVI(bits=2, group_size=16, residual=16), QAQ(group_size=16)):
+        cache = CompressedCache(model, KVSpec(evict=cls(**kwargs), quant=quant))
+        with scoring_hooks(model, cache):
+            model(tokens[:, :48], past_key_values=cache)
+            for i in range(48, 52):
+                out = model(tokens[:, i : i + 1], past_key_values=cache).logits
+        assert torch.isfinite(out).all()
+        assert cache.nbytes == tensor_bytes(cache)
+        assert any(layer.packed_length > 0 for layer in cache.layers)
+        assert max(cache.held_tokens()) <= 52

@@ -42,3 +42,15 @@ def test_parse_errors(text, match):
 def test_spec_rejects_wrong_types():
     with pytest.raises(LMCompressError, match="not an eviction policy"):
         KVSpec(evict="snapkv")
+
+
+def test_parse_wrappers_with_a_base():
+    from lmcompress.kv.evict import AdaKV, DecodingCompression, Knorm
+
+    assert parse_method("adakv:base=snapkv", ratio=0.5) == KVSpec(evict=AdaKV(base=SnapKV(ratio=0.5)))
+    spec = parse_method("decoding:base=knorm,interval=64,target_size=512,base.ratio=0.25", ratio=0.9)
+    assert spec == KVSpec(evict=DecodingCompression(base=Knorm(ratio=0.25), interval=64, target_size=512))
+    assert parse_method("adakv:base=snapkv,base.window_size=32", budget=100).evict.base == SnapKV(
+        budget=100, window_size=32)
+    with pytest.raises(LMCompressError, match="base='nope'"):
+        parse_method("adakv:base=nope", ratio=0.5)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._compat import max_positions
-from ..errors import LMCompressError
+from ..errors import LMCompressError, check_choice
 from ..kv.cache import CompressedCache
 from ..kv.hooks import scoring_hooks
 from ..kv.spec import KVSpec
@@ -49,6 +49,23 @@ class Generation:
     extra: dict = field(default_factory=dict)
 
 
+DECODE_MODES = ("auto", "eager", "static")
+
+
+def _static_decoder(model, cache: CompressedCache, max_new_tokens: int, decode: str, device: torch.device):
+    """A CUDA-graph decoder when ``decode`` asks for one and the cache can decode statically, else None."""
+    if decode == "eager" or (decode == "auto" and device.type != "cuda") or max_new_tokens < 2:
+        return None
+    from .graph_decode import StaticDecoder
+
+    try:
+        return StaticDecoder(model, cache, max_new_tokens, use_graph=device.type == "cuda")
+    except LMCompressError:
+        if decode == "static":
+            raise
+        return None
+
+
 def check_context_fits(model: torch.nn.Module, n_tokens: int) -> None:
     limit = max_positions(model.config)
     if limit and n_tokens > limit:
@@ -73,6 +90,7 @@ def answer(
     max_new_tokens: int = 16,
     query_aware: bool = False,
     eos_token_ids: list[int] | None = None,
+    decode: str = "auto",
 ) -> Generation:
     """Greedy answer to ``question_ids`` after ``context_ids`` with a compressed cache.
 
@@ -83,7 +101,11 @@ def answer(
         max_new_tokens: answer length limit.
         query_aware: prefill context and question together.
         eos_token_ids: stop tokens (defaults to the tokenizer's / model's EOS).
+        decode: ``eager`` (one Python forward per token), ``static`` (fixed slots; replayed as a CUDA graph on
+            CUDA; an error where the spec cannot decode statically) or ``auto`` (static on CUDA where the spec
+            allows it, else eager).
     """
+    check_choice("decode", decode, DECODE_MODES)
     device = next(model.parameters()).device
     context_ids, question_ids = context_ids.to(device), question_ids.to(device)
     n_prompt = context_ids.shape[1] + question_ids.shape[1]
@@ -111,14 +133,23 @@ def answer(
         ttft = clock.elapsed()
         clock.reset()
         steps = 0  # decode forwards, each producing one token
+        decoder = _static_decoder(model, cache, max_new_tokens, decode, device)
+        if decoder is not None:
+            decoder.start(next_id, cache.get_seq_length())
         while next_id not in eos_token_ids:
             tokens.append(next_id)
             if len(tokens) >= max_new_tokens:
                 break
-            logits = _forward(model, torch.tensor([[next_id]], device=device), cache)
-            next_id = int(logits.argmax(-1))
+            if decoder is not None:
+                decoder.run(1)
+                next_id = int(decoder.tok)
+            else:
+                logits = _forward(model, torch.tensor([[next_id]], device=device), cache)
+                next_id = int(logits.argmax(-1))
             steps += 1
         decode_s = clock.elapsed()
+        if decoder is not None:
+            decoder.close()
     return Generation(
         token_ids=tokens,
         text=tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else "",

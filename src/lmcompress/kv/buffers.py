@@ -73,6 +73,14 @@ class TokenBuffer:
         idx = idx.expand(*index.shape, *self.data.shape[3:])
         self.replace(torch.gather(self.view(), 2, idx), headroom)
 
+    def compact(self, index: torch.Tensor) -> None:
+        """Keep tokens ``index: [B, H, k]`` in place: the capacity stays, freed slots become spare capacity for
+        the tokens that follow (decoding-time eviction of a few tokens per step, without reallocating)."""
+        idx = index.reshape(*index.shape, *([1] * (self.data.dim() - 3)))
+        kept = torch.gather(self.view(), 2, idx.expand(*index.shape, *self.data.shape[3:]))
+        self.data[:, :, : index.shape[2]] = kept
+        self.length = index.shape[2]
+
     def truncate_front(self, keep_last: int) -> None:
         """Keep only the last ``keep_last`` valid tokens (sliding windows); frees the rest."""
         if self.length > keep_last:

@@ -20,6 +20,7 @@ import torch
 
 from .._compat import Cache, kv_geometry, layer_is_sliding, sliding_window_of
 from .layer import CompressedLayer
+from .rope import RopeTable
 from .spec import KVSpec
 
 
@@ -60,8 +61,27 @@ class CompressedCache(Cache):
             )
         if spec.quant is not None:
             spec.quant.validate(head_dim)
+        rope = RopeTable(model)
+        for layer in layers:
+            layer.rope = rope
         super().__init__(layers=layers)
+        self._share_policy_state()
         self.spec = spec
+
+    def _share_policy_state(self) -> None:
+        """Give the layers of each eviction policy the state the policy shares across them (CAKE's budgets)."""
+        by_policy: dict[int, list[CompressedLayer]] = {}
+        for layer in self.layers:
+            if layer.evict is not None:
+                by_policy.setdefault(id(layer.evict), []).append(layer)
+        for group in by_policy.values():
+            shared = group[0].evict.new_shared_state(group)
+            for layer in group:
+                layer.shared = shared
+
+    def reset(self) -> None:
+        super().reset()
+        self._share_policy_state()
 
     # ------------------------------------------------------------------------------------ accounting
     @property
@@ -73,10 +93,60 @@ class CompressedCache(Cache):
         return [t for layer in self.layers for t in layer.tensors()]
 
     def held_tokens(self) -> list[int]:
-        """Tokens held per layer (per head)."""
+        """Tokens held per layer (per head; the longest head where heads differ)."""
         return [layer.held for layer in self.layers]
 
+    def held_per_head(self) -> list[torch.Tensor]:
+        """Per layer, ``[B, Hkv]`` tokens held by every batch row and KV head."""
+        return [layer.held_per_head() for layer in self.layers]
+
     # ------------------------------------------------------------------------------------ control
+    # ------------------------------------------------------------------------------------ static decode
+    def begin_static(self, new_tokens: int, *, rolling: bool = False) -> None:
+        """Switch every layer to fixed-shape decode storage (:mod:`lmcompress.kv.static`), so decode steps can
+        be captured in a CUDA graph. Call after the prompt is processed; :meth:`end_static` switches back.
+
+        Args:
+            new_tokens: decode steps to make room for (append mode).
+            rolling: keep the held size fixed instead: each new token overwrites the oldest non-sink token
+                (StreamingLLM's rolling window; needs ``evict=StreamingLLM``).
+
+        Raises:
+            LMCompressError: a layer is quantized, ragged or keeps policy state (use the eager path), or
+                ``rolling`` without StreamingLLM.
+        """
+        from ..errors import LMCompressError, check_positive_int
+
+        check_positive_int("new_tokens", new_tokens)
+        ring_start = None
+        if rolling:
+            if self.spec.evict is None or self.spec.evict.name != "streaming_llm":
+                raise LMCompressError("rolling static decode needs evict=StreamingLLM (its window rolls); "
+                                      f"got {self.spec.label()}")
+            ring_start = self.spec.evict.n_sink
+        try:
+            for layer in self.layers:
+                layer.begin_static(new_tokens, ring_start if layer.evict is not None else None)
+        except LMCompressError:
+            self.end_static()
+            raise
+
+    def end_static(self) -> None:
+        for layer in self.layers:
+            layer.end_static()
+
+    @property
+    def is_static(self) -> bool:
+        return any(layer.static is not None for layer in self.layers)
+
+    def static_state(self) -> list[tuple[torch.Tensor, ...]]:
+        """Device-side counters of every layer (to undo warm-up steps before capturing a graph)."""
+        return [layer.static.state() for layer in self.layers]
+
+    def restore_static_state(self, state: list[tuple[torch.Tensor, ...]]) -> None:
+        for layer, st in zip(self.layers, state):
+            layer.static.restore(st)
+
     @contextmanager
     def compression_paused(self) -> Iterator[CompressedCache]:
         """Within this block prefill chunks are appended without eviction (quantization still applies), e.g. to

@@ -1,23 +1,25 @@
 """One decoder layer's compressed KV storage (a ``transformers`` cache layer).
 
-Storage, oldest tokens first:
-
-* ``store``: a :class:`~lmcompress.kv.quant.store.PackedStore` of quantized tokens (only with a quantizer);
-* ``fp_k`` / ``fp_v``: full-precision tokens ``[B, Hkv, m, D]`` — everything without a quantizer, otherwise the
-  tokens not yet committed (the last forward's tokens and the quantizer's residual window);
-* ``pos``: ``[B, Hkv, n]`` int32 logical positions of the held tokens (only with an eviction policy).
+The tokens live in :class:`~lmcompress.kv.segment.KVSegment` objects: one for all ``[B, Hkv]`` heads while every
+head holds the same tokens (the *uniform* layout), or one per batch row and KV head once a head-wise eviction
+(AdaKV, threshold eviction) left heads with different lengths (the *ragged* layout). Each segment is sized to
+what it holds, so evicted entries are freed for real in both layouts.
 
 Flow of one forward through a layer: ``update`` appends the new states in full precision and returns a
 :class:`KVHandle`; the registered attention function calls :meth:`CompressedLayer.attend`, then
-:meth:`CompressedLayer.after_attention`, which evicts (on a prefill chunk, when a policy is set), trims
-sliding windows and commits full-precision tokens to packed storage. Evicted and committed tokens are freed:
-the buffers are reallocated at their new size.
+:meth:`CompressedLayer.after_attention`, which lets the eviction policy observe the step (H2O accumulates
+attention) and compress (``policy.after_forward``: prefill chunks for most policies, decoding steps for CAKE,
+decoding compression and threshold eviction), trims sliding windows and commits full-precision tokens to
+packed storage.
 
 ``get_seq_length`` is the number of tokens *seen* (positions continue from it); the number *held* is smaller
-after eviction, and ``get_mask_sizes`` reports it with an offset so transformers builds the right mask.
+after eviction, and ``get_mask_sizes`` reports it with an offset so transformers builds the right mask. In the
+ragged layout ``held`` is the longest head and :meth:`CompressedLayer.held_per_head` gives every head's count.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -26,14 +28,10 @@ from ..errors import LMCompressError
 from .buffers import TokenBuffer
 from .evict.base import EvictionPolicy, ScoreInputs
 from .quant.base import KVQuantizer
-from .quant.observation import AttentionObservation
-from .quant.store import PackedStore
-from .reference import attend_blocks
+from .segment import REFERENCE_BLOCK_TOKENS, REFERENCE_QUERY_TILE, KVSegment
+from .static import StaticSlots
 
-#: tokens per block when attention reads packed storage on the reference path.
-REFERENCE_BLOCK_TOKENS = 1024
-#: queries per tile on the reference path (bounds the score matrix for long chunks over packed storage).
-REFERENCE_QUERY_TILE = 512
+__all__ = ["REFERENCE_BLOCK_TOKENS", "REFERENCE_QUERY_TILE", "CompressedLayer", "KVHandle"]
 
 
 class KVHandle:
@@ -60,8 +58,9 @@ class CompressedLayer(CacheLayerMixin):
         evict: eviction policy or None.
         quant: KV quantizer or None.
         sliding_window: the model's window for sliding-window layers (None for full attention).
-        reserve: spare token slots allocated with the first chunk and after each eviction, so that the tokens
-            expected next (question, generated answer) are appended without reallocation. Counted in ``nbytes``.
+        reserve: spare token slots allocated with the first chunk and after each eviction (per head in the
+            ragged layout), so that the tokens expected next are appended without reallocation. Counted in
+            ``nbytes``.
     """
 
     is_compileable = False
@@ -85,14 +84,20 @@ class CompressedLayer(CacheLayerMixin):
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.seen = 0
-        self.fp_k: TokenBuffer | None = None
-        self.fp_v: TokenBuffer | None = None
-        self.store: PackedStore | None = None
-        self.pos: TokenBuffer | None = None
+        self.segments: list[KVSegment] = []
+        self.ragged = False
         self.compression_enabled = True
         self.eviction_events = 0
         self.hidden_states: torch.Tensor | None = None  # set by scoring hooks
-        self._evicted_any = False
+        #: per-layer mutable state of the eviction policy (step counters, query buffers), or None.
+        self.evict_state: Any = None if self.evict is None else self.evict.new_layer_state()
+        #: cache-level state shared by the layers of one policy (CAKE's budgets), set by the cache.
+        self.shared: Any = None
+        #: the model's rotary embedding as a :class:`~lmcompress.kv.rope.RopeTable`, set by the cache.
+        self.rope: Any = None
+        self._inputs_cache: tuple[int, ScoreInputs] | None = None
+        #: fixed-shape decode storage while the cache is in static mode (see kv/static.py), else None.
+        self.static: StaticSlots | None = None
 
     # ------------------------------------------------------------------------------------ cache layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -100,30 +105,32 @@ class CompressedLayer(CacheLayerMixin):
         self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
         if self.quant is not None:
             self.quant.validate(self.head_dim)
-            self.store = self.quant.new_store(self.layer_idx, self.head_dim, self.dtype)
+        self.segments = [self._new_segment()]
         self.is_initialized = True
+
+    def _new_segment(self) -> KVSegment:
+        return KVSegment(self.quant, self.layer_idx, self.head_dim, self.dtype,
+                         track_positions=self.evict is not None, reserve=self.reserve)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[B, Hkv, q, D]`` states in full precision; returns ``(handle, handle)``."""
+        if self.static is not None:  # device-side only: capturable in a CUDA graph
+            self.static.write(key_states, value_states)
+            handle = KVHandle(self, 1)
+            return handle, handle
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        q = key_states.shape[2]
-        if self.fp_k is None:
-            room = 0 if self.quant is not None else self.reserve
-            self.fp_k = TokenBuffer(key_states, headroom=room)
-            self.fp_v = TokenBuffer(value_states, headroom=room)
+        b, h, q, _ = key_states.shape
+        pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32)
+        if self.ragged:
+            for i, seg in enumerate(self.segments):
+                bi, hi = divmod(i, h)
+                seg.append(key_states[bi : bi + 1, hi : hi + 1], value_states[bi : bi + 1, hi : hi + 1],
+                           pos.expand(1, 1, q))
         else:
-            self.fp_k.append(key_states)
-            self.fp_v.append(value_states)
-        if self.evict is not None:
-            b, h = key_states.shape[:2]
-            new_pos = torch.arange(self.seen, self.seen + q, device=key_states.device, dtype=torch.int32)
-            new_pos = new_pos.expand(b, h, q)
-            if self.pos is None:
-                self.pos = TokenBuffer(new_pos.contiguous(), headroom=self.reserve)
-            else:
-                self.pos.append(new_pos)
+            self.segments[0].append(key_states, value_states, pos.expand(b, h, q))
         self.seen += q
+        self._inputs_cache = None
         handle = KVHandle(self, q)
         return handle, handle
 
@@ -138,24 +145,61 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        shared, rope = self.shared, self.rope
         self.__init__(self.layer_idx, self.num_layers, self.evict, self.quant, self.sliding_window, self.reserve)
+        self.shared, self.rope = shared, rope
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise LMCompressError("beam search is not supported by CompressedCache; use greedy or sampling")
 
     # ------------------------------------------------------------------------------------ sizes
     @property
+    def _uniform(self) -> KVSegment | None:
+        return None if self.ragged or not self.segments else self.segments[0]
+
+    @property
+    def fp_k(self) -> TokenBuffer | None:
+        seg = self._uniform
+        return None if seg is None else seg.fp_k
+
+    @property
+    def fp_v(self) -> TokenBuffer | None:
+        seg = self._uniform
+        return None if seg is None else seg.fp_v
+
+    @property
+    def store(self):
+        seg = self._uniform
+        return None if seg is None else seg.store
+
+    @property
+    def pos(self) -> TokenBuffer | None:
+        seg = self._uniform
+        return None if seg is None else seg.pos
+
+    @property
     def fp_length(self) -> int:
-        return 0 if self.fp_k is None else self.fp_k.length
+        return max((s.fp_length for s in self.segments), default=0)
 
     @property
     def packed_length(self) -> int:
-        return 0 if self.store is None else self.store.length
+        return max((s.packed_length for s in self.segments), default=0)
 
     @property
     def held(self) -> int:
-        """Tokens held (per head)."""
-        return self.packed_length + self.fp_length
+        """Tokens held per head (the longest head in the ragged layout; the slot count in static mode)."""
+        if self.static is not None:
+            return self.static.capacity
+        return max((s.held for s in self.segments), default=0)
+
+    def held_per_head(self) -> torch.Tensor:
+        """``[B, Hkv]`` int64 tokens held by every batch row and KV head."""
+        if not self.is_initialized:
+            return torch.zeros(0, 0, dtype=torch.int64)
+        if not self.ragged:
+            return torch.full((self.batch_size, self.num_heads), self.segments[0].held, dtype=torch.int64)
+        counts = torch.tensor([s.held for s in self.segments], dtype=torch.int64)
+        return counts.view(self.batch_size, self.num_heads)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -164,35 +208,44 @@ class CompressedLayer(CacheLayerMixin):
         return (self.batch_size, self.num_heads, self.held, self.head_dim)
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every storage tensor this layer holds (for byte accounting and tests)."""
-        out = [] if self.store is None else self.store.tensors()
-        for buf in (self.fp_k, self.fp_v, self.pos):
-            if buf is not None:
-                out.append(buf.data)
+        """Every storage tensor this layer holds (for byte accounting and tests): tokens, metadata, positions,
+        per-token policy values and the policy's per-layer buffers."""
+        out = [t for seg in self.segments for t in seg.tensors()]
+        state_tensors = getattr(self.evict_state, "tensors", None)
+        if state_tensors is not None:
+            out.extend(state_tensors())
         return out
 
     @property
     def nbytes(self) -> int:
         """Bytes held by this layer's storage: packed codes, scales, zeros, full-precision tokens, positions,
-        spare capacity included."""
+        policy buffers and spare capacity included."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def positions(self) -> torch.Tensor:
-        """``[B, Hkv, held]`` logical positions of the held tokens."""
-        if self.pos is not None:
-            return self.pos.view()
-        start = self.seen - self.held
-        ar = torch.arange(start, self.seen, device=self.device, dtype=torch.int32)
-        return ar.expand(self.batch_size, self.num_heads, self.held)
+        """``[B, Hkv, held]`` logical positions of the held tokens (ragged: left-padded with -1)."""
+        if not self.ragged:
+            return self.segments[0].positions(self.batch_size, self.num_heads, self.device)
+        return self._padded(lambda s: s.positions(1, 1, self.device), fill=-1, dtype=torch.int32)
+
+    def _padded(self, get, fill: float, dtype: torch.dtype, trailing: tuple[int, ...] = ()) -> torch.Tensor:
+        """Stack per-head tensors ``[1, 1, n_bh, *trailing]`` into ``[B, Hkv, n, *trailing]``, left-padded."""
+        n = self.held
+        out = torch.full((self.batch_size, self.num_heads, n, *trailing), fill, dtype=dtype, device=self.device)
+        for i, seg in enumerate(self.segments):
+            b, h = divmod(i, self.num_heads)
+            m = seg.held
+            if m:
+                out[b, h, n - m :] = get(seg)[0, 0]
+        return out
 
     # ------------------------------------------------------------------------------------ attention
-    def _layout_mask(self, q: int) -> torch.Tensor | None:
-        """Mask for queries = the last ``q`` held tokens, when transformers' mask does not fit this layer:
-        held past tokens visible (within the sliding window), new tokens causal."""
+    def _layout_mask(self, pos: torch.Tensor, q: int) -> torch.Tensor | None:
+        """Mask for queries = the last ``q`` of the tokens at ``pos: [B, 1, held]``: held past tokens visible
+        (within the sliding window), new tokens causal."""
         if q == 1 and not self.is_sliding:
             return None
-        held = self.held
-        pos = self.positions()[:, :1]  # [B, 1, held]
+        held = pos.shape[-1]
         q_pos = pos[:, :, held - q :]  # [B, 1, q]
         mask = pos.unsqueeze(-2) <= q_pos.unsqueeze(-1)  # [B, 1, q, held]
         if self.is_sliding:
@@ -200,8 +253,8 @@ class CompressedLayer(CacheLayerMixin):
         return mask
 
     def _fit_mask(self, attention_mask: torch.Tensor | None, q: int) -> torch.Tensor | None:
-        """A bool ``[B or 1, 1, q, held]`` mask (True = visible) for this layer, or None when the attention is
-        plain causal (``held == q``) or fully visible (one query).
+        """A bool ``[B or 1, 1, q, held]`` mask (True = visible) for the uniform layout, or None when the
+        attention is plain causal (``held == q``) or fully visible (one query).
 
         transformers builds one mask per layer type from the first layer's sizes; it is used as is when it fits
         this layer (it then carries padding too), else the mask is rebuilt from the held tokens' positions.
@@ -211,10 +264,10 @@ class CompressedLayer(CacheLayerMixin):
             mask = attention_mask
             if mask.dtype != torch.bool:
                 mask = mask > torch.finfo(mask.dtype).min / 2
-            return mask if mask.shape[-1] == held else self._layout_mask(q)
+            return mask if mask.shape[-1] == held else self._layout_mask(self.positions()[:, :1], q)
         if q == 1 or (held == q and not (self.is_sliding and q > self.sliding_window)):
             return None
-        return self._layout_mask(q)
+        return self._layout_mask(self.positions()[:, :1], q)
 
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
         """Attention of ``query: [B, Hq, q, D]`` over the held tokens (the last ``q`` of which are the query's own).
@@ -222,136 +275,191 @@ class CompressedLayer(CacheLayerMixin):
         Returns ``[B, q, Hq, D]`` (the layout transformers' attention functions return).
         """
         q = query.shape[2]
-        mask = self._fit_mask(attention_mask, q)
-        observe = self.store is not None and self.store.needs_attention
-        lse = None
-        if self.packed_length == 0:
-            keys, values = self.fp_k.view(), self.fp_v.view()
-            out = torch.nn.functional.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, is_causal=mask is None and q > 1,
-                scale=scaling, enable_gqa=query.shape[1] != keys.shape[1],
-            )
-        else:
-            out = None
-            if query.is_cuda and q == 1 and not observe and (mask is None or bool(mask.all())):
-                out = self._kernel_attention(query, scaling)
-            if out is None:
-                out, lse = self._reference_attention(query, mask, scaling, observe)
-        if observe:
-            self._observe_attention(query, mask, scaling, lse)
+        if self.static is not None:
+            return self.static.attend(query, scaling).transpose(1, 2).contiguous()
+        evicting = self.evict is not None and self.compression_enabled  # (only attention-aware stores care)
+        if not self.ragged:
+            mask = self._fit_mask(attention_mask, q)
+            out = self.segments[0].attend(query, mask, scaling, causal=q > 1, evicting=evicting)
+            return out.transpose(1, 2).contiguous()
+        groups = query.shape[1] // self.num_heads
+        out = torch.empty_like(query)
+        for i, seg in enumerate(self.segments):
+            b, h = divmod(i, self.num_heads)
+            qs = query[b : b + 1, h * groups : (h + 1) * groups]
+            mask = None
+            if q > 1 or self.is_sliding:
+                mask = self._layout_mask(seg.positions(1, 1, self.device), q)
+            out[b : b + 1, h * groups : (h + 1) * groups] = seg.attend(qs, mask, scaling, causal=False,
+                                                                       evicting=evicting)
         return out.transpose(1, 2).contiguous()
-
-    def _reference_attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-                             want_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Block-wise torch attention over packed + full-precision tokens: ``([B, Hq, q, D], lse or None)``."""
-        q = query.shape[2]
-        outs, lses = [], []
-        for q0 in range(0, q, REFERENCE_QUERY_TILE):
-            q1 = min(q, q0 + REFERENCE_QUERY_TILE)
-            tile_mask = None if mask is None else mask[:, :, q0:q1]
-            res = attend_blocks(query[:, :, q0:q1], self._blocks(tile_mask), scaling, return_lse=want_lse)
-            out, lse = res if want_lse else (res, None)
-            outs.append(out)
-            lses.append(lse)
-        return torch.cat(outs, dim=2), torch.cat(lses, dim=2) if want_lse else None
-
-    def _kernel_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor | None:
-        """Decode attention on CUDA with the Triton kernel reading packed K/V (None when the storage format has
-        no kernel; the reference path then runs)."""
-        from .kernels import dispatch
-
-        return dispatch.decode_attention(self.store, self.fp_k.view(), self.fp_v.view(), query, scaling)
-
-    def _blocks(self, mask: torch.Tensor | None):
-        packed = self.packed_length
-        yield from self.store.attention_blocks(REFERENCE_BLOCK_TOKENS, mask)
-        yield self.fp_k.view(), self.fp_v.view(), None if mask is None else mask[..., packed:]
-
-    def _observe_attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float,
-                           lse: torch.Tensor | None) -> None:
-        """Hand attention-aware storage (QAQ) the last query rows of this forward (see ``AttentionObservation``)."""
-        q = query.shape[2]
-        w = min(q, self.store.attention_rows)
-        rows_mask = mask[:, :, -w:] if mask is not None else self._layout_mask(w)
-        self.store.observe_attention(AttentionObservation(
-            query=query[:, :, -w:], scaling=scaling, mask=rows_mask,
-            lse=None if lse is None else lse[:, :, -w:], fp_keys=self.fp_k.view(),
-            full=self.evict is not None and self.compression_enabled and q > 1, all_queries=query,
-        ))
 
     # ------------------------------------------------------------------------------------ compression
     def after_attention(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
                         module: torch.nn.Module | None = None) -> None:
-        """Evict (prefill chunks, when enabled), trim sliding windows, commit to packed storage."""
+        """Let the policy observe and compress, trim sliding windows, commit to packed storage."""
+        if self.static is not None:
+            return
         q = query.shape[2]
-        if self.evict is not None and self.compression_enabled and q > 1:
-            if attention_mask is not None and self.held == q and not self.is_sliding:
+        if self.evict is not None:
+            if q > 1 and attention_mask is not None and self.held == q and not self.is_sliding:
                 mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask > -1
                 if not bool(mask[:, :, -1].all()):
                     raise LMCompressError(
                         "eviction does not support padded batches; pass sequences of equal length"
                     )
-            self._evict(query, scaling, module)
+            self.evict.observe(self, query, scaling)
+            if self.compression_enabled:
+                self.evict.after_forward(self, query, scaling, module)
+            self.hidden_states = None
         if self.is_sliding:
-            self._trim_window()
-        if self.store is not None:
-            self._commit()
+            for seg in self.segments:
+                seg.trim_front(self.sliding_window - 1)
+            self._inputs_cache = None
+        for seg in self.segments:
+            seg.commit()
 
-    def _all_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.packed_length == 0:
-            return self.fp_k.view(), self.fp_v.view()
-        pk, pv = self.store.dequantize()
-        return torch.cat([pk, self.fp_k.view()], dim=2), torch.cat([pv, self.fp_v.view()], dim=2)
+    def score_inputs(self, query: torch.Tensor, scaling: float, module: torch.nn.Module | None = None
+                     ) -> ScoreInputs:
+        """What a policy scores: every held token of this layer (dequantized when packed; left-padded with a
+        ``valid`` mask in the ragged layout) and ``query``, the queries of the last ``query.shape[2]`` tokens.
 
-    def _evict(self, query: torch.Tensor, scaling: float, module: torch.nn.Module | None) -> None:
+        Cached until the storage changes, so a policy's ``observe`` and ``after_forward`` share one build.
+        """
+        key = id(query)
+        if self._inputs_cache is not None and self._inputs_cache[0] == key:
+            return self._inputs_cache[1]
         policy = self.evict
-        if policy.needs_hidden_states and self.hidden_states is None:
+        if policy is not None and policy.needs_hidden_states and self.hidden_states is None:
             raise LMCompressError(
                 f"{policy.name} needs the attention inputs; run the model inside "
                 "`lmcompress.kv.scoring_hooks(model, cache)` (the pipeline does this)"
             )
-        keys, values = self._all_tokens()
+        if not self.ragged:
+            seg = self.segments[0]
+            keys, values = seg.all_tokens()
+            positions = self.positions()
+            aux = {name: buf.view() for name, buf in seg.aux.items()}
+            valid = None
+        else:
+            d = self.head_dim
+            keys = self._padded(lambda s: s.all_tokens()[0], 0.0, self.dtype, (d,))
+            values = self._padded(lambda s: s.all_tokens()[1], 0.0, self.dtype, (d,))
+            positions = self.positions()
+            valid = positions >= 0
+            names = {name for s in self.segments for name in s.aux}
+            aux = {name: self._padded(lambda s, nm=name: s.aux_view(nm), 0.0, torch.float32) for name in names}
         inputs = ScoreInputs(
-            keys=keys, values=values, queries=query, positions=self.positions(), scaling=scaling,
+            keys=keys, values=values, queries=query, positions=positions, scaling=scaling,
             layer_idx=self.layer_idx, num_layers=self.num_layers, module=module,
-            hidden_states=self.hidden_states,
+            hidden_states=self.hidden_states, valid=valid, aux=aux, seen=self.seen, rope=self.rope,
         )
-        kept = policy.select(inputs)  # [B, Hkv, k] ascending
-        self.hidden_states = None
-        if kept.shape[-1] == keys.shape[2]:
+        self._inputs_cache = (key, inputs)
+        return inputs
+
+    def keep(self, kept: torch.Tensor, in_place: bool = False) -> None:
+        """Keep only ``kept`` tokens and free the rest.
+
+        Args:
+            kept: either ascending indices ``[B, Hkv, k]`` or a bool mask ``[B, Hkv, n]``, both in the layout of
+                :meth:`score_inputs` (``n`` = :attr:`held`; ragged rows are left-padded, padding is never kept).
+                Different counts per head switch the layer to the ragged layout.
+            in_place: keep the buffers' capacity for the tokens that follow instead of reallocating (for
+                eviction during decoding); the spare slots stay counted in ``nbytes``.
+        """
+        b, h, n = self.batch_size, self.num_heads, self.held
+        if kept.dtype == torch.bool:
+            mask = kept
+        else:
+            mask = torch.zeros((b, h, n), dtype=torch.bool, device=kept.device)
+            mask.scatter_(-1, kept.to(torch.int64), True)
+        if self.ragged:
+            mask = mask & (self.positions() >= 0)
+        counts = mask.sum(dim=-1)
+        if bool((counts == self.held_per_head().to(counts.device)).all()):
             return
         self.eviction_events += 1
-        self._evicted_any = True
-        idx = kept.unsqueeze(-1).expand(*kept.shape, keys.shape[-1])
-        new_k, new_v = torch.gather(keys, 2, idx), torch.gather(values, 2, idx)
-        new_pos = torch.gather(self.positions(), 2, kept.to(torch.int64))
-        if self.store is not None:
-            self.store = self.store.emptied(kept)
-        room = 0 if self.quant is not None else self.reserve
-        self.fp_k.replace(new_k, headroom=room)
-        self.fp_v.replace(new_v, headroom=room)
-        self.pos.replace(new_pos.to(torch.int32).contiguous(), headroom=self.reserve)
+        self._inputs_cache = None
+        if not self.ragged and bool((counts == counts.flatten()[0]).all()):
+            k = int(counts.flatten()[0])
+            index = mask.nonzero()[:, 2].view(b, h, k)
+            self.segments[0].keep(index, in_place)
+        elif not self.ragged:
+            lists = [[mask[bi, hi].nonzero().squeeze(-1) for hi in range(h)] for bi in range(b)]
+            self.segments = self.segments[0].split(lists)
+            self.ragged = True
+        else:
+            for i, seg in enumerate(self.segments):
+                bi, hi = divmod(i, h)
+                pad = n - seg.held
+                idx = mask[bi, hi].nonzero().squeeze(-1) - pad
+                if idx.numel() != seg.held:
+                    seg.keep(idx.view(1, 1, -1), in_place)
+        for seg in self.segments:  # kept packed tokens come back in full precision: store them packed again
+            seg.commit()
 
-    def _trim_window(self) -> None:
-        keep = self.sliding_window - 1
-        if self.held <= keep:
-            return
-        if self.packed_length:
-            raise LMCompressError("quantized sliding-window layers are not supported yet (compress_sliding)")
-        self.fp_k.truncate_front(keep)
-        self.fp_v.truncate_front(keep)
-        if self.pos is not None:
-            self.pos.truncate_front(keep)
+    # ------------------------------------------------------------------------------------ static mode
+    def begin_static(self, new_tokens: int, ring_start: int | None) -> None:
+        """Switch to fixed-shape decode storage (see :mod:`lmcompress.kv.static`).
 
-    def _commit(self) -> None:
-        """Move full-precision tokens older than the residual window into packed storage."""
-        movable = self.fp_length - self.quant.commit_residual
-        movable -= movable % self.store.unit
-        if movable <= 0:
+        Args:
+            new_tokens: decode steps to make room for (append mode).
+            ring_start: None for append mode; else rolling mode with fixed capacity, overwriting from this slot.
+        """
+        seg = self._uniform
+        if seg is None or seg.fp_k is None or seg.store is not None or seg.aux:
+            raise LMCompressError(
+                f"static decode needs full-precision storage with the same tokens in every head (layer "
+                f"{self.layer_idx}: {'ragged' if self.ragged else 'quantized or policy-tracked'}); "
+                "use the eager decode path for this spec"
+            )
+        if self.is_sliding:
+            capacity, ring_start = self.sliding_window, 0
+        elif ring_start is not None:
+            capacity = seg.held
+        else:
+            capacity = seg.held + new_tokens
+        self.static = StaticSlots(seg.fp_k, seg.fp_v, seg.pos, seg.held, self.seen, capacity, ring_start)
+
+    def end_static(self) -> None:
+        """Back to the dynamic layout, with the tokens written while static."""
+        if self.static is None:
             return
-        fk, fv = self.fp_k.view(), self.fp_v.view()
-        self.store.append(fk[:, :, :movable], fv[:, :, :movable])
-        rest_k, rest_v = fk[:, :, movable:], fv[:, :, movable:]
-        room = max(self.quant.commit_residual, 1)
-        self.fp_k.replace(rest_k, headroom=room)
-        self.fp_v.replace(rest_v, headroom=room)
+        _, seen = self.static.release()
+        seg = self.segments[0]
+        seg.last_position = seen - 1
+        self.seen = seen
+        self.static = None
+        self._inputs_cache = None
+        if self.is_sliding:
+            seg.trim_front(self.sliding_window - 1)
+
+    def add_aux(self, name: str, values: torch.Tensor) -> None:
+        """Add ``values: [B, Hkv, n]`` (layout of :meth:`score_inputs`) to the per-token values ``name``
+        (created at zero if absent; tokens appended later start at zero)."""
+        self._inputs_cache = None
+        for i, seg in enumerate(self.segments):
+            part = values if not self.ragged else self._row(values, i, seg)
+            view = seg.aux_view(name)
+            if view is None:
+                seg.set_aux(name, part, fill=0.0)
+            else:
+                view += part.to(view.dtype)
+
+    def set_aux(self, name: str, values: torch.Tensor, fill: float) -> None:
+        """Set the per-token values ``name`` to ``values: [B, Hkv, n]`` (layout of :meth:`score_inputs`);
+        tokens appended later get ``fill``."""
+        self._inputs_cache = None
+        for i, seg in enumerate(self.segments):
+            part = values if not self.ragged else self._row(values, i, seg)
+            seg.set_aux(name, part, fill=fill)
+
+    def drop_aux(self, name: str) -> None:
+        self._inputs_cache = None
+        for seg in self.segments:
+            seg.drop_aux(name)
+
+    def _row(self, values: torch.Tensor, i: int, seg: KVSegment) -> torch.Tensor:
+        b, h = divmod(i, self.num_heads)
+        m = seg.held
+        return values[b : b + 1, h : h + 1, values.shape[-1] - m :]

@@ -3,7 +3,10 @@
 Grammar: ``none`` or parts joined by ``+``; a part is ``name`` or ``name:key=value,key=value``. A name is a
 registered eviction method (``snapkv``), a registered KV quantizer (``int``), or a quantizer name followed by
 its bit width (``int4`` = ``int:bits=4``). Eviction parts take the sweep's ratio unless they set their own.
-Examples: ``snapkv``, ``streaming_llm:n_sink=8``, ``int4``, ``snapkv+int:bits=2,group_size=32``.
+Wrappers (``adakv``, ``decoding``, ``threshold``) name their scorer with ``base=NAME`` and pass it arguments as
+``base.KEY=VALUE``; the sweep's ratio then goes to the base.
+Examples: ``snapkv``, ``streaming_llm:n_sink=8``, ``int4``, ``snapkv+int:bits=2,group_size=32``,
+``adakv:base=snapkv``, ``decoding:base=knorm,interval=64,target_size=512``.
 """
 
 from __future__ import annotations
@@ -62,11 +65,23 @@ def parse_method(text: str, ratio: float | None = None, budget: int | None = Non
         if name in EVICTION_METHODS:
             if evict is not None:
                 raise LMCompressError(f"{text!r} names two eviction methods; allowed: at most one")
-            if "ratio" not in kwargs and "budget" not in kwargs:
+            base_name = kwargs.pop("base", None)
+            base_kwargs = {k.removeprefix("base."): kwargs.pop(k) for k in list(kwargs) if k.startswith("base.")}
+            target = kwargs
+            if base_name is not None:
+                if not isinstance(base_name, str) or base_name.lower() not in EVICTION_METHODS:
+                    raise LMCompressError(
+                        f"base={base_name!r} in {raw!r} is not an eviction method; "
+                        f"allowed: {', '.join(EVICTION_METHODS.names())}"
+                    )
+                target = base_kwargs
+            if "ratio" not in target and "budget" not in target:
                 if budget is not None:
-                    kwargs["budget"] = budget
+                    target["budget"] = budget
                 elif ratio is not None:
-                    kwargs["ratio"] = ratio
+                    target["ratio"] = ratio
+            if base_name is not None:
+                kwargs["base"] = _build(EVICTION_METHODS.get(base_name.lower()), base_kwargs, raw)
             evict = _build(EVICTION_METHODS.get(name), kwargs, raw)
             continue
         match = re.fullmatch(r"([a-z_]+?)(\d+)", name)

@@ -67,7 +67,9 @@ class KVSpec:
             if entry is None:
                 return None
             entry = dict(entry)
-            return registry.get(entry.pop("method"))(**entry)
+            cls = registry.get(entry.pop("method"))
+            from_dict = getattr(cls, "from_dict", None)
+            return from_dict(entry) if from_dict is not None else cls(**entry)
 
         return cls(
             evict=build(EVICTION_METHODS, data.get("evict")),

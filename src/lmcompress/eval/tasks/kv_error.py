@@ -38,13 +38,23 @@ from ..text import TEXT_SOURCES, english_text
 from .base import RunContext, Task, TaskResult
 
 
-def held_states(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, Hkv, held, D]`` keys and values of a cache layer, packed parts dequantized."""
-    k, v = layer.fp_k.view(), layer.fp_v.view()
-    if layer.packed_length:
-        pk, pv = layer.store.dequantize()
-        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-    return k, v
+def kv_pairs(ref_layer, layer) -> Iterator[tuple[torch.Tensor, ...]]:
+    """``(ref_keys, ref_values, keys, values)`` of every storage segment of ``layer`` (one for all heads, or one
+    per batch row and head after a head-wise eviction): its held tokens, packed ones dequantized, and the
+    uncompressed states at the same positions."""
+    rk, rv = ref_layer.segments[0].all_tokens()
+    heads = layer.num_heads
+    for i, seg in enumerate(layer.segments):
+        k, v = seg.all_tokens()
+        if layer.ragged:
+            b, h = divmod(i, heads)
+            sk, sv = rk[b : b + 1, h : h + 1], rv[b : b + 1, h : h + 1]
+        else:
+            sk, sv = rk, rv
+        if seg.pos is not None:  # evicted: the uncompressed states of the kept positions
+            idx = seg.pos.view().to(torch.int64).unsqueeze(-1).expand(-1, -1, -1, sk.shape[-1])
+            sk, sv = torch.gather(sk, 2, idx), torch.gather(sv, 2, idx)
+        yield sk, sv, k, v
 
 
 @contextmanager
@@ -80,13 +90,10 @@ def kv_error_sample(model: torch.nn.Module, spec: KVSpec, ids: torch.Tensor, con
         model(ids[:, :context], past_key_values=cache)
     layers = []
     for ref_layer, layer in zip(ref_cache.layers, cache.layers):
-        rk, rv = held_states(ref_layer)
-        k, v = held_states(layer)
-        if layer.pos is not None:  # evicted: compare the kept positions
-            idx = layer.positions().to(torch.int64).unsqueeze(-1).expand(-1, -1, -1, rk.shape[-1])
-            rk, rv = torch.gather(rk, 2, idx), torch.gather(rv, 2, idx)
-        k_mse, k_rel = _errors(rk, k)
-        v_mse, v_rel = _errors(rv, v)
+        pairs = list(kv_pairs(ref_layer, layer))
+        cat = [torch.cat([p[j].flatten() for p in pairs]) for j in range(4)]
+        k_mse, k_rel = _errors(cat[0], cat[2])
+        v_mse, v_rel = _errors(cat[1], cat[3])
         layers.append({"layer": layer.layer_idx, "key_mse": k_mse, "key_rel": k_rel, "value_mse": v_mse,
                        "value_rel": v_rel, "held": layer.held})
     nbytes, nbytes_bf16 = cache.nbytes, bf16_equivalent_bytes(cache.tensors())

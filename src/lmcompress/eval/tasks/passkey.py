@@ -16,7 +16,7 @@ import torch
 
 from ...errors import LMCompressError, check_choice, check_positive_int, check_range
 from ...registry import TASKS
-from ..pipeline import answer
+from ..pipeline import DECODE_MODES, answer
 from ..text import documents
 from .base import RunContext, Task, TaskResult
 
@@ -102,6 +102,7 @@ class Passkey(Task):
         query_aware: compress context and question together.
         filler: "synthetic" (repeated sentences) or "lee" (news text).
         max_new_tokens: answer room (digits tokenize one per token).
+        decode: ``auto``, ``eager`` or ``static`` (see :func:`lmcompress.eval.pipeline.answer`).
     """
 
     name = "passkey"
@@ -115,6 +116,7 @@ class Passkey(Task):
     query_aware: bool = False
     filler: str = "synthetic"
     max_new_tokens: int = 10
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         check_positive_int("length", self.length)
@@ -123,6 +125,7 @@ class Passkey(Task):
         check_positive_int("digits", self.digits)
         check_choice("filler", self.filler, ("synthetic", "lee"))
         check_positive_int("max_new_tokens", self.max_new_tokens)
+        check_choice("decode", self.decode, DECODE_MODES)
         if self.max_new_tokens < self.digits:
             raise LMCompressError(
                 f"max_new_tokens={self.max_new_tokens} leaves no room for a {self.digits}-digit key; allowed: >= digits"
@@ -138,7 +141,7 @@ class Passkey(Task):
             parts = build_prompt(ctx.tokenizer, self.length, self.depth, key, self.filler)
             gen = answer(
                 ctx.model, parts.context_ids, parts.question_ids, ctx.spec, tokenizer=ctx.tokenizer,
-                max_new_tokens=self.max_new_tokens, query_aware=self.query_aware,
+                max_new_tokens=self.max_new_tokens, query_aware=self.query_aware, decode=self.decode,
             )
             records.append({
                 "key": key, "answer": gen.text, "correct": first_number(gen.text) == key,

@@ -11,23 +11,15 @@ import torch.nn.functional as F
 
 from ...errors import LMCompressError, check_positive_int
 from ...registry import EVICTION_METHODS
-from .base import EvictionPolicy, ScoreInputs, group_queries
+from .attention_probs import window_attention
+from .base import EvictionPolicy, ScoreInputs
 
 
-def window_attention(inputs: ScoreInputs, window: int) -> torch.Tensor:
-    """Softmax attention of the last ``window`` queries over all ``n`` keys, with the causal mask inside the window.
-
-    Returns:
-        ``[B, Hkv, G, window, n]`` float32 probabilities.
-    """
-    keys = inputs.keys
-    _, hkv, n, _ = keys.shape
-    q = group_queries(inputs.queries[:, :, -window:], hkv).float()
-    logits = torch.einsum("bhgqd,bhkd->bhgqk", q, keys.float()) * inputs.scaling
-    q_pos = torch.arange(n - window, n, device=keys.device)
-    future = torch.arange(n, device=keys.device)[None, :] > q_pos[:, None]
-    logits = logits.masked_fill(future, -math.inf)
-    return logits.softmax(dim=-1)
+def pool_tokens(scores: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Average pooling along the last dim with zero padding at the edges (same length): ``[..., m] -> [..., m]``."""
+    shape = scores.shape
+    pooled = F.avg_pool1d(scores.reshape(-1, 1, shape[-1]), kernel_size, stride=1, padding=kernel_size // 2)
+    return pooled.reshape(shape)
 
 
 @EVICTION_METHODS.register("snapkv")
@@ -35,9 +27,10 @@ def window_attention(inputs: ScoreInputs, window: int) -> torch.Tensor:
 class SnapKV(EvictionPolicy):
     """SnapKV scores.
 
-    score(j) = avg_pool_k( mean over the last ``window_size`` queries of softmax attention to token j ), averaged
-    over the query heads of each KV group; the window tokens get +inf (always kept).
-    Needs the compressed chunk to hold more than ``window_size`` tokens.
+    score(j) = avg_pool_k( mean over the last ``window_size`` queries of softmax attention to token j ), pooled per
+    query head and then averaged over the query heads of each KV group (as kvpress and the SnapKV authors do);
+    the window tokens get +inf (always kept; kvpress gives them max + 1, the same kept set).
+    Needs the compressed chunk to hold at least ``window_size`` queries and more than ``window_size`` tokens.
 
     Attributes:
         window_size: observation window (default 64).
@@ -45,6 +38,7 @@ class SnapKV(EvictionPolicy):
     """
 
     name = "snapkv"
+    display = "SnapKV"
     window_size: int = 64
     kernel_size: int = 5
 
@@ -55,18 +49,13 @@ class SnapKV(EvictionPolicy):
         if self.kernel_size % 2 == 0:
             raise LMCompressError(f"kernel_size={self.kernel_size} must be odd (same-size pooling)")
 
+    @property
+    def query_window(self) -> int:
+        return self.window_size
+
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         w = self.window_size
-        n = inputs.keys.shape[2]
-        q = inputs.queries.shape[2]
-        if q < w or n <= w:
-            raise LMCompressError(
-                f"SnapKV needs window_size={w} queries in the compressed chunk and more than {w} cached tokens; "
-                f"got {q} queries and {n} tokens: lower window_size or compress a longer prompt"
-            )
-        attn = window_attention(inputs, w)[..., : n - w]  # [B, Hkv, G, w, n-w]
-        scores = attn.mean(dim=-2)  # [B, Hkv, G, n-w]
-        b, hkv, g, m = scores.shape
-        pooled = F.avg_pool1d(scores.reshape(-1, 1, m), self.kernel_size, stride=1, padding=self.kernel_size // 2)
-        scores = pooled.reshape(b, hkv, g, m).mean(dim=2)
+        n = inputs.num_tokens
+        attn = window_attention(inputs, w, self.display)[..., : n - w]  # [B, Hkv, G, w, n-w]
+        scores = pool_tokens(attn.mean(dim=-2), self.kernel_size).mean(dim=2)  # [B, Hkv, n-w]
         return F.pad(scores, (0, w), value=math.inf)

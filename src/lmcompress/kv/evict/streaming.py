@@ -22,6 +22,7 @@ class StreamingLLM(EvictionPolicy):
     """
 
     name = "streaming_llm"
+    display = "StreamingLLM"
     n_sink: int = 4
 
     def __post_init__(self) -> None:

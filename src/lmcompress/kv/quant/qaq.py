@@ -36,8 +36,10 @@ Deviations, all deliberate:
    counted in the bytes (the paper's size formula omits them).
 6. QAQ's reference code quantizes around the group mean with ``2**bits`` steps of ``(max - min) / 2**bits``;
    here the asymmetric min/max quantizer of :mod:`.uniform` (error <= scale / 2) is used.
-7. With an eviction policy, kept tokens are re-quantized after eviction with the attention of the compressed
-   chunk's last ``n`` queries.
+7. With an eviction policy, kept tokens are re-quantized after eviction with the attention of the compressing
+   forward's last ``n`` queries; tokens re-committed without any statistics (after a head-wise split into
+   per-head storage) are treated as fully attended (``S_t = 1``: the most value bits the rule allows) and their
+   keys kept at ``max_bits`` (no query norm is known yet).
 """
 
 from __future__ import annotations

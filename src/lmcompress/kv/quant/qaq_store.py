@@ -189,8 +189,8 @@ class QAQStore:
         if t == 0:
             return
         att = self._incoming
-        if att is None or att.shape[2] != t:
-            raise RuntimeError("QAQStore.append needs the attention of the tokens it commits (observe_attention)")
+        if att is None or att.shape[2] != t:  # no statistics (e.g. re-committed after a head-wise split):
+            att = keys.new_ones((keys.shape[0], keys.shape[1], t), dtype=torch.float32)  # assume the most
         self._incoming = None
         self.pending.append(keys, values)
         if self.pending_attention is None:
@@ -212,7 +212,10 @@ class QAQStore:
         pk, pv = pk[:, :, :ready], pv[:, :, :ready]
         att = self.pending_attention.view()[:, :, :ready]
         method = self.method
-        key_w = method.key_bits(pk, self.query_sq_norm(), held)
+        if self.query_norm is None:  # no query seen by this store (per-head storage after a split): no rule
+            key_w = torch.full((ready,), method.max_bits, dtype=torch.int64, device=pk.device)
+        else:
+            key_w = method.key_bits(pk, self.query_sq_norm(), held)
         value_w = method.value_bits(pv, att, held)
         self.keys.append(pk, key_w, raw_k)
         self.values.append(pv, value_w, raw_v)

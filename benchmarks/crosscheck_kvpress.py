@@ -1,0 +1,310 @@
+"""Cross-check lmcompress's eviction policies against kvpress 0.5.5 on the same model and input.
+
+kvpress pins transformers < 5.3, so it runs in its own virtual environment: this script re-runs itself there
+(``--side kvpress``, importing only torch/transformers/kvpress) and compares, for every method and ratio:
+
+* the kept token indices per layer and KV head (kvpress's compressed keys are matched back to the full keys of
+  an uncompressed prefill; AdaKV's kept set is the complement of kvpress's masked indices);
+* the logits of a continuation fed after the compressed prompt (the next-token logits are the last row).
+
+Usage (kvpress environment: ``python3 -m venv /work/venv-kvpress && /work/venv-kvpress/bin/pip install
+torch==2.13.0 kvpress==0.5.5 "transformers<5.3"``)::
+
+    PYTHONPATH=src python benchmarks/crosscheck_kvpress.py --model /path/to/hf-model-folder \
+        --kvpress-python /work/venv-kvpress/bin/python --out out/crosscheck
+
+The model folder must be a Hugging Face folder both transformers versions load (e.g. SmolLM2 re-saved with
+``save_pretrained`` after loading the GGUF); ``--tokens`` should be a multiple of 4 so that ``r * n`` is whole at
+every ratio and both libraries keep the same count (kvpress keeps ``int(n * (1 - r))``, we ``n - floor(r n)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RATIOS = (0.25, 0.5, 0.75)
+METHODS = ("knorm", "snapkv", "streaming_llm", "tova", "expected_attention", "pyramidkv", "observed_attention",
+           "adakv_snapkv")
+SUFFIX_TEXT = "\nQuestion: What is this article mainly about? Answer in one sentence.\nAnswer:"
+
+
+# ----------------------------------------------------------------------------------------------- kvpress side
+
+
+def kvpress_press(method: str, ratio: float):
+    import kvpress
+
+    simple = {
+        "knorm": kvpress.KnormPress,
+        "snapkv": kvpress.SnapKVPress,
+        "streaming_llm": kvpress.StreamingLLMPress,
+        "tova": kvpress.TOVAPress,
+        "expected_attention": kvpress.ExpectedAttentionPress,
+        "pyramidkv": kvpress.PyramidKVPress,
+        "observed_attention": kvpress.ObservedAttentionPress,
+    }
+    if method in simple:
+        return simple[method](compression_ratio=ratio)
+    if method == "adakv_snapkv":
+        return kvpress.AdaKVPress(press=kvpress.SnapKVPress(compression_ratio=ratio))
+    if method == "pyramidkv_w8_beta4":  # a pyramid that is well formed on a short prompt
+        return kvpress.PyramidKVPress(compression_ratio=ratio, window_size=8, beta=4)
+    raise ValueError(method)
+
+
+def match_rows(kept: torch.Tensor, full: torch.Tensor) -> tuple[list[int], float]:
+    """Indices of the rows of ``full: [n, D]`` equal to the rows of ``kept: [k, D]`` (sorted), and the largest
+    distance of a match (0 when the gather copied exactly)."""
+    dist = torch.cdist(kept.double(), full.double())
+    best = dist.min(dim=1)
+    return sorted(best.indices.tolist()), float(best.values.max()) if kept.shape[0] else 0.0
+
+
+def continuation_logits(model, suffix: torch.Tensor, cache, start: int) -> torch.Tensor:
+    """``[m, V]`` logits of the continuation fed one token at a time at positions ``start, start + 1, ...``
+    (one token per step: kvpress's DynamicCache holds different lengths per layer after PyramidKV, and
+    transformers builds a multi-token mask from the first layer's length only)."""
+    rows = []
+    for i in range(suffix.shape[1]):
+        pos = torch.tensor([[start + i]])
+        rows.append(model(input_ids=suffix[:, i : i + 1], past_key_values=cache, position_ids=pos).logits[0, -1])
+    return torch.stack(rows)
+
+
+def run_kvpress_side(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    data = torch.load(args.inputs)
+    ids, suffix = data["ids"], data["suffix"]
+    n = ids.shape[1]
+    models = {}
+    full_keys = {}
+    out: dict = {"versions": {}, "runs": {}}
+    import kvpress
+    import transformers
+
+    out["versions"] = {"kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
+                       "transformers": transformers.__version__, "torch": str(torch.__version__)}
+    for impl in ("sdpa", "eager"):
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation=impl)
+        model.eval()
+        models[impl] = model
+        cache = DynamicCache()
+        with torch.no_grad():
+            model.model(input_ids=ids, past_key_values=cache)
+            full_keys[impl] = [layer.keys[0].clone() for layer in cache.layers]
+            base = continuation_logits(model, suffix, cache, n)
+        out["runs"][f"baseline_{impl}"] = {"logits": base}
+    for method in args.methods:
+        for ratio in args.ratios:
+            impl = "eager" if method == "observed_attention" else "sdpa"
+            model = models[impl]
+            press = kvpress_press(method, ratio)
+            cache = DynamicCache()
+            t0 = time.time()
+            with torch.no_grad():
+                with press(model):
+                    model.model(input_ids=ids, past_key_values=cache)
+                kept, worst = [], 0.0
+                for li, layer in enumerate(cache.layers):
+                    heads = []
+                    if method.startswith("adakv"):
+                        masked = model.model.layers[li].self_attn.masked_key_indices
+                        for h in range(layer.keys.shape[1]):
+                            drop = set(masked[2][(masked[0] == 0) & (masked[1] == h)].tolist())
+                            heads.append([j for j in range(n) if j not in drop])
+                    else:
+                        for h in range(layer.keys.shape[1]):
+                            idx, dist = match_rows(layer.keys[0, h], full_keys[impl][li][h])
+                            heads.append(idx)
+                            worst = max(worst, dist)
+                    kept.append(heads)
+                logits = continuation_logits(model, suffix, cache, n)
+            out["runs"][f"{method}@{ratio}"] = {"kept": kept, "logits": logits, "match_dist": worst,
+                                                "impl": impl, "seconds": time.time() - t0}
+            print(f"kvpress {method} {ratio}: {time.time() - t0:.1f}s, match distance {worst:.2e}", flush=True)
+    torch.save(out, args.result)
+
+
+# ----------------------------------------------------------------------------------------------- our side
+
+
+def our_policy(method: str, ratio: float):
+    from lmcompress.kv import evict
+
+    simple = {
+        "knorm": evict.Knorm,
+        "snapkv": evict.SnapKV,
+        "streaming_llm": evict.StreamingLLM,
+        "tova": evict.TOVA,
+        "expected_attention": evict.ExpectedAttention,
+        "pyramidkv": evict.PyramidKV,
+        "observed_attention": evict.ObservedAttention,
+    }
+    if method in simple:
+        return simple[method](ratio=ratio)
+    if method == "adakv_snapkv":
+        return evict.AdaKV(base=evict.SnapKV(ratio=ratio))
+    if method == "pyramidkv_w8_beta4":
+        return evict.PyramidKV(ratio=ratio, window_size=8, beta=4)
+    raise ValueError(method)
+
+
+def run_our_side(args: argparse.Namespace, ids: torch.Tensor, suffix: torch.Tensor) -> dict:
+    from lmcompress.kv import CompressedCache, KVSpec
+    from lmcompress.models import load_model
+
+    model, _ = load_model(args.model)
+    out: dict = {"runs": {}}
+    with torch.no_grad():
+        cache = CompressedCache(model, KVSpec())
+        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out["runs"]["baseline"] = {"logits": continuation_logits(model, suffix, cache, ids.shape[1])}
+    for method in args.methods:
+        for ratio in args.ratios:
+            policy = our_policy(method, ratio)
+            cache = CompressedCache(model, KVSpec(evict=policy))
+            t0 = time.time()
+            with torch.no_grad():
+                model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                # positions of the kept tokens (= their prompt indices); ragged layers are left-padded with -1
+                kept = [[[p for p in layer.positions()[0, h].tolist() if p >= 0] for h in range(layer.num_heads)]
+                        for layer in cache.layers]
+                logits = continuation_logits(model, suffix, cache, ids.shape[1])
+            out["runs"][f"{method}@{ratio}"] = {"kept": kept, "logits": logits, "seconds": time.time() - t0}
+            print(f"lmcompress {method} {ratio}: {time.time() - t0:.1f}s", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- compare
+
+
+def compare(ours: dict, ref: dict, n: int) -> list[dict]:
+    rows = []
+    for impl in ("sdpa", "eager"):
+        theirs = ref["runs"][f"baseline_{impl}"]["logits"]
+        rows.append({"method": f"no compression (kvpress side: {impl})", "ratio": 0.0, "kept_per_head": n,
+                     "max_abs_logit_diff": float((ours["runs"]["baseline"]["logits"] - theirs).abs().max()),
+                     "top1_agree": _top1(ours["runs"]["baseline"]["logits"], theirs)})
+    for key, mine in ours["runs"].items():
+        if key == "baseline":
+            continue
+        theirs = ref["runs"][key]
+        method, ratio = key.split("@")
+        heads = identical = diff_entries = kept_total = 0
+        count_mismatch = 0
+        for la, lb in zip(mine["kept"], theirs["kept"]):
+            for ha, hb in zip(la, lb):
+                heads += 1
+                sa, sb = set(ha), set(hb)
+                identical += sa == sb
+                diff_entries += len(sa ^ sb) // 2 if len(sa) == len(sb) else len(sa ^ sb)
+                count_mismatch += len(sa) != len(sb)
+                kept_total += len(sb)
+        la_logits, lb_logits = mine["logits"], theirs["logits"]
+        rows.append({
+            "method": method, "ratio": float(ratio), "kvpress_attention": theirs["impl"], "heads": heads,
+            "identical_heads": identical,
+            "differing_entries": diff_entries, "count_mismatch_heads": count_mismatch,
+            "kept_per_head": kept_total / heads,
+            "max_abs_logit_diff": float((la_logits - lb_logits).abs().max()),
+            "next_token_max_abs_diff": float((la_logits[-1] - lb_logits[-1]).abs().max()),
+            "top1_agree": _top1(la_logits, lb_logits),
+            "kvpress_match_dist": theirs.get("match_dist", 0.0),
+        })
+    return rows
+
+
+def _top1(a: torch.Tensor, b: torch.Tensor) -> str:
+    return f"{int((a.argmax(-1) == b.argmax(-1)).sum())}/{a.shape[0]}"
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| method | ratio | identical (layer, head) kept sets | entries kept differently | kept/head | "
+             "max abs logit diff (continuation) | next-token max abs diff | top-1 agree |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["method"].startswith("no compression"):
+            lines.append(f"| {r['method']} | 0 | - | - | {r['kept_per_head']} | {r['max_abs_logit_diff']:.2e} | - | "
+                         f"{r['top1_agree']} |")
+            continue
+        lines.append(
+            f"| {r['method']} | {r['ratio']} | {r['identical_heads']}/{r['heads']} | {r['differing_entries']} | "
+            f"{r['kept_per_head']:.1f} | {r['max_abs_logit_diff']:.2e} | {r['next_token_max_abs_diff']:.2e} | "
+            f"{r['top1_agree']} |"
+        )
+    return "\n".join(lines)
+
+
+def build_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    from lmcompress.eval.text import documents
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    text = "\n\n".join(documents("lee")[: 40])
+    ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
+    if ids.shape[1] < args.tokens:
+        raise SystemExit(f"only {ids.shape[1]} tokens of text")
+    suffix = tok(SUFFIX_TEXT, return_tensors="pt", add_special_tokens=False).input_ids
+    return ids, suffix
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Hugging Face model folder")
+    parser.add_argument("--out", default="out/crosscheck")
+    parser.add_argument("--kvpress-python", default="/work/venv-kvpress/bin/python")
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--ratios", nargs="+", type=float, default=list(RATIOS))
+    parser.add_argument("--side", choices=["ours", "kvpress"], default="ours")
+    parser.add_argument("--stage", choices=["all", "ours", "compare"], default="all",
+                        help="all: run both sides and compare; ours: only run and save our side (ours.pt), e.g. "
+                             "in parallel with a running kvpress side; compare: compare saved results")
+    parser.add_argument("--inputs", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    torch.set_grad_enabled(False)
+    if args.side == "kvpress":
+        run_kvpress_side(args)
+        return
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.stage == "all" or not (out / "inputs.pt").exists():
+        ids, suffix = build_inputs(args)
+        torch.save({"ids": ids, "suffix": suffix}, out / "inputs.pt")
+    data = torch.load(out / "inputs.pt")
+    ids, suffix = data["ids"], data["suffix"]
+    if args.stage == "all":
+        cmd = [args.kvpress_python, __file__, "--side", "kvpress", "--model", args.model,
+               "--inputs", str(out / "inputs.pt"), "--result", str(out / "kvpress.pt"),
+               "--methods", *args.methods, "--ratios", *map(str, args.ratios)]
+        subprocess.run(cmd, check=True)
+    if args.stage in ("all", "ours"):
+        ours = run_our_side(args, ids, suffix)
+        torch.save(ours, out / "ours.pt")
+        if args.stage == "ours":
+            return
+    ours = torch.load(out / "ours.pt")
+    ref = torch.load(out / "kvpress.pt", weights_only=False)
+    rows = compare(ours, ref, ids.shape[1])
+    table = markdown(rows)
+    (out / "crosscheck.json").write_text(json.dumps({"rows": rows, "kvpress_versions": ref["versions"],
+                                                     "tokens": ids.shape[1], "suffix_tokens": suffix.shape[1]},
+                                                    indent=1))
+    (out / "crosscheck.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

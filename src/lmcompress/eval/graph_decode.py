@@ -1,0 +1,98 @@
+"""Greedy decoding over a static-mode cache, optionally replaying a captured CUDA graph of one decode step.
+
+Eager decoding of small batches is launch-bound (each step issues thousands of kernels from Python); with the
+cache in static mode (:meth:`~lmcompress.kv.cache.CompressedCache.begin_static`) a whole decode step has fixed
+shapes and no host reads, so it is captured once and replayed. The next token and its position live in device
+buffers that the step itself updates. The first steps run eagerly on a side stream (they also warm up kernels
+before capture) and are real decoding steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..kv.cache import CompressedCache
+
+WARMUP_STEPS = 2
+
+
+class StaticDecoder:
+    """Args:
+    model: the causal LM.
+    cache: a :class:`CompressedCache` holding the processed prompt.
+    max_new_tokens: decode steps to make room for.
+    rolling: keep the cache size fixed with StreamingLLM's rolling window (see ``begin_static``).
+    use_graph: capture a CUDA graph (default: when the model is on CUDA).
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: CompressedCache, max_new_tokens: int, *,
+                 rolling: bool = False, use_graph: bool | None = None) -> None:
+        self.model, self.cache = model, cache
+        self.device = next(model.parameters()).device
+        self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
+        cache.begin_static(max_new_tokens, rolling=rolling)
+        self.tok = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self.pos = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self._eager_steps = 0
+
+    def _step(self) -> torch.Tensor:
+        out = self.model(input_ids=self.tok, position_ids=self.pos, past_key_values=self.cache, use_cache=True)
+        logits = out.logits[:, -1]
+        self.tok.copy_(logits.argmax(-1, keepdim=True))
+        self.pos.add_(1)
+        return logits
+
+    def _eager(self, steps: int) -> None:
+        if self.device.type != "cuda":
+            for _ in range(steps):
+                self.logits = self._step()
+            return
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(steps):
+                self.logits = self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _capture(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._step()
+        self.graph = graph
+
+    @torch.inference_mode()
+    def start(self, token: int, position: int) -> None:
+        """Set the token to feed next and its logical position."""
+        self.tok.fill_(token)
+        self.pos.fill_(position)
+
+    @torch.inference_mode()
+    def run(self, steps: int) -> None:
+        """Run ``steps`` decode steps without reading results on the host (for timing)."""
+        for _ in range(steps):
+            if self.graph is not None:
+                self.graph.replay()
+                continue
+            self._eager(1)
+            self._eager_steps += 1
+            if self.use_graph and self._eager_steps >= WARMUP_STEPS:
+                self._capture()
+
+    @torch.inference_mode()
+    def generate(self, steps: int, eos_token_ids: list[int] | tuple[int, ...] = ()) -> list[int]:
+        """Greedy tokens of up to ``steps`` decode steps (stops after an EOS token, which is not returned)."""
+        tokens = []
+        for _ in range(steps):
+            self.run(1)
+            token = int(self.tok)
+            if token in eos_token_ids:
+                break
+            tokens.append(token)
+        return tokens
+
+    def close(self) -> None:
+        """Return the cache to its dynamic layout (``seen`` and held tokens include the decoded ones)."""
+        self.cache.end_static()
+        self.graph = None

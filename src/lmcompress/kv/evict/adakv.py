@@ -1,0 +1,77 @@
+"""AdaKV (Feng et al., 2024): one top-k over all KV heads of a layer, so each head keeps its own number of
+tokens while the layer keeps the same total as the uniform policy. The heads then hold different lengths and
+the layer stores them ragged: only the kept entries of each head are held."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ...errors import LMCompressError, check_range
+from ...registry import EVICTION_METHODS
+from .base import EvictionPolicy, ScoreInputs, check_wrapper_sizes, require_scorer, topk_mask
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..layer import CompressedLayer
+
+
+@EVICTION_METHODS.register("adakv")
+@dataclass(frozen=True)
+class AdaKV(EvictionPolicy):
+    """Head-adaptive budgets around any score-based policy.
+
+    Per batch row: every head first keeps its ``floor(alpha_safeguard * k)`` best tokens (at least one when
+    ``alpha_safeguard > 0``), ``k`` being the base policy's per-head count; then the ``Hkv * k`` best-scored
+    entries of the whole layer are kept (protected tokens of the base count as best). This is kvpress's
+    AdaKVPress, which masks the dropped keys; here they are freed.
+
+    Attributes:
+        base: a score-based policy that gives the scores and the per-head count (its ratio or budget).
+        alpha_safeguard: fraction of ``k`` every head keeps at least, in [0, 1] (default 0.2).
+    """
+
+    name = "adakv"
+    display = "AdaKV"
+    is_scorer = False
+    base: EvictionPolicy | None = None
+    alpha_safeguard: float = 0.2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_scorer(self.name, self.base)
+        check_wrapper_sizes(self)
+        if isinstance(self.alpha_safeguard, bool) or not isinstance(self.alpha_safeguard, (int, float)):
+            raise LMCompressError(f"alpha_safeguard={self.alpha_safeguard!r} is not a number; allowed: [0, 1]")
+        check_range("alpha_safeguard", float(self.alpha_safeguard), 0.0, 1.0, high_open=False)
+
+    @property
+    def is_noop(self) -> bool:
+        return self.base.is_noop
+
+    @property
+    def query_window(self) -> int | None:
+        return self.base.query_window
+
+    def with_budget(self, budget: int) -> AdaKV:
+        return dataclasses.replace(self, base=self.base.with_budget(budget))
+
+    def observe(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
+        self.base.observe(layer, query, scaling)
+
+    def keep_mask(self, inputs: ScoreInputs) -> torch.Tensor:
+        counts = inputs.valid_counts()
+        k = self.base.keep_counts(counts, inputs.layer_idx, inputs.num_layers)
+        if bool((k >= counts).all()):
+            return self.base.keep_mask(inputs)
+        scores = self.base.final_scores(inputs)
+        safe = torch.floor(k.double() * float(self.alpha_safeguard)).long()
+        if self.alpha_safeguard > 0:
+            safe = torch.where(k > 0, safe.clamp_min(1), safe)
+        guarded = topk_mask(scores, safe) & torch.isfinite(scores)
+        scores = scores.masked_fill(guarded, torch.finfo(scores.dtype).max)
+        b, h, n = scores.shape
+        flat = topk_mask(scores.reshape(b, h * n), k.sum(dim=1))
+        return flat.view(b, h, n)

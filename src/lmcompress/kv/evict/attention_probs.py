@@ -1,0 +1,83 @@
+"""Attention probabilities that attention-based policies score with (SnapKV, PyramidKV, TOVA, CAKE, H2O).
+
+The layer hands policies the post-RoPE queries of the newest tokens and every held key, so the probabilities are
+recomputed here (fused attention kernels do not return them). Visibility follows positions, not indices: a key
+is visible to a query when it is real (not padding) and not in the query's future, so the same code serves the
+uniform and the left-padded ragged layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...errors import LMCompressError
+from .base import ScoreInputs, group_queries
+
+#: queries per tile when summing attention over a long chunk (bounds the [G, tile, n] score block).
+QUERY_TILE = 256
+
+
+def _visible(inputs: ScoreInputs, q_pos: torch.Tensor) -> torch.Tensor:
+    """``[B, Hkv, 1, t, n]`` bool: key j visible to the query at ``q_pos: [B, t]``."""
+    k_pos = inputs.positions.unsqueeze(-2)  # [B, Hkv, 1, n]
+    vis = k_pos <= q_pos[:, None, :, None]  # [B, Hkv, t, n]
+    if inputs.valid is not None:
+        vis &= inputs.valid.unsqueeze(-2)
+    return vis.unsqueeze(2)
+
+
+def query_positions(inputs: ScoreInputs, count: int) -> torch.Tensor:
+    """``[B, count]`` positions of the newest ``count`` queries (the last tokens, identical across heads)."""
+    return inputs.positions[:, 0, -count:]
+
+
+def window_attention(inputs: ScoreInputs, window: int, method: str = "this method") -> torch.Tensor:
+    """Softmax attention of the newest ``window`` queries over every held key (causal among the newest).
+
+    Args:
+        inputs: the layer's score inputs; ``inputs.queries`` must hold at least ``window`` queries.
+        window: number of queries.
+        method: name used in the error message.
+
+    Returns:
+        ``[B, Hkv, G, window, n]`` float32 probabilities (0 on padding and on future keys).
+
+    Raises:
+        LMCompressError: fewer than ``window`` queries, or no more held tokens than ``window``.
+    """
+    q_avail = inputs.queries.shape[2]
+    n = int(inputs.valid_counts().min())
+    if window > q_avail or window >= n:
+        raise LMCompressError(
+            f"{method} needs window_size={window} queries and more than {window} cached tokens per head; "
+            f"got {q_avail} queries and {n} tokens: lower window_size or compress a longer context"
+        )
+    hkv = inputs.keys.shape[1]
+    q = group_queries(inputs.queries[:, :, -window:], hkv).float()  # [B, Hkv, G, w, D]
+    logits = torch.einsum("bhgqd,bhkd->bhgqk", q, inputs.keys.float()) * inputs.scaling
+    vis = _visible(inputs, query_positions(inputs, window))
+    logits = logits.masked_fill(~vis, -math.inf)
+    return logits.softmax(dim=-1)
+
+
+def summed_attention(inputs: ScoreInputs, tile: int = QUERY_TILE) -> torch.Tensor:
+    """Attention every held key receives from all of ``inputs.queries``, summed over queries and averaged over
+    the query heads of each KV group (the accumulated attention of H2O / kvpress's ObservedAttention).
+
+    Returns:
+        ``[B, Hkv, n]`` float32.
+    """
+    hkv = inputs.keys.shape[1]
+    q_all = inputs.queries.shape[2]
+    keys = inputs.keys.float()
+    q_pos_all = query_positions(inputs, q_all)
+    total = torch.zeros(inputs.keys.shape[:3], dtype=torch.float32, device=keys.device)
+    for t0 in range(0, q_all, tile):
+        t1 = min(q_all, t0 + tile)
+        q = group_queries(inputs.queries[:, :, t0:t1], hkv).float()
+        logits = torch.einsum("bhgqd,bhkd->bhgqk", q, keys) * inputs.scaling
+        logits = logits.masked_fill(~_visible(inputs, q_pos_all[:, t0:t1]), -math.inf)
+        total += logits.softmax(dim=-1).sum(dim=3).mean(dim=2)
+    return total

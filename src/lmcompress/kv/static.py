@@ -1,0 +1,95 @@
+"""Static-shaped decode storage: fixed-capacity slots written by device-side index.
+
+After the prompt is processed, :meth:`~lmcompress.kv.cache.CompressedCache.begin_static` turns every layer's
+full-precision storage into :class:`StaticSlots`: the buffers keep a fixed capacity, a decode step writes its
+key/value into slot ``slot`` (a device tensor) and attention reads all slots under the mask ``slot_index <
+length`` (another device tensor). Every tensor shape is then the same at every step and nothing reads a device
+value on the host, so a decode step can be captured in a CUDA graph (:mod:`lmcompress.eval.graph_decode`).
+
+Two slot policies:
+
+* append: capacity = held + new tokens; slots fill in order (no eviction during decoding);
+* rolling: once full, a new token overwrites the oldest slot at or after ``ring_start`` — StreamingLLM's rolling
+  window with its sinks in slots ``[0, ring_start)``, and the model's window for sliding-window layers
+  (``ring_start = 0``, capacity = the window). Attention does not depend on slot order (keys carry RoPE).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .buffers import TokenBuffer
+
+
+class StaticSlots:
+    """Fixed-shape decode storage of one layer's ``[B, H]`` heads.
+
+    Args:
+        fp_k, fp_v: the segment's full-precision buffers (their storage is reused, grown once if needed).
+        pos: the positions buffer, or None.
+        held: tokens currently valid (the first ``held`` slots).
+        seen: the next token's logical position.
+        capacity: number of slots.
+        ring_start: None for append mode, else the first slot a rolling overwrite may use.
+    """
+
+    def __init__(self, fp_k: TokenBuffer, fp_v: TokenBuffer, pos: TokenBuffer | None, held: int, seen: int,
+                 capacity: int, ring_start: int | None) -> None:
+        for buf in (fp_k, fp_v, pos):
+            if buf is not None and buf.capacity != capacity:
+                buf.replace(buf.view(), headroom=capacity - buf.length)
+        self.bufs = (fp_k, fp_v, pos)
+        self.k, self.v = fp_k.data, fp_v.data
+        self.pos = None if pos is None else pos.data
+        self.capacity = capacity
+        self.ring_start = ring_start
+        device = self.k.device
+        self.length = torch.tensor([held], device=device, dtype=torch.int64)
+        self.slot = torch.tensor([held if held < capacity else (ring_start or 0)], device=device,
+                                 dtype=torch.int64)
+        self.next_pos = torch.tensor([seen], device=device, dtype=torch.int64)
+        self.slot_ids = torch.arange(capacity, device=device)
+        self.steps = 0
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write one token's ``[B, H, 1, D]`` key and value into the current slot; advance (device-side)."""
+        self.k.index_copy_(2, self.slot, keys)
+        self.v.index_copy_(2, self.slot, values)
+        if self.pos is not None:
+            b, h = self.pos.shape[:2]
+            self.pos.index_copy_(2, self.slot, self.next_pos.to(torch.int32).view(1, 1, 1).expand(b, h, 1))
+        self.next_pos.add_(1)
+        self.length.copy_(torch.clamp(self.length + 1, max=self.capacity))
+        nxt = self.slot + 1
+        if self.ring_start is None:
+            self.slot.copy_(nxt)
+        else:
+            self.slot.copy_(torch.where(nxt < self.capacity, nxt, torch.full_like(nxt, self.ring_start)))
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """``query: [B, Hq, 1, D]`` over the valid slots -> ``[B, Hq, 1, D]``."""
+        mask = (self.slot_ids < self.length).view(1, 1, 1, self.capacity)
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, self.k, self.v, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != self.k.shape[1])
+
+    def release(self) -> tuple[int, int]:
+        """Hand the storage back to the dynamic layout: returns ``(held, seen)`` and restores ascending
+        position order if the ring wrapped."""
+        held, seen = int(self.length), int(self.next_pos)
+        pos = self.bufs[2]
+        for buf in self.bufs:
+            if buf is not None:
+                buf.length = held
+        if pos is not None and self.ring_start is not None:
+            order = pos.view().to(torch.int64).argsort(dim=-1)
+            for buf in self.bufs:
+                if buf is not None:
+                    buf.gather(order, headroom=0)
+        return held, seen
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        return (self.length.clone(), self.slot.clone(), self.next_pos.clone())
+
+    def restore(self, state: tuple[torch.Tensor, ...]) -> None:
+        for dst, src in zip((self.length, self.slot, self.next_pos), state):
+            dst.copy_(src)

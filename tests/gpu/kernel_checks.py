@@ -14,7 +14,7 @@ DECODE_CASES = [("channel", 2), ("channel", 4), ("token", 2), ("token", 4), ("to
 
 
 def check_pack(device: str, tokens: int = 64, head_dim: int = 64) -> None:
-    """Triton quantize-and-pack gives the torch codec's parts (codes may differ by one at rounding ties)."""
+    """Triton quantize-and-pack gives the torch codec's parts, bitwise."""
     from lmcompress.kv.kernels import pack
 
     g = torch.Generator().manual_seed(0)
@@ -25,13 +25,7 @@ def check_pack(device: str, tokens: int = 64, head_dim: int = 64) -> None:
         got = pack.quantize_pack(x, bits, gran, group)
         for name in ("scale", "zero"):
             assert torch.equal(ref[name], got[name].cpu()), (gran, group, bits, name)
-        assert ref["codes"].shape == got["codes"].shape
-        x_ref = codec.decode(ref, head_dim, torch.float32)
-        x_got = codec.decode({k: v.cpu() for k, v in got.items()}, head_dim, torch.float32)
-        scale = ref["scale"].float().max()
-        assert float((x_ref - x_got).abs().max()) <= float(scale) * 1.001, (gran, group, bits)
-        same = (x_ref == x_got).float().mean()
-        assert float(same) > 0.999, (gran, group, bits, float(same))
+        assert torch.equal(ref["codes"], got["codes"].cpu()), (gran, group, bits, "codes")
 
 
 def check_decode(device: str, dtype: torch.dtype, tokens: int = 256, head_dim: int = 64, batch: int = 2,

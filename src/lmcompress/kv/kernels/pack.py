@@ -10,8 +10,8 @@ Two layouts:
 * per channel (``channel`` granularity, KIVI's keys): one program per block of ``TB`` tokens; the tile
   ``[TB, D/PER, PER]`` reduces over tokens for the statistics.
 
-Division uses Triton's fp32 division, which may differ from IEEE division in the last ulp: a code may then
-differ from the torch codec's by one at an exact rounding tie (the error bound ``scale / 2`` still holds).
+Divisions are IEEE round-to-nearest (``div_rn``; Triton's ``/`` may be off by an ulp on GPU), so the parts are
+bitwise those of the torch codec.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _fp16_up(x):
 @triton.jit
 def _params(lo, hi, QMAX: tl.constexpr):
     zero = _fp16_down(lo)
-    scale = _fp16_up((hi - zero.to(tl.float32)) / QMAX)
+    scale = _fp16_up(tl.math.div_rn(hi - zero.to(tl.float32), tl.zeros_like(hi) + QMAX))
     scale = tl.where(scale > 0, scale, 1.0)
     return zero, scale
 
@@ -72,7 +72,7 @@ def _pack_token_kernel(
     lo = tl.min(tl.min(x, axis=3), axis=2)  # [BLOCK_T, NG]
     hi = tl.max(tl.max(x, axis=3), axis=2)
     zero, scale = _params(lo, hi, QMAX)
-    v = (x - zero.to(tl.float32)[:, :, None, None]) / scale.to(tl.float32)[:, :, None, None]
+    v = tl.math.div_rn(x - zero.to(tl.float32)[:, :, None, None], scale.to(tl.float32)[:, :, None, None])
     codes = tl.minimum(tl.maximum(tl.floor(v + 0.5), 0.0), QMAX).to(tl.int32)
     packed = tl.sum(codes << (offs_s * BITS)[None, None, None, :], axis=3).to(tl.uint8)  # [BLOCK_T, NG, GJ]
     byte = offs_g[None, :, None] * GJ + offs_j[None, None, :]
@@ -105,7 +105,7 @@ def _pack_channel_kernel(
     lo = tl.min(x, axis=0)  # [DP, PER]
     hi = tl.max(x, axis=0)
     zero, scale = _params(lo, hi, QMAX)
-    v = (x - zero.to(tl.float32)[None, :, :]) / scale.to(tl.float32)[None, :, :]
+    v = tl.math.div_rn(x - zero.to(tl.float32)[None, :, :], scale.to(tl.float32)[None, :, :])
     codes = tl.minimum(tl.maximum(tl.floor(v + 0.5), 0.0), QMAX).to(tl.int32)
     packed = tl.sum(codes << (offs_s * BITS)[None, None, :], axis=2).to(tl.uint8)  # [TB, DP]
     tl.store(C + b * sc_b + h * sc_h + offs_t[:, None] * sc_t + offs_j[None, :], packed)

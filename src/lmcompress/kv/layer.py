@@ -277,9 +277,10 @@ class CompressedLayer(CacheLayerMixin):
         q = query.shape[2]
         if self.static is not None:
             return self.static.attend(query, scaling).transpose(1, 2).contiguous()
+        evicting = self.evict is not None and self.compression_enabled  # (only attention-aware stores care)
         if not self.ragged:
             mask = self._fit_mask(attention_mask, q)
-            out = self.segments[0].attend(query, mask, scaling, causal=q > 1)
+            out = self.segments[0].attend(query, mask, scaling, causal=q > 1, evicting=evicting)
             return out.transpose(1, 2).contiguous()
         groups = query.shape[1] // self.num_heads
         out = torch.empty_like(query)
@@ -289,7 +290,8 @@ class CompressedLayer(CacheLayerMixin):
             mask = None
             if q > 1 or self.is_sliding:
                 mask = self._layout_mask(seg.positions(1, 1, self.device), q)
-            out[b : b + 1, h * groups : (h + 1) * groups] = seg.attend(qs, mask, scaling, causal=False)
+            out[b : b + 1, h * groups : (h + 1) * groups] = seg.attend(qs, mask, scaling, causal=False,
+                                                                       evicting=evicting)
         return out.transpose(1, 2).contiguous()
 
     # ------------------------------------------------------------------------------------ compression

@@ -13,7 +13,9 @@ import torch
 Block = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
-def attend_blocks(query: torch.Tensor, blocks: Iterable[Block], scaling: float) -> torch.Tensor:
+def attend_blocks(
+    query: torch.Tensor, blocks: Iterable[Block], scaling: float, *, return_lse: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``query`` over the concatenation of ``blocks``, computed block by block.
 
     Args:
@@ -23,8 +25,11 @@ def attend_blocks(query: torch.Tensor, blocks: Iterable[Block], scaling: float) 
             (True = visible).
         scaling: softmax scale.
 
+        return_lse: also return the log-sum-exp of each row's scaled scores, ``[B, Hq, q]`` float32 (-inf for
+            rows with no visible key), from which any key's probability is ``exp(score * scaling - lse)``.
+
     Returns:
-        ``[B, Hq, q, D]`` in ``query.dtype``; rows with no visible key are 0.
+        ``[B, Hq, q, D]`` in ``query.dtype``; rows with no visible key are 0. With ``return_lse``, ``(out, lse)``.
     """
     b, hq, q, d = query.shape
     qg: torch.Tensor | None = None
@@ -49,6 +54,12 @@ def attend_blocks(query: torch.Tensor, blocks: Iterable[Block], scaling: float) 
         acc = acc * corr.unsqueeze(-1) + torch.einsum("bhgqk,bhkd->bhgqd", p, values.float())
         m = m_new
     if acc is None:
-        return torch.zeros_like(query)
+        out = torch.zeros_like(query)
+        lse = torch.full((b, hq, q), -torch.inf, device=query.device)
+        return (out, lse) if return_lse else out
     out = acc / denom.clamp_min(1e-30).unsqueeze(-1)
-    return out.reshape(b, hq, q, -1).to(query.dtype)
+    out = out.reshape(b, hq, q, -1).to(query.dtype)
+    if not return_lse:
+        return out
+    lse = torch.where(denom > 0, m + torch.log(denom.clamp_min(1e-30)), torch.full_like(m, -torch.inf))
+    return out, lse.reshape(b, hq, q)

@@ -22,6 +22,7 @@ import torch
 
 from .buffers import TokenBuffer, gather_tokens
 from .quant.base import KVQuantizer
+from .quant.observation import AttentionObservation
 from .quant.store import PackedStore
 from .reference import attend_blocks
 
@@ -131,35 +132,79 @@ class KVSegment:
         pk, pv = self.store.dequantize()
         return torch.cat([pk, self.fp_k.view()], dim=2), torch.cat([pv, self.fp_v.view()], dim=2)
 
-    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, causal: bool) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, causal: bool,
+               evicting: bool = False) -> torch.Tensor:
         """Attention of ``query: [B, H*G, q, D]`` over this segment.
+
+        Packed storage is read block by block by the torch reference, or, for one query on CUDA, by the Triton
+        decode kernel when the storage format has one (``kv/kernels/dispatch.py``).
 
         Args:
             mask: bool ``[B or 1, 1, q, held]`` (True = visible) or None.
             causal: with ``mask=None``, apply a causal mask (queries are the last q tokens, held == q).
+            evicting: an eviction may follow this forward (attention-aware stores then record every held
+                token's attention, not only the newest tokens').
 
         Returns:
             ``[B, H*G, q, D]``.
         """
         q = query.shape[2]
+        observe = self.store is not None and self.store.needs_attention
+        lse = None
         if self.packed_length == 0:
             keys, values = self.fp_k.view(), self.fp_v.view()
-            return torch.nn.functional.scaled_dot_product_attention(
+            out = torch.nn.functional.scaled_dot_product_attention(
                 query, keys, values, attn_mask=mask, is_causal=mask is None and causal,
                 scale=scaling, enable_gqa=query.shape[1] != keys.shape[1],
             )
-        outs = []
+        else:
+            out = None
+            if query.is_cuda and q == 1 and not observe and (mask is None or bool(mask.all())):
+                from .kernels import dispatch
+
+                out = dispatch.decode_attention(self.store, self.fp_k.view(), self.fp_v.view(), query, scaling)
+            if out is None:
+                out, lse = self._reference_attention(query, mask, scaling, observe)
+        if observe:
+            self._observe_attention(query, mask, scaling, lse, causal, evicting)
+        return out
+
+    def _reference_attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                             want_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block-wise torch attention over packed + full-precision tokens: ``(out, lse or None)``."""
+        q = query.shape[2]
+        outs, lses = [], []
         for q0 in range(0, q, REFERENCE_QUERY_TILE):
             q1 = min(q, q0 + REFERENCE_QUERY_TILE)
             tile_mask = None if mask is None else mask[:, :, q0:q1]
-            outs.append(attend_blocks(query[:, :, q0:q1], self._blocks(tile_mask), scaling))
-        return torch.cat(outs, dim=2)
+            res = attend_blocks(query[:, :, q0:q1], self._blocks(tile_mask), scaling, return_lse=want_lse)
+            out, lse = res if want_lse else (res, None)
+            outs.append(out)
+            lses.append(lse)
+        return torch.cat(outs, dim=2), torch.cat(lses, dim=2) if want_lse else None
 
     def _blocks(self, mask: torch.Tensor | None):
         packed = self.packed_length
-        for start, end, k, v in self.store.blocks(REFERENCE_BLOCK_TOKENS):
-            yield k, v, None if mask is None else mask[..., start:end]
+        yield from self.store.attention_blocks(REFERENCE_BLOCK_TOKENS, mask)
         yield self.fp_k.view(), self.fp_v.view(), None if mask is None else mask[..., packed:]
+
+    def _observe_attention(self, query: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+                           lse: torch.Tensor | None, causal: bool, evicting: bool) -> None:
+        """Hand attention-aware storage (QAQ) the last query rows of this forward (``AttentionObservation``)."""
+        q = query.shape[2]
+        w = min(q, self.store.attention_rows)
+        held = self.held
+        if mask is not None:
+            rows_mask = mask[:, :, -w:]
+        elif causal and q > 1:  # the last w queries are the last w held tokens
+            rows_mask = torch.ones(w, held, dtype=torch.bool, device=query.device).tril(held - w)[None, None]
+        else:
+            rows_mask = None
+        self.store.observe_attention(AttentionObservation(
+            query=query[:, :, -w:], scaling=scaling, mask=rows_mask,
+            lse=None if lse is None else lse[:, :, -w:], fp_keys=self.fp_k.view(), full=evicting,
+            all_queries=query,
+        ))
 
     # ------------------------------------------------------------------------------------ eviction
     def keep(self, index: torch.Tensor, in_place: bool = False) -> None:
@@ -180,8 +225,8 @@ class KVSegment:
                     buf.compact(index)
             return
         keys, values = self.all_tokens()
-        if self.store is not None:
-            self.store = self.quant.new_store(self.layer_idx, self.head_dim, self.dtype)
+        if self.store is not None:  # a fresh store (carrying per-token statistics of the kept tokens, if any)
+            self.store = self.store.emptied(index)
         self._replace_fp(gather_tokens(keys, index), gather_tokens(values, index))
         if self.pos is not None:
             self.pos.gather(index, headroom=self.reserve)
@@ -245,7 +290,7 @@ class KVSegment:
         """Move full-precision tokens older than the quantizer's residual window into packed storage."""
         if self.store is None or self.fp_k is None:
             return
-        residual = self.quant.residual
+        residual = self.quant.commit_residual
         movable = self.fp_length - residual
         movable -= movable % self.store.unit
         if movable <= 0:

@@ -1,7 +1,11 @@
 """Evaluation tasks (one file each, registered by name in ``TASKS``)."""
 
+from . import kv_error, multiple_choice
 from .base import RunContext, Task, TaskResult
+from .kv_error import KVError
+from .multiple_choice import MultipleChoice
 from .passkey import Passkey
 from .perplexity import Perplexity
 
-__all__ = ["Passkey", "Perplexity", "RunContext", "Task", "TaskResult"]
+__all__ = ["KVError", "MultipleChoice", "Passkey", "Perplexity", "RunContext", "Task", "TaskResult", "kv_error",
+           "multiple_choice"]

@@ -1,6 +1,11 @@
 """KV-cache quantization methods (one file each, registered by name in ``KV_QUANTIZERS``)."""
 
 from .base import KVQuantizer
+from .fp8_kv import FP8KV
 from .int_token import IntKV
+from .kivi import KIVI
+from .normal_kv import NormalKV
+from .qaq import QAQ
+from .uniform_kv import UniformKV
 
-__all__ = ["IntKV", "KVQuantizer"]
+__all__ = ["FP8KV", "KIVI", "QAQ", "IntKV", "KVQuantizer", "NormalKV", "UniformKV"]

@@ -32,6 +32,12 @@ class KVQuantizer:
     def __post_init__(self) -> None:
         check_positive_int("residual", self.residual, allow_zero=True)
 
+    @property
+    def commit_residual(self) -> int:
+        """Full-precision tokens the layer keeps after each commit (``residual``, except for methods that flush
+        their window whole, like KIVI, where it is 0 and the store's ``unit`` is the window)."""
+        return self.residual
+
     def key_codec(self, layer_idx: int) -> Codec:
         raise NotImplementedError
 
@@ -44,8 +50,8 @@ class KVQuantizer:
 
     def validate(self, head_dim: int) -> None:
         """Raise ``LMCompressError`` if this method cannot store states of ``head_dim`` channels."""
-        self.key_codec(0).bits_per_value(head_dim)
-        self.value_codec(0).bits_per_value(head_dim)
+        self.key_codec(0).validate(head_dim)
+        self.value_codec(0).validate(head_dim)
 
     def to_dict(self) -> dict:
         return {"method": self.name, **asdict(self)}

@@ -23,11 +23,17 @@ class Codec(Protocol):
     row_independent: bool
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``x: [B, H, T, D]`` float -> parts, each ``[B, H, T // token_block, ...]``."""
+        """``x: [B, H, T, D]`` float -> parts, each ``[B, H', T // token_block, ...]`` (``H'`` is 1 for parts shared
+        by all heads). Codecs in this package also take ``ignore=`` (bool like ``x``): elements left out of the
+        statistics (outliers stored elsewhere)."""
         ...
 
     def decode(self, parts: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype) -> torch.Tensor:
         """Parts (any slice along dim 2) -> ``[B, H, T, D]`` of ``dtype``."""
+        ...
+
+    def validate(self, head_dim: int) -> None:
+        """Raise ``LMCompressError`` if states of ``head_dim`` channels cannot be stored."""
         ...
 
     def bits_per_value(self, head_dim: int) -> float:

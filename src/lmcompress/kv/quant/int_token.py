@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ...errors import LMCompressError
 from ...registry import KV_QUANTIZERS
 from .base import KVQuantizer
-from .uniform import UniformTokenCodec
+from .uniform import UniformCodec
 
 
 @KV_QUANTIZERS.register("int")
@@ -37,10 +37,10 @@ class IntKV(KVQuantizer):
             raise LMCompressError(
                 f"bits={self.bits!r} is not supported by int KV quantization; allowed: 2, 4, 8"
             )
-        UniformTokenCodec(self.bits, self.group_size)  # validates group_size
+        UniformCodec(self.bits, self.group_size)  # validates group_size
 
-    def key_codec(self, layer_idx: int) -> UniformTokenCodec:
-        return UniformTokenCodec(self.bits, self.group_size)
+    def key_codec(self, layer_idx: int) -> UniformCodec:
+        return UniformCodec(self.bits, self.group_size)
 
-    def value_codec(self, layer_idx: int) -> UniformTokenCodec:
-        return UniformTokenCodec(self.bits, self.group_size)
+    def value_codec(self, layer_idx: int) -> UniformCodec:
+        return UniformCodec(self.bits, self.group_size)

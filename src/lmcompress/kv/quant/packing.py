@@ -1,8 +1,10 @@
 """Bit packing of unsigned integer codes into bytes along the last dimension.
 
-Codes of ``bits`` in {1, 2, 4, 8} are packed little-end-first: code ``j`` of a byte sits at bits
-``[j*bits, (j+1)*bits)``. Odd widths (3, 5, 6, 7) are stored in the next supported width (3 -> 4, 5..7 -> 8),
-so their memory is that of the container; :func:`container_bits` says which.
+Codes of ``bits`` in 1..8 form a little-endian bit stream: code ``j`` occupies bits ``[j*bits, (j+1)*bits)``
+of the row, byte ``k`` holding stream bits ``[8k, 8k+8)``. For 1, 2, 4 and 8 bits that is ``8/bits`` codes per
+byte, code ``j`` of a byte at bits ``[j*bits, (j+1)*bits)``; other widths (3, 5, 6, 7) pack groups of 8 codes
+into ``bits`` bytes (a row is padded to a multiple of 8 codes). No width wastes bits: 3-bit codes take 3/8 of a
+byte each. Shifts run on int32/int64 (uint8 shifts take a slow path on CPU).
 """
 
 from __future__ import annotations
@@ -11,20 +13,28 @@ import torch
 
 from ...errors import LMCompressError
 
-PACKABLE_BITS = (1, 2, 4, 8)
+BYTE_ALIGNED_BITS = (1, 2, 4, 8)
+#: every width is stored exactly
+PACKABLE_BITS = tuple(range(1, 9))
+
+
+def _check(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise LMCompressError(f"bits={bits!r} is not supported; allowed: 1..8")
 
 
 def container_bits(bits: int) -> int:
-    """The storage width used for ``bits``-bit codes (the smallest of 1, 2, 4, 8 that holds them)."""
-    if not 1 <= bits <= 8:
-        raise LMCompressError(f"bits={bits!r} is not supported; allowed: 1..8")
-    return next(b for b in PACKABLE_BITS if b >= bits)
+    """Storage bits per code: ``bits`` itself (every width 1..8 is packed exactly)."""
+    _check(bits)
+    return bits
 
 
 def packed_size(n: int, bits: int) -> int:
     """Bytes needed for ``n`` codes of ``bits`` bits along the packed dimension."""
-    per_byte = 8 // container_bits(bits)
-    return -(-n // per_byte)
+    _check(bits)
+    if bits in BYTE_ALIGNED_BITS:
+        return -(-n // (8 // bits))
+    return -(-n // 8) * bits
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -35,31 +45,49 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         bits: code width, 1..8.
 
     Returns:
-        ``[..., ceil(n * container_bits / 8)]`` uint8.
+        ``[..., packed_size(n, bits)]`` uint8.
     """
-    cb = container_bits(bits)
-    if cb == 8:
-        return codes.to(torch.uint8).contiguous()
-    per_byte = 8 // cb
+    _check(bits)
     n = codes.shape[-1]
-    pad = (-n) % per_byte
-    codes = codes.to(torch.int32)  # uint8 shifts take a slow path on CPU
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    if bits in BYTE_ALIGNED_BITS:
+        per_byte = 8 // bits
+        codes = codes.to(torch.int32)
+        pad = (-n) % per_byte
+        if pad:
+            codes = torch.nn.functional.pad(codes, (0, pad))
+        codes = codes.reshape(*codes.shape[:-1], -1, per_byte)
+        out = codes[..., 0].clone()
+        for j in range(1, per_byte):
+            out |= codes[..., j] << (j * bits)
+        return out.to(torch.uint8)
+    codes = codes.to(torch.int64)
+    pad = (-n) % 8
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
-    codes = codes.reshape(*codes.shape[:-1], -1, per_byte)
-    out = codes[..., 0].clone()
-    for j in range(1, per_byte):
-        out |= codes[..., j] << (j * cb)
-    return out.to(torch.uint8)
+    groups = codes.reshape(*codes.shape[:-1], -1, 8)
+    word = groups[..., 0].clone()  # 8 codes -> one int64 word of 8 * bits bits
+    for j in range(1, 8):
+        word |= groups[..., j] << (j * bits)
+    out = torch.stack([(word >> (8 * i)) & 0xFF for i in range(bits)], dim=-1)
+    return out.to(torch.uint8).reshape(*codes.shape[:-1], -1)
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: ``[..., bytes]`` uint8 -> ``[..., n]`` integer codes (uint8 for 8-bit, else
-    int32: CPU shifts on int32 are an order of magnitude faster than on uint8)."""
-    cb = container_bits(bits)
-    if cb == 8:
+    """Inverse of :func:`pack`: ``[..., bytes]`` uint8 -> ``[..., n]`` integer codes (uint8 for 8 bits, else
+    int32)."""
+    _check(bits)
+    if bits == 8:
         return packed[..., :n]
-    wide = packed.to(torch.int32)
-    mask = (1 << cb) - 1
-    codes = torch.stack([(wide >> s) & mask for s in range(0, 8, cb)], dim=-1)
+    mask = (1 << bits) - 1
+    if bits in BYTE_ALIGNED_BITS:
+        wide = packed.to(torch.int32)
+        codes = torch.stack([(wide >> s) & mask for s in range(0, 8, bits)], dim=-1)
+        return codes.reshape(*packed.shape[:-1], -1)[..., :n]
+    groups = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, bits)
+    word = groups[..., 0].clone()
+    for i in range(1, bits):
+        word |= groups[..., i] << (8 * i)
+    codes = torch.stack([((word >> (j * bits)) & mask).to(torch.int32) for j in range(8)], dim=-1)
     return codes.reshape(*packed.shape[:-1], -1)[..., :n]

@@ -23,14 +23,23 @@ class PackedStore:
         key_codec, value_codec: codecs for keys and values.
         head_dim: D.
         dtype: the dtype blocks are dequantized to (the model's compute dtype).
+        unit: tokens are appended in multiples of this (default: the codecs' token blocks' lcm; KIVI uses its
+            residual window so that the window is flushed whole).
     """
 
-    def __init__(self, key_codec: Codec, value_codec: Codec, head_dim: int, dtype: torch.dtype) -> None:
+    #: whether the layer must hand this store attention statistics (:meth:`observe_attention`); only QAQ.
+    needs_attention = False
+
+    def __init__(self, key_codec: Codec, value_codec: Codec, head_dim: int, dtype: torch.dtype,
+                 unit: int | None = None) -> None:
         self.key_codec = key_codec
         self.value_codec = value_codec
         self.head_dim = head_dim
         self.dtype = dtype
-        self.unit = math.lcm(key_codec.token_block, value_codec.token_block)
+        blocks = math.lcm(key_codec.token_block, value_codec.token_block)
+        if unit is not None and unit % blocks:
+            raise ValueError(f"PackedStore unit={unit} must be a multiple of the codecs' token block {blocks}")
+        self.unit = unit or blocks
         self._k: dict[str, TokenBuffer] = {}
         self._v: dict[str, TokenBuffer] = {}
         self.length = 0
@@ -57,6 +66,25 @@ class PackedStore:
 
     def clear(self) -> None:
         self._k, self._v, self.length = {}, {}, 0
+
+    def drop_front(self, n: int) -> None:
+        """Free the oldest ``n`` tokens (codecs with one token per block only)."""
+        if self.unit != 1:
+            raise ValueError("drop_front needs codecs that quantize each token on its own")
+        keep = self.length - n
+        for buf in (*self._k.values(), *self._v.values()):
+            buf.truncate_front(keep)
+        self.length = keep
+        if keep == 0:
+            self.clear()
+
+    def emptied(self, kept: torch.Tensor) -> PackedStore:
+        """A fresh empty store of the same kind, for a layer that evicted and keeps tokens ``kept: [B, H, k]``
+        (indices into the held tokens) to re-commit them. Stores with per-token state carry it over."""
+        return PackedStore(self.key_codec, self.value_codec, self.head_dim, self.dtype, self.unit)
+
+    def observe_attention(self, obs) -> None:
+        """Attention statistics from the layer (only stores with ``needs_attention`` use them)."""
 
     def gather(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Keep tokens ``index: [B, H, k]`` (sorted ascending).
@@ -97,6 +125,25 @@ class PackedStore:
                 self._slice(self.key_codec, self._k, start, end),
                 self._slice(self.value_codec, self._v, start, end),
             )
+
+    def attention_blocks(
+        self, block_tokens: int, mask: torch.Tensor | None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """``(keys, values, mask)`` blocks for :func:`~lmcompress.kv.reference.attend_blocks`; ``mask`` is the
+        layer's ``[B or 1, 1, q, held]`` mask (packed tokens first) or None."""
+        for start, end, k, v in self.blocks(block_tokens):
+            yield k, v, None if mask is None else mask[..., start:end]
+
+    def parts(self, which: str) -> dict[str, torch.Tensor]:
+        """The valid packed parts of ``"keys"`` or ``"values"`` (views, for kernels)."""
+        codec, buffers = (self.key_codec, self._k) if which == "keys" else (self.value_codec, self._v)
+        n = self.length // codec.token_block
+        return {name: buf.slice(0, n) for name, buf in buffers.items()}
+
+    def kernel_view(self) -> tuple[dict, dict, int, torch.Tensor | None, torch.Tensor | None]:
+        """For the decode kernel: packed key parts, packed value parts, the tokens they cover, and the store's
+        other tokens as full-precision ``(keys, values)`` (None here: every token is packed)."""
+        return self.parts("keys"), self.parts("values"), self.length, None, None
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All tokens dequantized, ``[B, H, length, D]`` each. Used only at compression events (scoring),

@@ -1,0 +1,307 @@
+"""Triton split-sequence (flash-decoding) attention of one query token over packed 2/4/8-bit keys and values.
+
+Inputs are the parts of :class:`~lmcompress.kv.quant.uniform.UniformCodec` (asymmetric, fp16 scale and zero):
+
+* codes ``[B, Hkv, T, D*bits/8]`` uint8 (a token's bytes contiguous; KIVI's ``[B, Hkv, T/g, g, ...]`` blocks are
+  the same memory), code ``PER*j + s`` of a token at bits ``[s*bits, (s+1)*bits)`` of byte ``j``;
+* keys either per token (scale ``[B, Hkv, T, D/g]``) or per channel over blocks of ``KEY_TB`` tokens (scale
+  ``[B, Hkv, T/KEY_TB, D]``, KIVI); values per token (``[B, Hkv, T, D/g]``).
+
+Grid: ``(B * Hkv, splits)``. Each program owns one KV head and a contiguous range of tokens, and computes all
+``G = Hq / Hkv`` query heads of the group at once (each packed block is loaded once per group). Per block of
+``BLOCK_N`` tokens it loads the codes with wide row loads and, for each of the ``PER`` codes in a byte, unpacks
+a ``[BLOCK_N, D/PER]`` slice of channels ``{PER*j + s}``, dequantizes it and multiplies it with the matching
+slice of the query (``tl.dot`` on ``[16, D/PER]`` tiles); per-channel key scales are folded into the query
+(``q * scale``, plus ``q . zero`` per block), so keys cost no per-element scale loads. Scores are computed with
+fp16 operands split in high and low halves (two or three dots), close to fp32 accuracy: large logits would
+otherwise carry fp16's 5e-4 relative error into the softmax. The probability-value product uses fp16 operands
+(a bf16/fp16 model's output is rounded coarser anyway), split in halves too for fp32 queries. An online softmax (exp2)
+keeps ``m``, ``l`` and ``PER`` output slices. A second kernel combines the splits and returns the output and the
+log-sum-exp (natural log), so that full-precision tokens can be merged in afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+#: tokens per iteration for per-token keys (per-channel keys use one key group, e.g. 32, unless told otherwise)
+DEFAULT_BLOCK_N = 64
+
+
+@triton.jit
+def _dot_qk(a, b):
+    """``a [H, K] @ b[N, K]^T`` with fp32 ``a`` split into two fp16 halves (hi + lo, ~22 mantissa bits) on the
+    tensor cores; ``b`` must be exact in fp16 (codes) or is split by the caller."""
+    hi = a.to(tl.float16)
+    lo = (a - hi.to(tl.float32)).to(tl.float16)
+    bt = tl.trans(b)
+    return tl.dot(hi, bt, out_dtype=tl.float32) + tl.dot(lo, bt, out_dtype=tl.float32)
+
+
+@triton.jit
+def _decode_kernel(
+    Q, KC, KS, KZ, VC, VS, VZ, PO, PML,
+    T, tokens_per_split, qk_scale,
+    sq_b, sq_h,
+    skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, sks_d,
+    svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, svs_d,
+    spo_b, spo_h, spo_s, spm_b, spm_h, spm_s,
+    HKV: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    BITS: tl.constexpr, KEY_TB: tl.constexpr, KEY_GD: tl.constexpr, VAL_GD: tl.constexpr,
+    PRECISE: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    PER: tl.constexpr = 8 // BITS
+    DP: tl.constexpr = D // PER
+    MASK: tl.constexpr = (1 << BITS) - 1
+
+    offs_h = tl.arange(0, BLOCK_H)
+    hmask = offs_h < G
+    offs_j = tl.arange(0, DP)
+    heads = h * G + offs_h
+    q_base = Q + b * sq_b + heads[:, None] * sq_h + offs_j[None, :] * PER
+    q0 = tl.load(q_base + 0, mask=hmask[:, None], other=0.0).to(tl.float32)
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if PER >= 2:
+        q1 = tl.load(q_base + 1, mask=hmask[:, None], other=0.0).to(tl.float32)
+    if PER >= 4:
+        q2 = tl.load(q_base + 2, mask=hmask[:, None], other=0.0).to(tl.float32)
+        q3 = tl.load(q_base + 3, mask=hmask[:, None], other=0.0).to(tl.float32)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_H, DP], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_H, DP], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_H, DP], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_H, DP], dtype=tl.float32)
+
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, T)
+    kc_base = KC + b * skc_b + h * skc_h
+    ks_base = KS + b * sks_b + h * sks_h
+    kz_base = KZ + b * sks_b + h * sks_h
+    vc_base = VC + b * svc_b + h * svc_h
+    vs_base = VS + b * svs_b + h * svs_h
+    vz_base = VZ + b * svs_b + h * svs_h
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        kc = tl.load(kc_base + offs_n[:, None] * skc_t + offs_j[None, :], mask=nmask[:, None], other=0)
+        qk = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+        if KEY_TB == BLOCK_N:
+            # per-channel scales of this block (one key group per tile): fold them into the query
+            row = (n0 // KEY_TB) * sks_t
+            bias = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for s in tl.static_range(PER):
+                col = (offs_j * PER + s) * sks_d
+                ks = tl.load(ks_base + row + col).to(tl.float32)
+                kz = tl.load(kz_base + row + col).to(tl.float32)
+                if s == 0:
+                    qs = q0
+                elif s == 1:
+                    qs = q1
+                elif s == 2:
+                    qs = q2
+                else:
+                    qs = q3
+                bias += tl.sum(qs * kz[None, :], axis=1)
+                codes = ((kc >> (s * BITS)) & MASK).to(tl.float16)
+                qk += _dot_qk(qs * ks[None, :], codes)
+            qk += bias[:, None]
+        else:
+            # per-element scales: per token (groups of KEY_GD channels) or per channel over several key groups
+            rows = (offs_n // KEY_TB)[:, None] * sks_t
+            ks = tl.load(ks_base + rows + ((offs_j * PER) // KEY_GD)[None, :] * sks_d, mask=nmask[:, None],
+                         other=0.0).to(tl.float32)
+            kz = tl.load(kz_base + rows + ((offs_j * PER) // KEY_GD)[None, :] * sks_d, mask=nmask[:, None],
+                         other=0.0).to(tl.float32)
+            for s in tl.static_range(PER):
+                if s == 0:
+                    qs = q0
+                elif s == 1:
+                    qs = q1
+                elif s == 2:
+                    qs = q2
+                else:
+                    qs = q3
+                if KEY_GD < PER:  # the group changes with the code slot (per-channel scales)
+                    cols = ((offs_j * PER + s) // KEY_GD)[None, :] * sks_d
+                    ks = tl.load(ks_base + rows + cols, mask=nmask[:, None], other=0.0).to(tl.float32)
+                    kz = tl.load(kz_base + rows + cols, mask=nmask[:, None], other=0.0).to(tl.float32)
+                k_s = ((kc >> (s * BITS)) & MASK).to(tl.float32) * ks + kz
+                k_hi = k_s.to(tl.float16)
+                k_lo = (k_s - k_hi.to(tl.float32)).to(tl.float16)
+                qk += _dot_qk(qs, k_hi) + tl.dot(qs.to(tl.float16), tl.trans(k_lo), out_dtype=tl.float32)
+        qk = qk * qk_scale
+        qk = tl.where(nmask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p_hi = p.to(tl.float16)
+        p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
+
+        vc = tl.load(vc_base + offs_n[:, None] * svc_t + offs_j[None, :], mask=nmask[:, None], other=0)
+        vgrp = (offs_j * PER) // VAL_GD
+        vs = tl.load(vs_base + offs_n[:, None] * svs_t + vgrp[None, :] * svs_d, mask=nmask[:, None], other=0.0)
+        vz = tl.load(vz_base + offs_n[:, None] * svs_t + vgrp[None, :] * svs_d, mask=nmask[:, None], other=0.0)
+        vs = vs.to(tl.float32)
+        vz = vz.to(tl.float32)
+        for s in tl.static_range(PER):
+            v_s = ((vc >> (s * BITS)) & MASK).to(tl.float32) * vs + vz
+            v_hi = v_s.to(tl.float16)
+            pv = tl.dot(p_hi, v_hi, out_dtype=tl.float32)
+            if PRECISE:  # fp32 queries: split p and v in fp16 halves too (~fp32 accuracy)
+                v_lo = (v_s - v_hi.to(tl.float32)).to(tl.float16)
+                pv += tl.dot(p_lo, v_hi, out_dtype=tl.float32) + tl.dot(p_hi, v_lo, out_dtype=tl.float32)
+            if s == 0:
+                acc0 = acc0 * alpha[:, None] + pv
+            elif s == 1:
+                acc1 = acc1 * alpha[:, None] + pv
+            elif s == 2:
+                acc2 = acc2 * alpha[:, None] + pv
+            else:
+                acc3 = acc3 * alpha[:, None] + pv
+        m_i = m_new
+
+    po = PO + b * spo_b + heads[:, None] * spo_h + split * spo_s + offs_j[None, :] * PER
+    tl.store(po + 0, acc0, mask=hmask[:, None])
+    if PER >= 2:
+        tl.store(po + 1, acc1, mask=hmask[:, None])
+    if PER >= 4:
+        tl.store(po + 2, acc2, mask=hmask[:, None])
+        tl.store(po + 3, acc3, mask=hmask[:, None])
+    pml = PML + b * spm_b + heads * spm_h + split * spm_s
+    tl.store(pml, m_i, mask=hmask)
+    tl.store(pml + 1, l_i, mask=hmask)
+
+
+@triton.jit
+def _combine_kernel(
+    PO, PML, OUT, LSE, S,
+    spo_b, spo_h, spo_s, spm_b, spm_h, spm_s, so_b, so_h,
+    HQ: tl.constexpr, BLOCK_S: tl.constexpr, D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // HQ
+    hq = pid % HQ
+    offs_s = tl.arange(0, BLOCK_S)
+    smask = offs_s < S
+    offs_d = tl.arange(0, D)
+    pml = PML + b * spm_b + hq * spm_h + offs_s * spm_s
+    m = tl.load(pml, mask=smask, other=float("-inf"))
+    l_part = tl.load(pml + 1, mask=smask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(smask & (l_part > 0), tl.exp2(m - m_max), 0.0)
+    l_sum = tl.sum(w * l_part, axis=0)
+    po = tl.load(PO + b * spo_b + hq * spo_h + offs_s[:, None] * spo_s + offs_d[None, :], mask=smask[:, None],
+                 other=0.0)
+    out = tl.sum(po * w[:, None], axis=0) / l_sum
+    tl.store(OUT + b * so_b + hq * so_h + offs_d, out)
+    tl.store(LSE + b * HQ + hq, (m_max + tl.log2(l_sum)) / 1.4426950408889634)
+
+
+def num_splits(batch_heads: int, tokens: int, block: int, sms: int) -> int:
+    """Splits of the sequence: about 8 programs per SM and at most 16 blocks per program (each program's loop
+    is latency-bound, so shorter loops and more programs keep more loads in flight)."""
+    blocks = triton.cdiv(tokens, block)
+    return max(1, min(blocks, max(triton.cdiv(8 * sms, batch_heads), triton.cdiv(blocks, 16))))
+
+
+def decode_attention(
+    query: torch.Tensor,
+    keys: dict[str, torch.Tensor],
+    values: dict[str, torch.Tensor],
+    *,
+    bits: int,
+    key_token_block: int,
+    key_group: int,
+    value_group: int,
+    scaling: float,
+    splits: int | None = None,
+    block_n: int | None = None,
+    tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``query: [B, Hq, 1, D]`` over packed keys/values (parts of the uniform codec).
+
+    Args:
+        keys, values: ``codes``/``scale``/``zero`` parts; codes ``[B, Hkv, T, P]`` or ``[B, Hkv, T/g, g, P]``.
+        bits: 2, 4 or 8 (keys and values alike).
+        key_token_block: 1 (per-token key scales) or the tokens per key group (per-channel, KIVI).
+        key_group, value_group: channels per scale group (``D`` for one per head; ignored for per-channel keys).
+        scaling: softmax scale.
+        splits, block_n: override the split count / tokens per block (benchmarks).
+        tokens: attend over the first ``tokens`` tokens only (default: all the key codes hold).
+
+    Returns:
+        ``(out [B, Hq, 1, D] in query.dtype, lse [B, Hq, 1] float32)``.
+    """
+    b, hq, _, d = query.shape
+    kc, vc = keys["codes"], values["codes"]
+    if kc.dim() == 5:
+        kc = kc.reshape(kc.shape[0], kc.shape[1], -1, kc.shape[-1])
+    hkv, t = kc.shape[1], tokens if tokens is not None else kc.shape[2]
+    g = hq // hkv
+    ks, kz, vs, vz = keys["scale"], keys["zero"], values["scale"], values["zero"]
+    block_n = block_n or (key_token_block if key_token_block > 1 else DEFAULT_BLOCK_N)
+    if key_token_block > 1 and block_n % key_token_block:
+        raise ValueError(f"block_n={block_n} must be a multiple of the key group {key_token_block}")
+    if splits is None:
+        sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
+        splits = num_splits(b * hkv, t, block_n, sms)
+    tokens_per_split = triton.cdiv(triton.cdiv(t, splits), block_n) * block_n
+    splits = triton.cdiv(t, tokens_per_split)
+    partial = torch.empty((b, hq, splits, d), dtype=torch.float32, device=query.device)
+    pml = torch.empty((b, hq, splits, 2), dtype=torch.float32, device=query.device)
+    q = query[:, :, 0]
+    # stride of the token axis of the scales (per block for per-channel keys), and of their group axis
+    ks_t = ks.stride(2)
+    ks_d = ks.stride(3) if ks.shape[3] > 1 else 0
+    vs_d = vs.stride(3) if vs.shape[3] > 1 else 0
+    _decode_kernel[(b * hkv, splits)](
+        q, kc, ks, kz, vc, vs, vz, partial, pml,
+        t, tokens_per_split, scaling * LOG2E,
+        q.stride(0), q.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks_t, ks_d,
+        vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2), vs_d,
+        partial.stride(0), partial.stride(1), partial.stride(2), pml.stride(0), pml.stride(1), pml.stride(2),
+        HKV=hkv, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n, D=d, BITS=bits,
+        KEY_TB=key_token_block, KEY_GD=key_group if key_token_block == 1 else 1, VAL_GD=value_group,
+        PRECISE=query.dtype == torch.float32, num_warps=4,
+    )
+    out = torch.empty((b, hq, 1, d), dtype=torch.float32, device=query.device)
+    lse = torch.empty((b, hq, 1), dtype=torch.float32, device=query.device)
+    _combine_kernel[(b * hq,)](
+        partial, pml, out, lse, splits,
+        partial.stride(0), partial.stride(1), partial.stride(2), pml.stride(0), pml.stride(1), pml.stride(2),
+        out.stride(0), out.stride(1),
+        HQ=hq, BLOCK_S=triton.next_power_of_2(splits), D=d,
+    )
+    return out.to(query.dtype), lse
+
+
+def merge_full_precision(out: torch.Tensor, lse: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
+                         values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Add attention over full-precision tokens ``[B, Hkv, m, D]`` to a packed-part result ``(out, lse)``."""
+    if keys.shape[2] == 0:
+        return out
+    b, hq, _, d = query.shape
+    hkv = keys.shape[1]
+    qg = query.reshape(b, hkv, hq // hkv, 1, d).float()
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qg, keys.float()).reshape(b, hq, 1, -1) * scaling
+    lse_fp = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse_fp.unsqueeze(-1)).reshape(b, hkv, hq // hkv, 1, -1)
+    out_fp = torch.einsum("bhgqk,bhkd->bhgqd", p, values.float()).reshape(b, hq, 1, d)
+    total = torch.logaddexp(lse, lse_fp)
+    w_packed = torch.exp(lse - total).unsqueeze(-1)
+    w_fp = torch.exp(lse_fp - total).unsqueeze(-1)
+    return (out.float() * w_packed + out_fp * w_fp).to(query.dtype)
+

@@ -103,3 +103,20 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
         if hasattr(module, "layer_idx") and (hasattr(module, "q_proj") or hasattr(module, "qkv_proj")):
             found.append(module)
     return sorted(found, key=lambda m: m.layer_idx)
+
+
+# ----------------------------------------------------------------------------------------------- decoder layers
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers (a ``ModuleList``) of a causal LM, through the public ``get_decoder()``."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} exposes no decoder layer list (get_decoder().layers)")
+    return layers
+
+
+def layer_output_hidden(output: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returns (a tensor in transformers 5.x, a tuple's first item before)."""
+    return output[0] if isinstance(output, tuple) else output

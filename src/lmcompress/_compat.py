@@ -14,7 +14,8 @@ What is used:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -120,3 +121,23 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 def layer_output_hidden(output: Any) -> torch.Tensor:
     """The hidden states a decoder layer returns (a tensor in transformers 5.x, a tuple's first item before)."""
     return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def detached_hf_quantizer(model: torch.nn.Module) -> Iterator[None]:
+    """Hide ``model.hf_quantizer`` for the block.
+
+    A model loaded from a GGUF file keeps transformers' GGUF quantizer (its weights were dequantized on load),
+    and ``save_pretrained`` refuses such models as "not serializable". Once lmcompress has re-quantized the
+    weights that quantizer no longer describes them, so saving goes through with it hidden.
+    """
+    had = "hf_quantizer" in vars(model)
+    previous = getattr(model, "hf_quantizer", None)
+    model.hf_quantizer = None
+    try:
+        yield
+    finally:
+        if had:
+            model.hf_quantizer = previous
+        else:
+            del model.hf_quantizer

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._compat import decoder_layers
+from .._compat import decoder_layers, detached_hf_quantizer
 from ..errors import LMCompressError, ModelFileError
 from .config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, RTNConfig
 from .linear import WQLinear
@@ -104,7 +104,8 @@ def save_quantized(
             for k, v in model.state_dict().items()
         }
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        with detached_hf_quantizer(model):
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if dtype is not None:
             config_path = tmp / "config.json"
             data = json.loads(config_path.read_text())

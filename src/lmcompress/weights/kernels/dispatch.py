@@ -40,8 +40,14 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
 
+    def label(self) -> str:
+        """Short form, e.g. ``gemv n256 k32 s8 w4 st1``."""
+        m = f" m{self.block_m}" if self.kind == "gemm" else ""
+        return f"{self.kind}{m} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
 
-def _sm_count(device: torch.device) -> int:
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (8 stands in elsewhere, e.g. under the interpreter)."""
     if device.type != "cuda":
         return 8
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -59,9 +65,8 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def candidates(m: int, n: int, k: int, group: int, device: torch.device) -> list[KernelConfig]:
-    """Configurations worth timing for an ``[m, k] x [k, n]`` product."""
-    sms = _sm_count(device)
+def candidates(m: int, n: int, k: int, group: int, sms: int) -> list[KernelConfig]:
+    """Configurations worth timing for an ``[m, k] x [k, n]`` product on a device with ``sms`` multiprocessors."""
     n_groups = k // group
     found: list[KernelConfig] = []
     if m <= 8:
@@ -97,9 +102,8 @@ def candidates(m: int, n: int, k: int, group: int, device: torch.device) -> list
     return found
 
 
-def default_config(m: int, n: int, k: int, group: int, device: torch.device) -> KernelConfig:
+def default_config(m: int, n: int, k: int, group: int, sms: int) -> KernelConfig:
     """The configuration used without tuning: GEMV for one row, GEMM up to 256 rows, dequantize + cuBLAS above."""
-    sms = _sm_count(device)
     n_groups = k // group
     if m <= 1:
         return KernelConfig(
@@ -131,7 +135,7 @@ def launch(
         w = torch.empty(k, n, device=x.device, dtype=x.dtype)
         grid = (k // cfg.block_k, triton.cdiv(n, cfg.block_n))
         dequant_kernel[grid](
-            qweight, qzeros, scales, w, n, GROUP=group_size, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n
+            qweight, qzeros, scales, w, n, n // 8, GROUP=group_size, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n
         )
         out = x @ w
         return out + bias.to(out.dtype) if bias is not None else out
@@ -146,14 +150,14 @@ def launch(
     if cfg.kind == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         gemv_kernel[grid](
-            x, qweight, qzeros, scales, target, bias_arg, n, k, x.stride(0), n, m * n, groups_per_split,
+            x, qweight, qzeros, scales, target, bias_arg, n, n // 8, k, x.stride(0), n, m * n, groups_per_split,
             GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, HAS_BIAS=has_bias,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     elif cfg.kind == "gemm":
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
         gemm_kernel[grid](
-            x, qweight, qzeros, scales, target, bias_arg, m, n, k, x.stride(0), n, m * n, groups_per_split,
+            x, qweight, qzeros, scales, target, bias_arg, m, n, n // 8, k, x.stride(0), n, m * n, groups_per_split,
             GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
             HAS_BIAS=has_bias, IS_BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -191,7 +195,7 @@ def tune(
     m, k = x.shape
     n = scales.shape[1]
     timings: dict[KernelConfig, float] = {}
-    for cfg in candidates(m, n, k, group_size, x.device):
+    for cfg in candidates(m, n, k, group_size, sm_count(x.device)):
         try:
             timings[cfg] = _bench_ms(
                 lambda cfg=cfg: launch(x, qweight, qzeros, scales, group_size, bias, cfg)
@@ -221,7 +225,7 @@ def w4a16_matmul(
         config = _TUNED.get(key)
         if config is None:
             if os.environ.get("LMCOMPRESS_W4A16_TUNE", "1") == "0" or x.device.type != "cuda":
-                config = default_config(m, n, k, group_size, x.device)
+                config = default_config(m, n, k, group_size, sm_count(x.device))
             else:
                 config, _ = tune(x, qweight, qzeros, scales, group_size, bias)
             _TUNED[key] = config

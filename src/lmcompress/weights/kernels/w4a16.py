@@ -3,9 +3,12 @@
 ``out[m, n] = sum_k x[m, k] * (code[k, n] - zero[g, n]) * scale[g, n]`` with ``g = k // GROUP``.
 
 * ``gemv_kernel``: small batches. One program per (block of ``BLOCK_N`` outputs, slice of K, row m). Each
-  thread keeps a ``[BLOCK_K, BLOCK_N]`` fp32 partial-sum tile and reduces it once at the end; codes become
-  floats with the exponent trick (``code | 0x4B000000`` read as fp32 is ``2**23 + code``, exactly), the zero
-  point (plus ``2**23``) is subtracted per element and the scale applied once per group.
+  thread keeps a ``[BLOCK_K, BLOCK_N]`` fp32 partial-sum tile and reduces it once at the end. Codes become
+  floats with one bitwise op each: nibble ``p`` is masked in place in the low or high half-word
+  (``word >> 16`` once per word) and or-ed with ``0x4B000000``, which read as fp32 is ``2**23 + code * 16**(p%4)``
+  exactly; subtracting ``2**23 + zero * 16**(p%4)`` is exact too, and ``scale / 16**(p%4)`` is applied once
+  per group. Elements come out in the packed order (nibble ``p`` is column ``AWQ_ORDER[p]``), so scales are
+  loaded and outputs stored at permuted column offsets.
 * ``gemm_kernel``: larger batches, tensor cores. Codes become 16-bit floats the same way (``0x4300`` for
   bfloat16: ``128 + code``; ``0x6400`` for float16: ``1024 + code``, both exact), ``tl.dot`` accumulates
   ``x . (offset + code)`` in fp32 per group (products exact) and the epilogue applies
@@ -14,6 +17,7 @@
   write fp32 partial sums ``[split, M, N]`` that ``splitk_reduce_kernel`` adds up (bias and cast there).
 * ``dequant_kernel``: weight ``[K, N]`` in the activation dtype, for large batches where a cuBLAS GEMM wins.
 
+``n_words = N // 8`` is passed separately so that Triton sees its divisibility and issues wide (16-byte) loads.
 Packed words are loaded ``[BLOCK_K, BLOCK_N // 8]`` (contiguous along N) and each word is repeated 8 times
 with ``tl.interleave``; column ``j`` of a block of 8 takes nibble ``AWQ_NIBBLE_OF_COLUMN[j] = (j % 2) * 4 + j // 2``.
 """
@@ -38,7 +42,7 @@ def _nibble_shifts(BLOCK_N: tl.constexpr):
     return ((j % 2) * 4 + j // 2) * 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_split", "groups_per_split"])
 def gemv_kernel(
     x_ptr,
     qw_ptr,
@@ -47,6 +51,7 @@ def gemv_kernel(
     out_ptr,
     bias_ptr,
     N,
+    n_words,
     K,
     stride_xm,
     stride_om,
@@ -62,40 +67,46 @@ def gemv_kernel(
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     PACKED_N: tl.constexpr = BLOCK_N // 8
-    n_words = N // 8
     offs_w = pid_n * PACKED_N + tl.arange(0, PACKED_N)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     w_mask = offs_w < n_words
-    n_mask = offs_n < N
-    shifts = _nibble_shifts(BLOCK_N)
+    # Element j of a tile is nibble p = j % 8 of word j // 8, i.e. output column 8 * (j // 8) + AWQ_ORDER[p].
+    j = tl.arange(0, BLOCK_N)
+    p = j % 8
+    cols = pid_n * BLOCK_N + (j // 8) * 8 + (p % 4) * 2 + p // 4
+    n_mask = cols < N
+    masks = 0xF << (4 * (p % 4))  # nibble p sits at bits 4 * (p % 4) of the low (p < 4) or high half-word
+    place = (1 << (4 * (p % 4))).to(tl.float32)  # the masked code is code * place
     offs_k = tl.arange(0, BLOCK_K)
     g_start = pid_k * groups_per_split
     g_end = tl.minimum(g_start + groups_per_split, K // GROUP)
     x_row = x_ptr + pid_m * stride_xm
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for g in range(g_start, g_end):
-        scale = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        scale = tl.load(s_ptr + g * N + cols, mask=n_mask, other=0.0).to(tl.float32) / place
         zwords = _repeat8(tl.load(qz_ptr + g * n_words + offs_w, mask=w_mask, other=0))
-        zero = ((zwords >> shifts) & 0xF).to(tl.float32) + 8388608.0
+        zero = ((zwords >> (4 * p)) & 0xF).to(tl.float32) * place + 8388608.0
         acc_g = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for kk in tl.static_range(0, GROUP, BLOCK_K):
             rows = g * GROUP + kk + offs_k
             words = tl.load(qw_ptr + rows[:, None] * n_words + offs_w[None, :], mask=w_mask[None, :], other=0)
-            bits = ((_repeat8(words) >> shifts[None, :]) & 0xF) | 0x4B000000
-            w = bits.to(tl.float32, bitcast=True) - zero[None, :]
+            halves = tl.reshape(tl.join(words, words >> 16), (BLOCK_K, 2 * PACKED_N))  # low, high, low, ...
+            halves = tl.interleave(halves, halves)
+            halves = tl.interleave(halves, halves)  # each half-word 4 times: nibbles 0-3, then 4-7
+            bits = (halves & masks[None, :]) | 0x4B000000  # 2**23 + code * place, as fp32 bits
+            w = bits.to(tl.float32, bitcast=True) - zero[None, :]  # (code - zero) * place, exact
             xk = tl.load(x_row + rows).to(tl.float32)
             acc_g += xk[:, None] * w
         acc += acc_g * scale[None, :]
     out = tl.sum(acc, axis=0)
     if SPLIT:
-        tl.store(out_ptr + pid_k * stride_split + pid_m * stride_om + offs_n, out, mask=n_mask)
+        tl.store(out_ptr + pid_k * stride_split + pid_m * stride_om + cols, out, mask=n_mask)
     else:
         if HAS_BIAS:
-            out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + pid_m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+            out += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + pid_m * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "stride_split", "groups_per_split"])
 def gemm_kernel(
     x_ptr,
     qw_ptr,
@@ -105,6 +116,7 @@ def gemm_kernel(
     bias_ptr,
     M,
     N,
+    n_words,
     K,
     stride_xm,
     stride_om,
@@ -124,7 +136,6 @@ def gemm_kernel(
     pid_m = pid // num_n
     pid_n = pid % num_n
     PACKED_N: tl.constexpr = BLOCK_N // 8
-    n_words = N // 8
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_w = pid_n * PACKED_N + tl.arange(0, PACKED_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -186,12 +197,19 @@ def splitk_reduce_kernel(
 
 @triton.jit
 def dequant_kernel(
-    qw_ptr, qz_ptr, s_ptr, w_ptr, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    w_ptr,
+    N,
+    n_words,
+    GROUP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     PACKED_N: tl.constexpr = BLOCK_N // 8
-    n_words = N // 8
     rows = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_w = pid_n * PACKED_N + tl.arange(0, PACKED_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

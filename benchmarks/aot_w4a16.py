@@ -36,11 +36,13 @@ def compile_config(cfg, dtype: str = "bf16", group: int = 128):
               "out_ptr": "*fp32" if split else f"*{dtype}", "bias_ptr": f"*{dtype}"}  # fmt: skip
     if cfg.kind == "gemv":
         fn = kernels.gemv_kernel
+        common.update(out_ptr=f"*{dtype}", ws_ptr="*fp32", cnt_ptr="*i32")
+        mode = (2 if cfg.fused_reduce else 1) if split else 0
         consts = {
             "GROUP": group,
             "BLOCK_N": cfg.block_n,
             "BLOCK_K": cfg.block_k,
-            "SPLIT": split,
+            "SPLIT": mode,
             "HAS_BIAS": False,
         }
     elif cfg.kind == "gemm":
@@ -84,6 +86,7 @@ def main() -> None:
                 cfg.block_n,
                 cfg.block_k,
                 cfg.split_k > 1,
+                cfg.fused_reduce,
                 cfg.num_warps,
                 cfg.num_stages,
             )

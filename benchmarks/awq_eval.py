@@ -26,7 +26,7 @@ import torch
 
 from lmcompress.models import load_model
 from lmcompress.weights import AWQConfig, RTNConfig, WQLinear, quantize_
-from lmcompress.weights.evaluate import evaluate_lm, held_out_ids
+from lmcompress.weights.evaluate import evaluate_lm, held_out_ids, start_tokens
 
 
 class RSSSampler:
@@ -96,7 +96,8 @@ def main() -> None:
     reference, tokenizer = load_model(args.model, dtype=dtype, device=device)
     load_s = time.perf_counter() - t0
     ids = held_out_ids(tokenizer, "lee-test", args.max_tokens)
-    ref_quality = evaluate_lm(reference, ids, window=args.window)
+    prefix = start_tokens(tokenizer)
+    ref_quality = evaluate_lm(reference, ids, window=args.window, prefix=prefix)
     print(f"loaded {args.model} in {load_s:.1f} s; reference perplexity {ref_quality.perplexity:.3f} "
           f"on {ref_quality.tokens} tokens", flush=True)  # fmt: skip
     fmt = dict(bits=4, group_size=args.group_size, zero_point=True)
@@ -114,7 +115,7 @@ def main() -> None:
             torch.cuda.synchronize()
         with RSSSampler() as rss:
             report = quantize_(model, config, tokenizer=tokenizer, device=device, progress=False)
-        quality = evaluate_lm(model, ids, reference=reference, window=args.window)
+        quality = evaluate_lm(model, ids, reference=reference, window=args.window, prefix=prefix)
         packed, plain = linear_bytes(model)
         row = {
             "method": name,
@@ -145,6 +146,7 @@ def main() -> None:
         "dtype": str(dtype),
         "text": "lee-test",
         "window": args.window,
+        "window_prefix": prefix,
         "reference_perplexity": ref_quality.perplexity,
         "tokens": ref_quality.tokens,
         "load_seconds": load_s,

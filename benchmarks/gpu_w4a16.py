@@ -95,9 +95,12 @@ def measure(k, n, m, sms, qweight, qzeros, scales, w_deq, w_bf16, tg_packed, tg_
         "ours_rel_err": rel_err(launch(x, qweight, qzeros, scales, GROUP, None, best), ref),
         "ours_config": best.label(),
         "best_per_kind_us": {
-            kind: min((t for c, t in timings.items() if c.kind == kind), default=None)
-            for kind in ("gemv", "gemm", "dequant")
+            "gemv (2 kernels)": min((t for c, t in timings.items() if c.kind == "gemv" and not c.fused_reduce), default=None),
+            "gemv (fused split-K)": min((t for c, t in timings.items() if c.kind == "gemv" and c.fused_reduce), default=None),
+            "gemm": min((t for c, t in timings.items() if c.kind == "gemm"), default=None),
+            "dequant+cuBLAS": min((t for c, t in timings.items() if c.kind == "dequant"), default=None),
         },
+        "candidate_us": {c.label(): t for c, t in sorted(timings.items(), key=lambda kv: kv[1])},
         "candidates_ok": len(timings),
         "weight_bytes": qweight.numel() * 4 + qzeros.numel() * 4 + scales.numel() * 2,
     }  # fmt: skip

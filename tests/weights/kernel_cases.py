@@ -12,14 +12,16 @@ import torch
 from lmcompress.weights.packing import dequantize_gemm, pack_gemm
 from lmcompress.weights.quantizer import quantize_weight
 
-# (M, N, K, group, kind, block_m, block_n, block_k, split_k, bias)
+# (M, N, K, group, kind, block_m, block_n, block_k, split_k, bias, fused split-K reduction)
 SMALL_CASES = [
-    (1, 64, 128, 32, "gemv", 1, 32, 16, 1, False),
-    (3, 64, 256, 64, "gemv", 1, 32, 16, 2, True),
-    (1, 48, 256, 64, "gemv", 1, 64, 32, 4, False),  # N not a multiple of the block
-    (5, 64, 128, 32, "gemm", 16, 32, 16, 1, False),
-    (17, 48, 256, 64, "gemm", 16, 32, 32, 3, True),
-    (20, 64, 128, 32, "dequant", 16, 32, 16, 1, True),
+    (1, 64, 128, 32, "gemv", 1, 32, 16, 1, False, False),
+    (3, 64, 256, 64, "gemv", 1, 32, 16, 2, True, False),
+    (1, 48, 256, 64, "gemv", 1, 64, 32, 4, False, False),  # N not a multiple of the block
+    (2, 64, 256, 32, "gemv", 1, 32, 16, 8, True, True),
+    (1, 48, 256, 64, "gemv", 1, 32, 32, 3, False, True),
+    (5, 64, 128, 32, "gemm", 16, 32, 16, 1, False, False),
+    (17, 48, 256, 64, "gemm", 16, 32, 32, 3, True, False),
+    (20, 64, 128, 32, "dequant", 16, 32, 16, 1, True, False),
 ]
 
 
@@ -43,11 +45,15 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 def run_case(case, dtype, device):
     from lmcompress.weights.kernels.dispatch import KernelConfig, launch
 
-    m, n, k, group, kind, bm, bn, bk, split, bias = case
+    m, n, k, group, kind, bm, bn, bk, split, bias, fused = case
     x, qweight, qzeros, scales, b, reference = random_problem(m, n, k, group, dtype, bias, device)
-    out = launch(x, qweight, qzeros, scales, group, b, KernelConfig(kind, bm, bn, bk, split, 4, 2))
+    cfg = KernelConfig(kind, bm, bn, bk, split, 4, 2, fused)
+    out = launch(x, qweight, qzeros, scales, group, b, cfg)
     assert out.dtype == dtype and out.shape == (m, n)
-    return relative_error(out, reference)
+    err = relative_error(out, reference)
+    if fused:  # a second call reuses the counters the first one left at zero
+        err = max(err, relative_error(launch(x, qweight, qzeros, scales, group, b, cfg), reference))
+    return err
 
 
 def interpret_main() -> int:

@@ -172,3 +172,26 @@ def test_capture_records_every_layer_and_restores_them():
     cos_sliding = kwargs[0]["position_embeddings"][0]
     cos_full = kwargs[3]["position_embeddings"][0]
     assert cos_sliding.shape[0] == 1 and not torch.equal(cos_sliding, cos_full)
+
+
+def test_start_tokens_prefix_every_block_and_window():
+    from lmcompress.weights.calibration import calibration_tokens
+    from lmcompress.weights.evaluate import evaluate_lm, start_tokens
+
+    class BosTokenizer:  # adds <bos>=2 by default, like Gemma's
+        def __call__(self, text, add_special_tokens=True):
+            ids = [3 + (b % 200) for b in text.encode("latin-1", "replace")]
+            return {"input_ids": ([2] if add_special_tokens else []) + ids}
+
+    tok = BosTokenizer()
+    assert start_tokens(tok) == [2]
+    try:
+        blocks = calibration_tokens(tok, "lee", 3, 16, seed=0)
+    except Exception as exc:
+        pytest.skip(f"lee corpus unavailable: {exc}")
+    assert blocks.shape == (3, 16) and (blocks[:, 0] == 2).all() and (blocks[:, 1:] != 2).all()
+    model = tiny("llama")
+    ids = torch.arange(3, 3 + 40)
+    quality = evaluate_lm(model, ids, window=11, prefix=[2])
+    assert quality.windows == 4 and quality.tokens == 40  # every text token scored, the prefix never
+    assert evaluate_lm(model, ids, window=10).tokens == 4 * 9  # no prefix: a window's first token is context

@@ -24,11 +24,25 @@ def test_small_cases(case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 4, 16, 64, 300])
 @pytest.mark.parametrize(("n", "k", "group"), [(4096, 4096, 128), (1536, 576, 64), (2048, 14336, 128)])
-def test_tuned_dispatch(m, n, k, group, dtype):
-    from lmcompress.weights.kernels import w4a16_matmul
+def test_default_dispatch(m, n, k, group, dtype, monkeypatch):
+    from lmcompress.weights.kernels import dispatch
 
+    monkeypatch.setenv("LMCOMPRESS_W4A16_TUNE", "0")
+    monkeypatch.setattr(dispatch, "_TUNED", {})
     x, qweight, qzeros, scales, b, reference = random_problem(m, n, k, group, dtype, True, "cuda")
-    out = w4a16_matmul(x, qweight, qzeros, scales, group, b)
+    out = dispatch.w4a16_matmul(x, qweight, qzeros, scales, group, b)
+    assert relative_error(out, reference) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_tuner_keeps_a_correct_fast_config(m, monkeypatch):
+    from lmcompress.weights.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "_TUNED", {})
+    x, qweight, qzeros, scales, b, reference = random_problem(m, 4096, 4096, 128, torch.bfloat16, False, "cuda")
+    best, timings = dispatch.tune(x, qweight, qzeros, scales, 128, None)
+    assert timings[best] == min(timings.values())
+    out = dispatch.w4a16_matmul(x, qweight, qzeros, scales, 128)
     assert relative_error(out, reference) < 1e-2
 
 

@@ -32,7 +32,9 @@ def calibration_tokens(
     """``[n_samples, seq_len]`` token ids for calibration.
 
     Text sources: the documents are shuffled with ``seed``, joined by blank lines, tokenized once and cut into
-    consecutive blocks of ``seq_len``; the first ``n_samples`` blocks are returned. ``random``: uniform ids in
+    consecutive blocks; the first ``n_samples`` are returned. A tokenizer that starts every text with special
+    tokens (Gemma's ``<bos>``) gets them at the start of every block (``seq_len`` includes them), so the layers
+    see the activations they see in use. ``random``: uniform ids in
     ``[0, vocab_size)`` from a generator seeded with ``seed`` (only meaningful for timing random-weight models).
 
     Raises:
@@ -48,17 +50,21 @@ def calibration_tokens(
             f"calib_source={source!r} needs a tokenizer; pass tokenizer=..., or calib_source='random' for timing runs"
         )
     from ..eval.text import documents
+    from .evaluate import start_tokens
 
     docs = documents(source)
     random.Random(seed).shuffle(docs)
     ids = tokenizer("\n\n".join(docs), add_special_tokens=False)["input_ids"]
-    available = len(ids) // seq_len
+    prefix = start_tokens(tokenizer)
+    text_len = seq_len - len(prefix)
+    available = len(ids) // text_len if text_len > 0 else 0
     if available < n_samples:
         raise LMCompressError(
-            f"calib_samples={n_samples} x calib_seq_len={seq_len} needs {n_samples * seq_len} tokens but text source "
-            f"{source!r} has {len(ids)}; allowed: calib_samples <= {available} at this length"
+            f"calib_samples={n_samples} x calib_seq_len={seq_len} needs {n_samples * text_len} text tokens but "
+            f"source {source!r} has {len(ids)}; allowed: calib_samples <= {available} at this length"
         )
-    return torch.tensor(ids[: n_samples * seq_len], dtype=torch.long).reshape(n_samples, seq_len)
+    text = torch.tensor(ids[: n_samples * text_len], dtype=torch.long).reshape(n_samples, text_len)
+    return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(n_samples, -1), text], dim=1)
 
 
 class _StopForward(Exception):

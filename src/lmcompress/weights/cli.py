@@ -136,7 +136,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from ..models import load_model
     from .checkpoint import load_quantized
-    from .evaluate import evaluate_lm, held_out_ids
+    from .evaluate import evaluate_lm, held_out_ids, start_tokens
 
     folder = Path(args.checkpoint)
     reference_name = args.reference
@@ -155,11 +155,12 @@ def run_eval(args: argparse.Namespace) -> int:
             f"checkpoint {str(folder)!r} has no tokenizer and no --reference model gives one"
         )
     ids = held_out_ids(tokenizer, args.text, args.max_tokens)
+    prefix = start_tokens(tokenizer)
     result: dict[str, Any] = {
-        "quantized": evaluate_lm(model, ids, reference=reference, window=args.window).to_dict()
+        "quantized": evaluate_lm(model, ids, reference=reference, window=args.window, prefix=prefix).to_dict()
     }
     if reference is not None:
-        result["reference"] = evaluate_lm(reference, ids, window=args.window).to_dict()
+        result["reference"] = evaluate_lm(reference, ids, window=args.window, prefix=prefix).to_dict()
         result["reference_model"] = reference_name
     if args.json:
         print(json.dumps(result, indent=2))

@@ -30,6 +30,8 @@ class KernelConfig:
         block_m / block_n / block_k: tile sizes (``block_k`` must divide the group size).
         split_k: programs along K (each takes whole groups); > 1 adds a reduction kernel.
         num_warps / num_stages: Triton launch options.
+        fused_reduce: (GEMV with split_k > 1) the last program of each output block adds the partial sums,
+            instead of a second kernel.
     """
 
     kind: str
@@ -39,6 +41,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    fused_reduce: bool = False
 
     def label(self) -> str:
         """Short form, e.g. ``gemv n256 k32 s8 w4 st1``."""
@@ -83,6 +86,9 @@ def candidates(m: int, n: int, k: int, group: int, sms: int) -> list[KernelConfi
             programs = triton.cdiv(n, block_n) * m
             splits = {1, _split_for(programs, n_groups, sms, 2), _split_for(programs, n_groups, sms, 4)}
             found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1) for s in sorted(splits)]
+            found += [
+                KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, True) for s in sorted(splits) if s > 1
+            ]
     block_m = max(16, min(64, _next_pow2(m)))
     for block_n, block_k, warps, stages in (
         (64, 64, 4, 3),
@@ -118,6 +124,24 @@ def default_config(m: int, n: int, k: int, group: int, sms: int) -> KernelConfig
     return KernelConfig("dequant", block_n=128, block_k=min(32, group))
 
 
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _zeroed_counters(device: torch.device, size: int) -> torch.Tensor:
+    """An int32 buffer of at least ``size`` zeros for the fused split-K reduction, one per (device, stream).
+
+    Kernels leave their counters at 0 when they finish, so the buffer is zeroed once, when allocated. Calls on
+    one stream run one after another; each stream has its own buffer.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < size:
+        buf = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
 def launch(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -147,12 +171,15 @@ def launch(
     target = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else out
     has_bias = bias is not None
     bias_arg = bias if has_bias else out
+    fused = cfg.kind == "gemv" and cfg.fused_reduce and split > 1
     if cfg.kind == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), split, m)
+        counters = _zeroed_counters(x.device, grid[0] * m) if fused else out
+        mode = 2 if fused else int(split > 1)
         gemv_kernel[grid](
-            x, qweight, qzeros, scales, target, bias_arg, n, n // 8, k, x.stride(0), n, m * n, groups_per_split,
-            GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1, HAS_BIAS=has_bias,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            x, qweight, qzeros, scales, out, bias_arg, target, counters, n, n // 8, k, x.stride(0), n, m * n,
+            groups_per_split, GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=mode,
+            HAS_BIAS=has_bias, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     elif cfg.kind == "gemm":
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
@@ -163,7 +190,7 @@ def launch(
         )  # fmt: skip
     else:
         raise ValueError(f"kernel kind {cfg.kind!r} is unknown; allowed: {', '.join(KINDS)}")
-    if split > 1:
+    if split > 1 and not fused:
         block = 1024
         splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
             target, out, bias_arg, m * n, n, split, HAS_BIAS=has_bias, BLOCK=block
@@ -191,19 +218,32 @@ def tune(
     x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
     bias: torch.Tensor | None,
 ) -> tuple[KernelConfig, dict[KernelConfig, float]]:  # fmt: skip
-    """Time every candidate on these inputs; returns the fastest and all timings (ms; failures left out)."""
+    """Time every candidate on these inputs; returns the fastest and all timings (ms).
+
+    Each candidate's output is first checked against the torch reference (dequantize, then matmul): one that
+    fails to compile or run, or whose relative error reaches 1e-2, is left out.
+    """
+    from ..packing import dequantize_gemm
+
     m, k = x.shape
     n = scales.shape[1]
+    reference = x.float() @ dequantize_gemm(qweight, qzeros, scales, group_size)
+    if bias is not None:
+        reference += bias.float()
+    ref_norm = float(reference.norm()) or 1.0
     timings: dict[KernelConfig, float] = {}
     for cfg in candidates(m, n, k, group_size, sm_count(x.device)):
         try:
+            out = launch(x, qweight, qzeros, scales, group_size, bias, cfg)
+            if not float((out.float() - reference).norm()) / ref_norm < 1e-2:
+                continue
             timings[cfg] = _bench_ms(
                 lambda cfg=cfg: launch(x, qweight, qzeros, scales, group_size, bias, cfg)
             )
         except Exception:  # e.g. a tile that needs more shared memory than the device has
             continue
     if not timings:
-        raise RuntimeError(f"no W4A16 kernel configuration ran for M={m}, N={n}, K={k}")
+        raise RuntimeError(f"no W4A16 kernel configuration ran correctly for M={m}, N={n}, K={k}")
     return min(timings, key=timings.get), timings
 
 

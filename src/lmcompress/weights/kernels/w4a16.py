@@ -14,7 +14,9 @@
   ``x . (offset + code)`` in fp32 per group (products exact) and the epilogue applies
   ``(acc - (zero + offset) * sum(x)) * scale``.
 * Split-K: programs with ``pid_k`` take whole groups ``[pid_k * gps, (pid_k + 1) * gps)``; with ``SPLIT`` they
-  write fp32 partial sums ``[split, M, N]`` that ``splitk_reduce_kernel`` adds up (bias and cast there).
+  write fp32 partial sums ``[split, M, N]`` that ``splitk_reduce_kernel`` adds up (bias and cast there). The
+  GEMV can instead reduce in the same launch (``SPLIT == 2``): each program counts itself in with an atomic on
+  a per-(row, column block) int32 counter and the last one sums the partials and resets the counter to 0.
 * ``dequant_kernel``: weight ``[K, N]`` in the activation dtype, for large batches where a cuBLAS GEMM wins.
 
 ``n_words = N // 8`` is passed separately so that Triton sees its divisibility and issues wide (16-byte) loads.
@@ -50,6 +52,8 @@ def gemv_kernel(
     s_ptr,
     out_ptr,
     bias_ptr,
+    ws_ptr,
+    cnt_ptr,
     N,
     n_words,
     K,
@@ -98,12 +102,27 @@ def gemv_kernel(
             acc_g += xk[:, None] * w
         acc += acc_g * scale[None, :]
     out = tl.sum(acc, axis=0)
-    if SPLIT:
-        tl.store(out_ptr + pid_k * stride_split + pid_m * stride_om + cols, out, mask=n_mask)
-    else:
+    if SPLIT == 0:
         if HAS_BIAS:
             out += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + pid_m * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(ws_ptr + pid_k * stride_split + pid_m * stride_om + cols, out, mask=n_mask)
+        if SPLIT == 2:
+            # The last program of this (row, column block) to finish adds the partial sums up, then resets the
+            # counter for the next call. The barrier orders all threads' stores before the release.
+            tl.debug_barrier()
+            counter = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
+            n_split = tl.num_programs(1)
+            if tl.atomic_add(counter, 1, sem="acq_rel") == n_split - 1:
+                total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for s in range(0, n_split):
+                    part = ws_ptr + s * stride_split + pid_m * stride_om + cols
+                    total += tl.load(part, mask=n_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
+                tl.store(out_ptr + pid_m * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+                tl.atomic_xchg(counter, 0, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["M", "stride_split", "groups_per_split"])

@@ -215,3 +215,23 @@ def test_float16_storage(saved, tmp_path, tokens):
 def test_save_requires_a_quantized_model(tmp_path):
     with pytest.raises(LMCompressError, match="run quantize_"):
         save_quantized(tiny("llama"), tmp_path / "x")
+
+
+def test_tied_head_is_stored_once(tmp_path, tokens):
+    from transformers import AutoModelForCausalLM
+
+    config = tiny("llama").config
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    quantize_(model, RTNConfig(group_size=32), progress=False)
+    for dtype in (None, torch.float16):
+        folder = save_quantized(model, tmp_path / f"tied-{dtype}", dtype=dtype)
+        assert "lm_head.weight" not in read_safetensors(folder / "model.safetensors")
+        loaded, _ = load_quantized(folder, dtype=torch.float32)
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        with torch.no_grad():
+            expected = model(tokens).logits
+            got = loaded(tokens).logits
+        assert torch.equal(got, expected) if dtype is None else torch.allclose(got, expected, atol=5e-3, rtol=1e-2)

@@ -99,10 +99,12 @@ def save_quantized(
         raise LMCompressError("model has a quantization_config but no WQLinear modules; nothing to save")
     state_dict = None
     if dtype is not None:
-        state_dict = {
-            k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v
-            for k, v in model.state_dict().items()
-        }
+        state_dict, seen = {}, set()
+        for k, v in model.state_dict().items():
+            if v.numel() and v.data_ptr() in seen:  # a tied copy (lm_head = embeddings): the tie restores it
+                continue
+            seen.add(v.data_ptr())
+            state_dict[k] = v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
         with detached_hf_quantizer(model):
             model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)

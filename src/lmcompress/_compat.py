@@ -14,7 +14,8 @@ What is used:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -129,3 +130,40 @@ def rotary_cos_sin(rotary: torch.nn.Module, config: Any, layer_idx: int, positio
     else:
         cos, sin = rotary(x, pos)
     return cos[0].float(), sin[0].float()
+
+
+# ----------------------------------------------------------------------------------------------- decoder layers
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers (a ``ModuleList``) of a causal LM, through the public ``get_decoder()``."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} exposes no decoder layer list (get_decoder().layers)")
+    return layers
+
+
+def layer_output_hidden(output: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returns (a tensor in transformers 5.x, a tuple's first item before)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def detached_hf_quantizer(model: torch.nn.Module) -> Iterator[None]:
+    """Hide ``model.hf_quantizer`` for the block.
+
+    A model loaded from a GGUF file keeps transformers' GGUF quantizer (its weights were dequantized on load),
+    and ``save_pretrained`` refuses such models as "not serializable". Once lmcompress has re-quantized the
+    weights that quantizer no longer describes them, so saving goes through with it hidden.
+    """
+    had = "hf_quantizer" in vars(model)
+    previous = getattr(model, "hf_quantizer", None)
+    model.hf_quantizer = None
+    try:
+        yield
+    finally:
+        if had:
+            model.hf_quantizer = previous
+        else:
+            del model.hf_quantizer

@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--store", required=True)
     r.add_argument("--out", default="out/report")
     r.set_defaults(func=cmd_report)
+
+    from .weights.cli import add_awq_subcommands
+
+    add_awq_subcommands(sub)
     return parser
 
 

@@ -1,0 +1,203 @@
+"""W4A16 kernels on CUDA: correctness of every kernel configuration and speed against bf16 cuBLAS and torch's
+int4 tinygemm (``torch.ops.aten._weight_int4pack_mm``), for the Llama-3.1-8B linear shapes.
+
+    python benchmarks/gpu_w4a16.py --out DIR        # writes DIR/gpu_w4a16.json, prints a table
+
+For each shape (K x N = in x out features) and batch M: random bf16 weights are quantized to AWQ 4-bit, group
+128; every candidate configuration of the tuner runs once against the dequantize-then-matmul reference (relative
+Frobenius error must stay < 1e-2) and is timed with ``triton.testing.do_bench`` (median, L2 flushed between
+runs; whole calls, split-K reduction included). The fastest is "ours"; bf16 cuBLAS (``F.linear`` on the
+dequantized weight) and tinygemm (same random weight, its own int4 format, group 128, inner_k_tiles 8) are timed
+the same way in the same run. Takes 2-4 minutes on an H100 (mostly Triton compilation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_SRC = Path(__file__).resolve().parents[1] / "src"
+if _SRC.is_dir():  # this checkout's code, even where another lmcompress is installed
+    sys.path.insert(0, str(_SRC))
+
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+from lmcompress.weights.kernels.dispatch import candidates, launch, sm_count  # noqa: E402
+from lmcompress.weights.packing import dequantize_gemm, pack_gemm  # noqa: E402
+from lmcompress.weights.quantizer import quantize_weight  # noqa: E402
+
+SHAPES = ((4096, 14336), (14336, 4096), (4096, 4096))  # (K, N)
+BATCHES = (1, 4, 16, 64)
+GROUP = 128
+
+
+SMOKE = False  # --cpu-smoke: tiny shapes under TRITON_INTERPRET=1, wall-clock timing (checks the script only)
+
+
+def bench_us(fn, rep: int = 100) -> float:
+    if SMOKE:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e6
+    return float(do_bench(fn, warmup=25, rep=rep, return_mode="median")) * 1e3
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref).norm() / ref.norm())
+
+
+def tinygemm_pack(w: torch.Tensor, group: int):
+    """torch's int4 format (as in torch's own tests): codes q in [0, 15], w ~ (q - 8) * scale + zero.
+
+    Returns (packed weight, scales_and_zeros [K/group, N, 2] bf16, dequantized weight [N, K] fp32)."""
+    n, k = w.shape
+    wg = w.float().reshape(n, k // group, group)
+    w_max, w_min = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
+    scale = (w_max - w_min).clamp(min=1e-6) / 15
+    zero = w_min + scale * 8
+    q = ((wg - w_min) / scale).round().clamp(0, 15).to(torch.int32)
+    dequant = ((q - 8) * scale + zero).reshape(n, k)
+    q = q.reshape(n, k)
+    packed_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()
+    packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8)
+    scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return packed, scales_and_zeros, dequant
+
+
+def measure(k, n, m, sms, qweight, qzeros, scales, w_deq, w_bf16, tg_packed, tg_sz, tg_deq, failures) -> dict:
+    """Check and time every candidate for one (K, N, M), then ours / bf16 / tinygemm."""
+    x = torch.randn(m, k, device=qweight.device, dtype=torch.bfloat16)
+    ref = x.float() @ w_deq
+    timings = {}
+    for cfg in candidates(m, n, k, GROUP, sms):
+        try:
+            err = rel_err(launch(x, qweight, qzeros, scales, GROUP, None, cfg), ref)
+        except Exception as exc:
+            failures.append({"K": k, "N": n, "M": m, "config": repr(cfg), "error": str(exc).splitlines()[0]})
+            continue
+        if not err < 1e-2:
+            failures.append({"K": k, "N": n, "M": m, "config": repr(cfg), "rel_err": err})
+            continue
+        timings[cfg] = bench_us(lambda cfg=cfg: launch(x, qweight, qzeros, scales, GROUP, None, cfg), rep=25)
+    best = min(timings, key=timings.get)
+    row = {
+        "K": k, "N": n, "M": m,
+        "bf16_us": bench_us(lambda: F.linear(x, w_bf16)),
+        "ours_us": bench_us(lambda: launch(x, qweight, qzeros, scales, GROUP, None, best)),
+        "ours_rel_err": rel_err(launch(x, qweight, qzeros, scales, GROUP, None, best), ref),
+        "ours_config": best.label(),
+        "best_per_kind_us": {
+            "gemv (2 kernels)": min((t for c, t in timings.items() if c.kind == "gemv" and not c.fused_reduce), default=None),
+            "gemv (fused split-K)": min((t for c, t in timings.items() if c.kind == "gemv" and c.fused_reduce), default=None),
+            "gemm": min((t for c, t in timings.items() if c.kind == "gemm"), default=None),
+            "dequant+cuBLAS": min((t for c, t in timings.items() if c.kind == "dequant"), default=None),
+        },
+        "candidate_us": {c.label(): t for c, t in sorted(timings.items(), key=lambda kv: kv[1])},
+        "candidates_ok": len(timings),
+        "weight_bytes": qweight.numel() * 4 + qzeros.numel() * 4 + scales.numel() * 2,
+    }  # fmt: skip
+    if tg_packed is not None:
+        tg_out = torch.ops.aten._weight_int4pack_mm(x, tg_packed, GROUP, tg_sz)
+        row["tinygemm_rel_err"] = rel_err(tg_out, x.float() @ tg_deq.t())
+        row["tinygemm_us"] = bench_us(lambda: torch.ops.aten._weight_int4pack_mm(x, tg_packed, GROUP, tg_sz))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="results", help="folder for gpu_w4a16.json")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    global SMOKE, SHAPES
+    SMOKE = args.cpu_smoke
+    if SMOKE:
+        SHAPES = ((256, 128),)
+    device = torch.device("cpu" if SMOKE else "cuda")
+    sms = sm_count(device)
+    torch.manual_seed(0)
+    rows, failures = [], []
+    start = time.perf_counter()
+    for k, n in SHAPES:
+        w = torch.randn(n, k, device=device) * 0.02
+        q = quantize_weight(w, 4, GROUP)
+        qweight, qzeros, scales = pack_gemm(q.codes, q.zeros, q.scales)
+        w_deq = dequantize_gemm(qweight, qzeros, scales, GROUP)  # [K, N] fp32
+        w_bf16 = w_deq.t().contiguous().to(torch.bfloat16)  # [N, K] for F.linear
+        try:
+            if SMOKE:
+                raise RuntimeError("tinygemm is CUDA-only")
+            tg_packed, tg_sz, tg_deq = tinygemm_pack(w, GROUP)
+            tinygemm_error = None
+        except Exception as exc:  # an op missing from this torch build
+            tg_packed = tg_sz = tg_deq = None
+            tinygemm_error = f"{type(exc).__name__}: {exc}"
+        del w, q
+        for m in batches:
+            row = measure(
+                k, n, m, sms, qweight, qzeros, scales, w_deq, w_bf16, tg_packed, tg_sz, tg_deq, failures
+            )
+            if tinygemm_error:
+                row["tinygemm_error"] = tinygemm_error
+            rows.append(row)
+            best = row["ours_config"]
+            print(
+                f"K={k:5d} N={n:5d} M={m:3d}: bf16 {row['bf16_us']:6.1f} us, ours {row['ours_us']:6.1f} us "
+                f"({row['bf16_us'] / row['ours_us']:4.2f}x, err {row['ours_rel_err']:.1e}, {best}), "
+                f"tinygemm {row.get('tinygemm_us', float('nan')):6.1f} us",
+                flush=True,
+            )
+    total = time.perf_counter() - start
+    name = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(device)
+    print(f"\n{name}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{total:.0f} s; weights random bf16 -> AWQ 4-bit g128; do_bench medians, L2 flushed")  # fmt: skip
+    print(
+        "| K x N | batch | bf16 cuBLAS us | torch int4 us | W4A16 us | W4A16 vs bf16 | int4 vs bf16 | W4A16 GB/s | kernel |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        tg = r.get("tinygemm_us")
+        tg_cells = f"{tg:.1f} | " if tg else "n/a | "
+        tg_ratio = f"{r['bf16_us'] / tg:.2f}x" if tg else "n/a"
+        kernel = r["ours_config"]
+        print(
+            f"| {r['K']} x {r['N']} | {r['M']} | {r['bf16_us']:.1f} | {tg_cells}{r['ours_us']:.1f} | "
+            f"{r['bf16_us'] / r['ours_us']:.2f}x | {tg_ratio} | {r['weight_bytes'] / r['ours_us'] / 1e3:.0f} | {kernel} |"
+        )
+    if failures:
+        print(f"\n{len(failures)} candidate configurations failed or were wrong:")
+        for f in failures[:20]:
+            print("  ", f)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_w4a16.json").write_text(
+        json.dumps(
+            {
+                "device": name,
+                "torch": torch.__version__,
+                "triton": triton.__version__,
+                "python": platform.python_version(),
+                "seconds": total,
+                "group_size": GROUP,
+                "rows": rows,
+                "failures": failures,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Save and load 4-bit checkpoints in the AutoAWQ GEMM format.
+
+A saved folder holds ``config.json`` (the model config with ``quantization_config = {"quant_method": "awq",
+"bits": 4, "group_size": g, "zero_point": ..., "version": "gemm", "modules_to_not_convert": null}``, as
+AutoAWQ writes it and vLLM reads it), ``model.safetensors`` (``<linear>.qweight/.qzeros/.scales`` for every
+quantized linear, ordinary tensors for the rest), the generation config and, if given, the tokenizer.
+
+Writing goes to a hidden temporary folder next to the target, renamed into place only when complete, so a
+failed save leaves no half-written output. transformers loads such folders only through the ``autoawq``
+package; :func:`load_quantized` is this project's own loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._compat import decoder_layers, detached_hf_quantizer
+from ..errors import LMCompressError, ModelFileError
+from .config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, RTNConfig
+from .linear import WQLinear
+from .mappings import mapping_for
+from .packing import PACK
+
+
+@contextmanager
+def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``path`` when the block succeeds and vanishes when it fails.
+
+    Raises:
+        LMCompressError: ``path`` exists and is not empty, and ``overwrite`` is False.
+    """
+    target = Path(path).expanduser().resolve()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise LMCompressError(
+            f"output {str(target)!r} exists and is not empty; choose a new path or overwrite"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def quantization_config_of(model: nn.Module) -> dict[str, Any]:
+    """The model's ``quantization_config`` (set by ``quantize_``), validated."""
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is None:
+        raise LMCompressError("model has no quantization_config: run quantize_(model, ...) before saving it")
+    return qc if isinstance(qc, dict) else qc.to_dict()
+
+
+def save_quantized(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a quantized model as an AWQ GEMM checkpoint folder (atomically).
+
+    Args:
+        model: a model after ``quantize_``.
+        path: the folder to create.
+        tokenizer: saved alongside if given.
+        dtype: store the non-quantized floating tensors (embeddings, norms, lm_head, biases) in this dtype
+            (AutoAWQ and vLLM expect float16); ``None`` keeps the model's. Scales stay float16 either way.
+        overwrite: replace an existing non-empty folder.
+        extra_files: more text files to write into the folder (name -> content).
+
+    Returns:
+        the folder's path.
+    """
+    quantization_config_of(model)
+    if not any(isinstance(m, WQLinear) for m in model.modules()):
+        raise LMCompressError("model has a quantization_config but no WQLinear modules; nothing to save")
+    state_dict = None
+    if dtype is not None:
+        state_dict, seen = {}, set()
+        for k, v in model.state_dict().items():
+            if v.numel() and v.data_ptr() in seen:  # a tied copy (lm_head = embeddings): the tie restores it
+                continue
+            seen.add(v.data_ptr())
+            state_dict[k] = v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v
+    with atomic_output_dir(path, overwrite=overwrite) as tmp:
+        with detached_hf_quantizer(model):
+            model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if dtype is not None:
+            config_path = tmp / "config.json"
+            data = json.loads(config_path.read_text())
+            name = str(dtype).removeprefix("torch.")
+            for key in ("dtype", "torch_dtype"):
+                if key in data:
+                    data[key] = name
+            config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(path).expanduser().resolve()
+
+
+def _read_quant_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelFileError(f"checkpoint folder {str(folder)!r} has no config.json")
+    data = json.loads(config_path.read_text())
+    qc = data.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != "awq":
+        raise LMCompressError(f"{config_path} has no AWQ quantization_config (quant_method 'awq')")
+    bits = qc.get("bits", qc.get("w_bit"))
+    group = qc.get("group_size", qc.get("q_group_size"))
+    version = str(qc.get("version", "gemm")).lower()
+    if bits not in SUPPORTED_BITS:
+        raise LMCompressError(f"checkpoint bits={bits!r} is not supported; allowed: 4")
+    if group not in SUPPORTED_GROUP_SIZES:
+        raise LMCompressError(
+            f"checkpoint group_size={group!r} is not supported; allowed: {', '.join(map(str, SUPPORTED_GROUP_SIZES))}"
+        )
+    if version != "gemm":
+        raise LMCompressError(f"checkpoint version={version!r} is not supported; allowed: gemm")
+    return data, {"bits": bits, "group_size": group, "zero_point": bool(qc.get("zero_point", True))}
+
+
+def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelFileError(f"checkpoint folder {str(folder)!r} has no .safetensors file")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+def _check_packed(name: str, tensors: dict[str, torch.Tensor], linear: nn.Linear, group: int) -> None:
+    k, n = linear.in_features, linear.out_features
+    expected = {
+        "qweight": ((k, n // PACK), torch.int32),
+        "qzeros": ((k // group, n // PACK), torch.int32),
+        "scales": ((k // group, n), torch.float16),
+    }
+    for suffix, (shape, dt) in expected.items():
+        key = f"{name}.{suffix}"
+        if key not in tensors:
+            raise LMCompressError(f"checkpoint lacks {key}, which its config (group_size={group}) needs")
+        t = tensors[key]
+        if tuple(t.shape) != shape or t.dtype != dt:
+            raise LMCompressError(
+                f"checkpoint tensor {key} has shape {tuple(t.shape)} {t.dtype}, but its config (group_size={group}) "
+                f"and the model's {k}x{n} linear need {shape} {dt}"
+            )
+
+
+def load_quantized(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, Any]:
+    """Rebuild a model saved by :func:`save_quantized` (or any AWQ GEMM checkpoint of a supported architecture).
+
+    Args:
+        path: the checkpoint folder.
+        dtype: dtype of the non-quantized floating tensors (default: as stored).
+        device: where to put the model.
+
+    Returns:
+        ``(model, tokenizer)``, the tokenizer ``None`` if the folder has none.
+
+    Raises:
+        LMCompressError: the config is not an AWQ GEMM config, or its tensors disagree with it.
+        ModelFileError: missing files.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelFileError(f"checkpoint folder {str(folder)!r} does not exist")
+    _, fmt = _read_quant_config(folder)
+    config = AutoConfig.from_pretrained(folder)
+    mapping_for(config)  # an unknown architecture fails here, with the supported list
+    del config.quantization_config
+    tensors = _load_tensors(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    group = fmt["group_size"]
+    for prefix, layer in zip(_layer_prefixes(model), decoder_layers(model)):
+        for name, linear in list(layer.named_modules()):
+            if not isinstance(linear, nn.Linear):
+                continue
+            full = f"{prefix}.{name}"
+            _check_packed(full, tensors, linear, group)
+            bias_key = f"{full}.bias"
+            packed = WQLinear(
+                linear.in_features,
+                linear.out_features,
+                bits=fmt["bits"],
+                group_size=group,
+                bias=linear.bias is not None,
+                bias_dtype=tensors[bias_key].dtype if bias_key in tensors else torch.float16,
+            )
+            parent_name, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent_name) if parent_name else layer, child, packed)
+    expected = set(model.state_dict())
+    unexpected = sorted(set(tensors) - expected)
+    if unexpected:
+        raise LMCompressError(f"checkpoint has tensors the model does not: {', '.join(unexpected[:5])}")
+    missing = model.load_state_dict(tensors, strict=False, assign=True).missing_keys
+    tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
+    if tied:
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing:
+        raise LMCompressError(f"checkpoint lacks tensors the model needs: {', '.join(missing[:5])}")
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise LMCompressError(f"checkpoint left parameters unset: {', '.join(still_meta[:5])}")
+    model.config.quantization_config = RTNConfig(**fmt).quantization_config()
+    if dtype is not None:
+        model.to(dtype)
+    model.to(device).eval()
+    return model, _load_tokenizer(folder)
+
+
+def _layer_prefixes(model: nn.Module) -> list[str]:
+    """Full module names of the decoder layers, in order."""
+    names = {id(m): name for name, m in model.named_modules()}
+    return [names[id(layer)] for layer in decoder_layers(model)]
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    if not any(
+        (folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    ):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)

@@ -1,0 +1,192 @@
+"""``lmcompress awq ...`` subcommands: ``quantize`` a model to an AWQ GEMM checkpoint, ``eval`` one.
+
+:func:`add_awq_subcommands` puts them under ``lmcompress``'s own parser (:mod:`lmcompress.cli`);
+``python -m lmcompress.weights.cli awq ...`` runs them standalone too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import LMCompressError
+
+PROVENANCE_FILE = "lmcompress_quantization.json"
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def add_awq_subcommands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``awq quantize`` and ``awq eval`` under ``subparsers``; each sets ``func`` to its handler."""
+    from .config import CALIBRATION_SOURCES, SUPPORTED_GROUP_SIZES, AWQConfig
+
+    defaults = AWQConfig()
+    awq = subparsers.add_parser("awq", help="4-bit AWQ / RTN weight quantization")
+    sub = awq.add_subparsers(dest="awq_command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize MODEL and save an AWQ GEMM checkpoint to OUT")
+    q.add_argument(
+        "model", help="embedded model name (smollm2-135m, gemma3-270m), local folder or .gguf file"
+    )
+    q.add_argument("out", help="output folder (written atomically; must not exist or be empty)")
+    q.add_argument("--method", choices=("awq", "rtn"), default="awq")
+    q.add_argument("--bits", type=int, default=defaults.bits)
+    q.add_argument(
+        "--group-size", type=int, default=defaults.group_size, help=f"one of {SUPPORTED_GROUP_SIZES}"
+    )
+    q.add_argument("--no-zero-point", dest="zero_point", action="store_false", help="symmetric codes")
+    q.add_argument("--calib-source", choices=CALIBRATION_SOURCES, default=defaults.calib_source)
+    q.add_argument("--calib-samples", type=int, default=defaults.calib_samples)
+    q.add_argument("--calib-seq-len", type=int, default=defaults.calib_seq_len)
+    q.add_argument("--calib-batch", type=int, default=defaults.calib_batch)
+    q.add_argument("--seed", type=int, default=defaults.seed)
+    q.add_argument("--duo-scaling", action="store_true", help="AutoAWQ's weight-and-activation scales")
+    q.add_argument("--no-clip", dest="clip", action="store_false", help="skip the clip search")
+    q.add_argument(
+        "--device", default=None, help="where each layer is processed (default: cuda if available)"
+    )
+    q.add_argument("--dtype", choices=(*_DTYPES, "keep"), default="float16",
+                   help="stored dtype of the non-quantized tensors (AutoAWQ/vLLM expect float16)")  # fmt: skip
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=run_quantize)
+
+    e = sub.add_parser("eval", help="perplexity and KL of a checkpoint against its original model")
+    e.add_argument("checkpoint", help="folder written by `awq quantize`")
+    e.add_argument(
+        "--reference", default=None, help="original model (default: the one recorded in CHECKPOINT)"
+    )
+    e.add_argument("--text", default="lee-test", help="held-out text source")
+    e.add_argument("--window", type=int, default=512)
+    e.add_argument("--max-tokens", type=int, default=None)
+    e.add_argument("--device", default=None)
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=run_eval)
+    return awq
+
+
+def _work_device(arg: str | None) -> str:
+    if arg:
+        return arg
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from ..models import load_model
+    from .checkpoint import save_quantized
+    from .config import AWQConfig, RTNConfig
+    from .quantize import quantize_
+
+    fmt = dict(bits=args.bits, group_size=args.group_size, zero_point=args.zero_point)
+    if args.method == "awq":
+        config = AWQConfig(
+            **fmt, calib_source=args.calib_source, calib_samples=args.calib_samples,
+            calib_seq_len=args.calib_seq_len, calib_batch=args.calib_batch, seed=args.seed,
+            duo_scaling=args.duo_scaling, clip=args.clip,
+        )  # fmt: skip
+    else:
+        config = RTNConfig(**fmt)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise LMCompressError(
+            f"output {str(out)!r} exists and is not empty; choose a new path or pass --overwrite"
+        )
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    load_seconds = time.perf_counter() - start
+    report = quantize_(
+        model, config, tokenizer=tokenizer, device=_work_device(args.device), progress=not args.quiet
+    )
+    model.to("cpu")
+    dtype = None if args.dtype == "keep" else _DTYPES[args.dtype]
+    provenance = {
+        "source_model": args.model,
+        "config": config.to_dict(),
+        "quantize_seconds": report.seconds,
+        "load_seconds": load_seconds,
+        "peak_device_bytes": report.peak_device_bytes,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "layers": report.layers,
+        "linears": report.linears,
+        "details": report.details,
+    }
+    save_quantized(
+        model, out, tokenizer=tokenizer, dtype=dtype, overwrite=args.overwrite,
+        extra_files={PROVENANCE_FILE: json.dumps(provenance, indent=2) + "\n"},
+    )  # fmt: skip
+    print(
+        f"{config.method}: {report.layers} layers, {report.linears} linears in {report.seconds:.1f} s "
+        f"(peak RSS {provenance['peak_rss_bytes'] / 2**30:.2f} GiB"
+        + (f", peak device {report.peak_device_bytes / 2**30:.2f} GiB" if report.peak_device_bytes else "")
+        + f") -> {out}"
+    )
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..models import load_model
+    from .checkpoint import load_quantized
+    from .evaluate import evaluate_lm, held_out_ids, start_tokens
+
+    folder = Path(args.checkpoint)
+    reference_name = args.reference
+    provenance_path = folder / PROVENANCE_FILE
+    if reference_name is None and provenance_path.is_file():
+        reference_name = json.loads(provenance_path.read_text()).get("source_model")
+    device = _work_device(args.device)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model, tokenizer = load_quantized(folder, dtype=dtype, device=device)
+    reference = None
+    if reference_name is not None:
+        reference, ref_tokenizer = load_model(reference_name, dtype=dtype, device=device)
+        tokenizer = tokenizer or ref_tokenizer
+    if tokenizer is None:
+        raise LMCompressError(
+            f"checkpoint {str(folder)!r} has no tokenizer and no --reference model gives one"
+        )
+    ids = held_out_ids(tokenizer, args.text, args.max_tokens)
+    prefix = start_tokens(tokenizer)
+    result: dict[str, Any] = {
+        "quantized": evaluate_lm(model, ids, reference=reference, window=args.window, prefix=prefix).to_dict()
+    }
+    if reference is not None:
+        result["reference"] = evaluate_lm(reference, ids, window=args.window, prefix=prefix).to_dict()
+        result["reference_model"] = reference_name
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        qr = result["quantized"]
+        line = f"perplexity {qr['perplexity']:.3f} over {qr['tokens']} tokens"
+        if reference is not None:
+            line += (
+                f"; reference {result['reference']['perplexity']:.3f}; KL {qr['kl']:.4f} nats/token; "
+                f"top-1 agreement {qr['top1_agreement']:.3f}"
+            )
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: ``python -m lmcompress.weights.cli awq quantize|eval ...``."""
+    parser = argparse.ArgumentParser(prog="lmcompress")
+    add_awq_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LMCompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

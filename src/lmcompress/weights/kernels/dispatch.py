@@ -1,0 +1,274 @@
+"""Launching the W4A16 kernels, and choosing one per shape.
+
+:func:`w4a16_matmul` runs ``x [M, K] @ W [K, N]`` for packed ``W``. The kernel family and its tile sizes come
+from a per-shape tuner: on the first call for a (device, M bucket, N, K, group, dtype, bias) key every
+candidate of :func:`candidates` is timed on the real inputs with ``triton.testing.do_bench`` (whole calls,
+split-K reduction included) and the fastest is kept for the process. ``LMCOMPRESS_W4A16_TUNE=0`` skips tuning
+and uses :func:`default_config`. Tune before capturing a CUDA graph (a first call does it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+
+from .w4a16 import dequant_kernel, gemm_kernel, gemv_kernel, splitk_reduce_kernel
+
+KINDS = ("gemv", "gemm", "dequant")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One way to run the product.
+
+    Attributes:
+        kind: ``gemv`` (CUDA-core FMA, any M, best for M of 1-2), ``gemm`` (tensor cores), ``dequant``
+            (dequantize to the activation dtype, then ``torch.matmul``).
+        block_m / block_n / block_k: tile sizes (``block_k`` must divide the group size).
+        split_k: programs along K (each takes whole groups); > 1 adds a reduction kernel.
+        num_warps / num_stages: Triton launch options.
+        fused_reduce: (GEMV with split_k > 1) the last program of each output block adds the partial sums,
+            instead of a second kernel.
+    """
+
+    kind: str
+    block_m: int = 16
+    block_n: int = 256
+    block_k: int = 32
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+    fused_reduce: bool = False
+
+    def label(self) -> str:
+        """Short form, e.g. ``gemv n256 k32 s8 w4 st1``."""
+        m = f" m{self.block_m}" if self.kind == "gemm" else ""
+        return f"{self.kind}{m} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (8 stands in elsewhere, e.g. under the interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_for(programs: int, n_groups: int, sms: int, waves: float) -> int:
+    """Smallest power-of-two split giving at least ``waves * sms`` programs (at most one group per split)."""
+    split = 1
+    while programs * split < waves * sms and split * 2 <= n_groups:
+        split *= 2
+    return split
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def candidates(m: int, n: int, k: int, group: int, sms: int) -> list[KernelConfig]:
+    """Configurations worth timing for an ``[m, k] x [k, n]`` product on a device with ``sms`` multiprocessors."""
+    n_groups = k // group
+    found: list[KernelConfig] = []
+    if m <= 8:
+        for block_n, block_k, warps in (
+            (128, 32, 4),
+            (256, 16, 4),
+            (256, 32, 4),
+            (256, 32, 8),
+            (512, 16, 8),
+            (512, 32, 8),
+        ):
+            if block_k > group:
+                continue
+            programs = triton.cdiv(n, block_n) * m
+            splits = {1, _split_for(programs, n_groups, sms, 2), _split_for(programs, n_groups, sms, 4)}
+            found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1) for s in sorted(splits)]
+            found += [
+                KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, True) for s in sorted(splits) if s > 1
+            ]
+    block_m = max(16, min(64, _next_pow2(m)))
+    for block_n, block_k, warps, stages in (
+        (64, 64, 4, 3),
+        (128, 32, 4, 3),
+        (128, 64, 4, 3),
+        (128, 64, 8, 4),
+        (256, 64, 8, 3),
+        (64, 128, 4, 2),
+    ):
+        if block_k > group:
+            continue
+        programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+        splits = {1, _split_for(programs, n_groups, sms, 1), _split_for(programs, n_groups, sms, 3)}
+        found += [KernelConfig("gemm", block_m, block_n, block_k, s, warps, stages) for s in sorted(splits)]
+    if m >= 16:
+        found.append(KernelConfig("dequant", block_n=128, block_k=min(32, group)))
+    return found
+
+
+def default_config(m: int, n: int, k: int, group: int, sms: int) -> KernelConfig:
+    """The configuration used without tuning: GEMV for one row, GEMM up to 256 rows, dequantize + cuBLAS above."""
+    n_groups = k // group
+    if m <= 1:
+        return KernelConfig(
+            "gemv", 1, 256, min(32, group), _split_for(triton.cdiv(n, 256), n_groups, sms, 2), 4, 1
+        )
+    if m <= 256:
+        block_m = max(16, min(64, _next_pow2(m)))
+        programs = triton.cdiv(n, 128) * triton.cdiv(m, block_m)
+        return KernelConfig(
+            "gemm", block_m, 128, min(64, group), _split_for(programs, n_groups, sms, 1), 4, 3
+        )
+    return KernelConfig("dequant", block_n=128, block_k=min(32, group))
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _zeroed_counters(device: torch.device, size: int) -> torch.Tensor:
+    """An int32 buffer of at least ``size`` zeros for the fused split-K reduction, one per (device, stream).
+
+    Kernels leave their counters at 0 when they finish, so the buffer is zeroed once, when allocated. Calls on
+    one stream run one after another; each stream has its own buffer.
+    """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < size:
+        buf = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def launch(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None,
+    cfg: KernelConfig,
+) -> torch.Tensor:
+    """Run one configuration. ``x``: ``[M, K]`` float16/bfloat16 -> ``[M, N]`` in ``x``'s dtype."""
+    m, k = x.shape
+    n = scales.shape[1]
+    x = x.contiguous()
+    if cfg.kind == "dequant":
+        w = torch.empty(k, n, device=x.device, dtype=x.dtype)
+        grid = (k // cfg.block_k, triton.cdiv(n, cfg.block_n))
+        dequant_kernel[grid](
+            qweight, qzeros, scales, w, n, n // 8, GROUP=group_size, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n
+        )
+        out = x @ w
+        return out + bias.to(out.dtype) if bias is not None else out
+    n_groups = k // group_size
+    split = max(1, min(cfg.split_k, n_groups))
+    groups_per_split = triton.cdiv(n_groups, split)
+    split = triton.cdiv(n_groups, groups_per_split)
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    target = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else out
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else out
+    fused = cfg.kind == "gemv" and cfg.fused_reduce and split > 1
+    if cfg.kind == "gemv":
+        grid = (triton.cdiv(n, cfg.block_n), split, m)
+        counters = _zeroed_counters(x.device, grid[0] * m) if fused else out
+        mode = 2 if fused else int(split > 1)
+        gemv_kernel[grid](
+            x, qweight, qzeros, scales, out, bias_arg, target, counters, n, n // 8, k, x.stride(0), n, m * n,
+            groups_per_split, GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=mode,
+            HAS_BIAS=has_bias, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    elif cfg.kind == "gemm":
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+        gemm_kernel[grid](
+            x, qweight, qzeros, scales, target, bias_arg, m, n, n // 8, k, x.stride(0), n, m * n, groups_per_split,
+            GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
+            HAS_BIAS=has_bias, IS_BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+    else:
+        raise ValueError(f"kernel kind {cfg.kind!r} is unknown; allowed: {', '.join(KINDS)}")
+    if split > 1 and not fused:
+        block = 1024
+        splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            target, out, bias_arg, m * n, n, split, HAS_BIAS=has_bias, BLOCK=block
+        )
+    return out
+
+
+def _bench_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    try:
+        return float(do_bench(fn, warmup=5, rep=20, return_mode="median"))
+    except TypeError:  # older Triton without return_mode
+        return float(do_bench(fn, warmup=5, rep=20))
+
+
+_TUNED: dict[tuple, KernelConfig] = {}
+
+
+def _bucket(m: int) -> int:
+    return _next_pow2(m) if m <= 256 else 1 << 30
+
+
+def tune(
+    x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+    bias: torch.Tensor | None,
+) -> tuple[KernelConfig, dict[KernelConfig, float]]:  # fmt: skip
+    """Time every candidate on these inputs; returns the fastest and all timings (ms).
+
+    Each candidate's output is first checked against the torch reference (dequantize, then matmul): one that
+    fails to compile or run, or whose relative error reaches 1e-2, is left out.
+    """
+    from ..packing import dequantize_gemm
+
+    m, k = x.shape
+    n = scales.shape[1]
+    reference = x.float() @ dequantize_gemm(qweight, qzeros, scales, group_size)
+    if bias is not None:
+        reference += bias.float()
+    ref_norm = float(reference.norm()) or 1.0
+    timings: dict[KernelConfig, float] = {}
+    for cfg in candidates(m, n, k, group_size, sm_count(x.device)):
+        try:
+            out = launch(x, qweight, qzeros, scales, group_size, bias, cfg)
+            if not float((out.float() - reference).norm()) / ref_norm < 1e-2:
+                continue
+            timings[cfg] = _bench_ms(
+                lambda cfg=cfg: launch(x, qweight, qzeros, scales, group_size, bias, cfg)
+            )
+        except Exception:  # e.g. a tile that needs more shared memory than the device has
+            continue
+    if not timings:
+        raise RuntimeError(f"no W4A16 kernel configuration ran correctly for M={m}, N={n}, K={k}")
+    return min(timings, key=timings.get), timings
+
+
+def w4a16_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """``x [M, K] @ dequant(qweight) [K, N] (+ bias)`` in ``x``'s dtype (float16 or bfloat16), on CUDA or under
+    ``TRITON_INTERPRET=1``."""
+    m, k = x.shape
+    n = scales.shape[1]
+    if config is None:
+        key = (x.device, _bucket(m), n, k, group_size, x.dtype, bias is not None)
+        config = _TUNED.get(key)
+        if config is None:
+            if os.environ.get("LMCOMPRESS_W4A16_TUNE", "1") == "0" or x.device.type != "cuda":
+                config = default_config(m, n, k, group_size, sm_count(x.device))
+            else:
+                config, _ = tune(x, qweight, qzeros, scales, group_size, bias)
+            _TUNED[key] = config
+    if config.kind == "gemv" and config.block_m != 1:
+        config = replace(config, block_m=1)
+    return launch(x, qweight, qzeros, scales, group_size, bias, config)

@@ -29,9 +29,10 @@ def check_pack(device: str, tokens: int = 64, head_dim: int = 64) -> None:
 
 
 def check_decode(device: str, dtype: torch.dtype, tokens: int = 256, head_dim: int = 64, batch: int = 2,
-                 kv_heads: int = 2, groups: int = 4, splits: int | None = 3) -> float:
+                 kv_heads: int = 2, groups: int = 4, splits: int | None = 3, options: dict | None = None) -> float:
     """Decode attention over packed K/V equals the torch reference over the dequantized states; returns the
-    largest relative error (max abs difference / max abs reference)."""
+    largest relative error (max abs difference / max abs reference). ``options``: kernel configuration
+    (``block_n``, ``num_warps``, ``fold``, ``unpack``) passed to ``decode_attention``."""
     from lmcompress.kv.kernels import decode
 
     g = torch.Generator().manual_seed(1)
@@ -50,7 +51,7 @@ def check_decode(device: str, dtype: torch.dtype, tokens: int = 256, head_dim: i
         ref, lse_ref = attend_blocks(q.float(), [(kd, vd, None)], scaling, return_lse=True)
         out, lse = decode.decode_attention(
             q.to(device), kp, vp, bits=bits, key_token_block=32 if key_gran == "channel" else 1,
-            key_group=32, value_group=32, scaling=scaling, splits=splits,
+            key_group=32, value_group=32, scaling=scaling, splits=splits, **(options or {}),
         )
         assert out.dtype == dtype and out.shape == ref.shape
         rel = float((out.float().cpu() - ref).abs().max() / ref.abs().max())
@@ -114,6 +115,10 @@ if __name__ == "__main__":  # run by the CPU test under TRITON_INTERPRET=1
     check_pack("cpu")
     print("decode rel err", check_decode("cpu", torch.float32, tokens=128, batch=1))
     check_decode("cpu", torch.bfloat16, tokens=96, batch=1, groups=3, splits=2)
+    check_decode("cpu", torch.bfloat16, tokens=64, batch=1, splits=1, options={"fold": True})
+    check_decode("cpu", torch.float16, tokens=64, batch=1, splits=1, options={"unpack": 0})
+    check_decode("cpu", torch.bfloat16, tokens=96, batch=1, splits=1, options={"lazy": True})
+    check_decode("cpu", torch.float32, tokens=96, batch=1, splits=2, options={"lazy": True})
     check_merge("cpu")
     check_store_dispatch("cpu")
     print("ok")

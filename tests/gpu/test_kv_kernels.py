@@ -21,10 +21,13 @@ def test_pack_kernel_matches_codec_on_gpu():
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_kernel_matches_reference_on_gpu(dtype):
+@pytest.mark.parametrize("options", [{}, {"num_warps": 1}, {"num_warps": 1, "lazy": True},
+                                     {"num_warps": 1, "maxnreg": 168}, {"num_warps": 4, "unpack": 1}])
+def test_decode_kernel_matches_reference_on_gpu(dtype, options):
     from kernel_checks import check_decode
 
-    worst = check_decode("cuda", dtype, tokens=4096, head_dim=128, batch=2, kv_heads=8, groups=4, splits=None)
+    worst = check_decode("cuda", dtype, tokens=4096, head_dim=128, batch=2, kv_heads=8, groups=4, splits=None,
+                         options=options)
     assert worst < 1e-2
 
 

@@ -22,6 +22,8 @@ log-sum-exp (natural log), so that full-precision tokens can be merged in afterw
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,64 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 #: tokens per iteration for per-token keys (per-channel keys use one key group, e.g. 32, unless told otherwise)
 DEFAULT_BLOCK_N = 64
+
+
+def _unpack_asm(shift: int, bits: int) -> str:
+    """PTX for four packed bytes (one 32-bit register) -> their code at ``shift`` as four fp16 integers."""
+    mask = ((1 << bits) - 1) * 0x01010101
+    return (
+        "{ .reg .b32 t, c, m; "
+        f"shr.b32 t, $2, {shift}; and.b32 t, t, {mask}; mov.b32 c, 0x64646464; mov.b32 m, 0x64006400; "
+        "prmt.b32 $0, t, c, 0x5150; prmt.b32 $1, t, c, 0x5352; sub.f16x2 $0, $0, m; sub.f16x2 $1, $1, m; }"
+    )
+
+
+_A2_0 = tl.constexpr(_unpack_asm(0, 2))
+_A2_1 = tl.constexpr(_unpack_asm(2, 2))
+_A2_2 = tl.constexpr(_unpack_asm(4, 2))
+_A2_3 = tl.constexpr(_unpack_asm(6, 2))
+_A4_0 = tl.constexpr(_unpack_asm(0, 4))
+_A4_1 = tl.constexpr(_unpack_asm(4, 4))
+_A8_0 = tl.constexpr(_unpack_asm(0, 8))
+
+
+@triton.jit
+def _asm4(codes, text: tl.constexpr):
+    return tl.inline_asm_elementwise(text, "=r,=r,r", [codes], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _slot(codes, S: tl.constexpr, BITS: tl.constexpr, UNPACK: tl.constexpr):
+    """Code slot ``S`` of the packed bytes ``codes`` (uint8 tile) as exact fp16 integers ``0 .. 2**BITS - 1``.
+
+    ``UNPACK`` 1 and 2 use the exponent trick instead of an int-to-float conversion: the fp16 bit pattern
+    ``0x6400 | c`` is ``1024 + c``, so ``c = half(0x6400 | c) - 1024`` exactly. 2 does it in PTX on four bytes
+    per 32-bit register (a shift, a mask, two byte permutes, two paired subtractions per four codes); 0 is a
+    plain integer-to-float conversion."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if UNPACK == 2:
+        if BITS == 2:
+            if S == 0:
+                out = _asm4(codes, _A2_0)
+            elif S == 1:
+                out = _asm4(codes, _A2_1)
+            elif S == 2:
+                out = _asm4(codes, _A2_2)
+            else:
+                out = _asm4(codes, _A2_3)
+        elif BITS == 4:
+            if S == 0:
+                out = _asm4(codes, _A4_0)
+            else:
+                out = _asm4(codes, _A4_1)
+        else:
+            out = _asm4(codes, _A8_0)
+    elif UNPACK == 1:
+        x = ((codes.to(tl.int16) >> (S * BITS)) & MASK) | 0x6400
+        out = x.to(tl.float16, bitcast=True) - 1024.0
+    else:
+        out = ((codes >> (S * BITS)) & MASK).to(tl.float16)
+    return out
 
 
 @triton.jit
@@ -42,6 +102,19 @@ def _dot_qk(a, b):
 
 
 @triton.jit
+def _pick(x0, x1, x2, x3, S: tl.constexpr):
+    if S == 0:
+        out = x0
+    elif S == 1:
+        out = x1
+    elif S == 2:
+        out = x2
+    else:
+        out = x3
+    return out
+
+
+@triton.jit
 def _decode_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, PO, PML,
     T, tokens_per_split, qk_scale,
@@ -51,7 +124,7 @@ def _decode_kernel(
     spo_b, spo_h, spo_s, spm_b, spm_h, spm_s,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     BITS: tl.constexpr, KEY_TB: tl.constexpr, KEY_GD: tl.constexpr, VAL_GD: tl.constexpr,
-    PRECISE: tl.constexpr,
+    PRECISE: tl.constexpr, UNPACK: tl.constexpr, FOLD: tl.constexpr, LAZY: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -59,22 +132,26 @@ def _decode_kernel(
     h = pid_bh % HKV
     PER: tl.constexpr = 8 // BITS
     DP: tl.constexpr = D // PER
-    MASK: tl.constexpr = (1 << BITS) - 1
 
     offs_h = tl.arange(0, BLOCK_H)
     hmask = offs_h < G
     offs_j = tl.arange(0, DP)
     heads = h * G + offs_h
+    # the query, pre-multiplied by the softmax scale (log2 domain), one [BLOCK_H, D/PER] slice per code slot
     q_base = Q + b * sq_b + heads[:, None] * sq_h + offs_j[None, :] * PER
-    q0 = tl.load(q_base + 0, mask=hmask[:, None], other=0.0).to(tl.float32)
+    q0 = tl.load(q_base + 0, mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
     q1 = q0
     q2 = q0
     q3 = q0
     if PER >= 2:
-        q1 = tl.load(q_base + 1, mask=hmask[:, None], other=0.0).to(tl.float32)
+        q1 = tl.load(q_base + 1, mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
     if PER >= 4:
-        q2 = tl.load(q_base + 2, mask=hmask[:, None], other=0.0).to(tl.float32)
-        q3 = tl.load(q_base + 3, mask=hmask[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(q_base + 2, mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+        q3 = tl.load(q_base + 3, mask=hmask[:, None], other=0.0).to(tl.float32) * qk_scale
+    h0 = q0.to(tl.float16)
+    h1 = q1.to(tl.float16)
+    h2 = q2.to(tl.float16)
+    h3 = q3.to(tl.float16)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -91,78 +168,105 @@ def _decode_kernel(
     vc_base = VC + b * svc_b + h * svc_h
     vs_base = VS + b * svs_b + h * svs_h
     vz_base = VZ + b * svs_b + h * svs_h
+    vgrp = (offs_j * PER) // VAL_GD
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
         kc = tl.load(kc_base + offs_n[:, None] * skc_t + offs_j[None, :], mask=nmask[:, None], other=0)
         qk = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-        if KEY_TB == BLOCK_N:
-            # per-channel scales of this block (one key group per tile): fold them into the query
+        if KEY_TB == BLOCK_N and not FOLD and not PRECISE:
+            # per-channel scales of this block, dequantized in fp16 (broadcast along the tokens)
             row = (n0 // KEY_TB) * sks_t
-            bias = tl.zeros([BLOCK_H], dtype=tl.float32)
             for s in tl.static_range(PER):
                 col = (offs_j * PER + s) * sks_d
-                ks = tl.load(ks_base + row + col).to(tl.float32)
-                kz = tl.load(kz_base + row + col).to(tl.float32)
-                if s == 0:
-                    qs = q0
-                elif s == 1:
-                    qs = q1
-                elif s == 2:
-                    qs = q2
-                else:
-                    qs = q3
-                bias += tl.sum(qs * kz[None, :], axis=1)
-                codes = ((kc >> (s * BITS)) & MASK).to(tl.float16)
-                qk += _dot_qk(qs * ks[None, :], codes)
-            qk += bias[:, None]
+                ks = tl.load(ks_base + row + col)
+                kz = tl.load(kz_base + row + col)
+                codes = _slot(kc, s, BITS, UNPACK)
+                qk = tl.dot(_pick(h0, h1, h2, h3, s), tl.trans(codes * ks[None, :] + kz[None, :]), qk)
+        elif KEY_TB == BLOCK_N:
+            # per-channel scales of this block (one key group per tile) folded into the query:
+            # q . (c * s + z) = (q * s) . c + q . z
+            row = (n0 // KEY_TB) * sks_t
+            bias = tl.zeros([BLOCK_H, DP], dtype=tl.float32)
+            for s in tl.static_range(PER):
+                col = (offs_j * PER + s) * sks_d
+                ks = tl.load(ks_base + row + col)
+                kz = tl.load(kz_base + row + col)
+                bias += _pick(q0, q1, q2, q3, s) * kz.to(tl.float32)[None, :]
+                codes = _slot(kc, s, BITS, UNPACK)
+                if PRECISE:
+                    qk += _dot_qk(_pick(q0, q1, q2, q3, s) * ks.to(tl.float32)[None, :], codes)
+                else:  # fp16 q * s rounds once, like the fp32 product rounded to fp16
+                    qk = tl.dot(_pick(h0, h1, h2, h3, s) * ks[None, :], tl.trans(codes), qk)
+            qk += tl.sum(bias, axis=1)[:, None]
         else:
             # per-element scales: per token (groups of KEY_GD channels) or per channel over several key groups
             rows = (offs_n // KEY_TB)[:, None] * sks_t
             ks = tl.load(ks_base + rows + ((offs_j * PER) // KEY_GD)[None, :] * sks_d, mask=nmask[:, None],
-                         other=0.0).to(tl.float32)
+                         other=0.0)
             kz = tl.load(kz_base + rows + ((offs_j * PER) // KEY_GD)[None, :] * sks_d, mask=nmask[:, None],
-                         other=0.0).to(tl.float32)
+                         other=0.0)
             for s in tl.static_range(PER):
-                if s == 0:
-                    qs = q0
-                elif s == 1:
-                    qs = q1
-                elif s == 2:
-                    qs = q2
-                else:
-                    qs = q3
                 if KEY_GD < PER:  # the group changes with the code slot (per-channel scales)
                     cols = ((offs_j * PER + s) // KEY_GD)[None, :] * sks_d
-                    ks = tl.load(ks_base + rows + cols, mask=nmask[:, None], other=0.0).to(tl.float32)
-                    kz = tl.load(kz_base + rows + cols, mask=nmask[:, None], other=0.0).to(tl.float32)
-                k_s = ((kc >> (s * BITS)) & MASK).to(tl.float32) * ks + kz
-                k_hi = k_s.to(tl.float16)
-                k_lo = (k_s - k_hi.to(tl.float32)).to(tl.float16)
-                qk += _dot_qk(qs, k_hi) + tl.dot(qs.to(tl.float16), tl.trans(k_lo), out_dtype=tl.float32)
-        qk = qk * qk_scale
+                    ks = tl.load(ks_base + rows + cols, mask=nmask[:, None], other=0.0)
+                    kz = tl.load(kz_base + rows + cols, mask=nmask[:, None], other=0.0)
+                codes = _slot(kc, s, BITS, UNPACK)
+                if PRECISE:
+                    k_s = codes.to(tl.float32) * ks.to(tl.float32) + kz.to(tl.float32)
+                    k_hi = k_s.to(tl.float16)
+                    k_lo = (k_s - k_hi.to(tl.float32)).to(tl.float16)
+                    qs = _pick(q0, q1, q2, q3, s)
+                    qk += _dot_qk(qs, k_hi) + tl.dot(qs.to(tl.float16), tl.trans(k_lo), out_dtype=tl.float32)
+                else:  # dequantized in fp16 (scale and zero are fp16; one rounding)
+                    qk = tl.dot(_pick(h0, h1, h2, h3, s), tl.trans(codes * ks + kz), qk)
         qk = tl.where(nmask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_blk = tl.max(qk, axis=1)
+        if LAZY:
+            # rescale the accumulators only when some row's maximum grows (rare after the first blocks)
+            if tl.max(m_blk - m_i, axis=0) > 0:
+                m_new = tl.maximum(m_i, m_blk)
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc0 = acc0 * alpha[:, None]
+                acc1 = acc1 * alpha[:, None]
+                acc2 = acc2 * alpha[:, None]
+                acc3 = acc3 * alpha[:, None]
+                m_i = m_new
+            alpha = tl.full([BLOCK_H], 1.0, dtype=tl.float32)
+        else:
+            m_new = tl.maximum(m_i, m_blk)
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.exp2(qk - m_i[:, None])
+        l_i = l_i + tl.sum(p, axis=1)
         p_hi = p.to(tl.float16)
-        p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
 
         vc = tl.load(vc_base + offs_n[:, None] * svc_t + offs_j[None, :], mask=nmask[:, None], other=0)
-        vgrp = (offs_j * PER) // VAL_GD
         vs = tl.load(vs_base + offs_n[:, None] * svs_t + vgrp[None, :] * svs_d, mask=nmask[:, None], other=0.0)
         vz = tl.load(vz_base + offs_n[:, None] * svs_t + vgrp[None, :] * svs_d, mask=nmask[:, None], other=0.0)
-        vs = vs.to(tl.float32)
-        vz = vz.to(tl.float32)
         for s in tl.static_range(PER):
-            v_s = ((vc >> (s * BITS)) & MASK).to(tl.float32) * vs + vz
-            v_hi = v_s.to(tl.float16)
-            pv = tl.dot(p_hi, v_hi, out_dtype=tl.float32)
-            if PRECISE:  # fp32 queries: split p and v in fp16 halves too (~fp32 accuracy)
+            codes = _slot(vc, s, BITS, UNPACK)
+            if PRECISE:  # fp32 queries: split p and v in fp16 halves (~fp32 accuracy)
+                v_s = codes.to(tl.float32) * vs.to(tl.float32) + vz.to(tl.float32)
+                v_hi = v_s.to(tl.float16)
                 v_lo = (v_s - v_hi.to(tl.float32)).to(tl.float16)
+                p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
+                pv = tl.dot(p_hi, v_hi, out_dtype=tl.float32)
                 pv += tl.dot(p_lo, v_hi, out_dtype=tl.float32) + tl.dot(p_hi, v_lo, out_dtype=tl.float32)
-            if s == 0:
+            else:
+                pv = tl.dot(p_hi, codes * vs + vz, out_dtype=tl.float32)
+            if LAZY:
+                if s == 0:
+                    acc0 += pv
+                elif s == 1:
+                    acc1 += pv
+                elif s == 2:
+                    acc2 += pv
+                else:
+                    acc3 += pv
+            elif s == 0:
                 acc0 = acc0 * alpha[:, None] + pv
             elif s == 1:
                 acc1 = acc1 * alpha[:, None] + pv
@@ -170,7 +274,6 @@ def _decode_kernel(
                 acc2 = acc2 * alpha[:, None] + pv
             else:
                 acc3 = acc3 * alpha[:, None] + pv
-        m_i = m_new
 
     po = PO + b * spo_b + heads[:, None] * spo_h + split * spo_s + offs_j[None, :] * PER
     tl.store(po + 0, acc0, mask=hmask[:, None])
@@ -209,6 +312,11 @@ def _combine_kernel(
     tl.store(LSE + b * HQ + hq, (m_max + tl.log2(l_sum)) / 1.4426950408889634)
 
 
+def default_unpack() -> int:
+    """PTX unpacking when compiled; the portable bit trick under the Triton interpreter (it runs no PTX)."""
+    return 1 if os.environ.get("TRITON_INTERPRET", "") == "1" else 2
+
+
 def num_splits(batch_heads: int, tokens: int, block: int, sms: int) -> int:
     """Splits of the sequence: about 8 programs per SM and at most 16 blocks per program (each program's loop
     is latency-bound, so shorter loops and more programs keep more loads in flight)."""
@@ -229,6 +337,12 @@ def decode_attention(
     splits: int | None = None,
     block_n: int | None = None,
     tokens: int | None = None,
+    unpack: int | None = None,
+    fold: bool = False,
+    lazy: bool = False,
+    maxnreg: int | None = None,
+    num_warps: int = 4,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query: [B, Hq, 1, D]`` over packed keys/values (parts of the uniform codec).
 
@@ -275,7 +389,9 @@ def decode_attention(
         partial.stride(0), partial.stride(1), partial.stride(2), pml.stride(0), pml.stride(1), pml.stride(2),
         HKV=hkv, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n, D=d, BITS=bits,
         KEY_TB=key_token_block, KEY_GD=key_group if key_token_block == 1 else 1, VAL_GD=value_group,
-        PRECISE=query.dtype == torch.float32, num_warps=4,
+        PRECISE=query.dtype == torch.float32, UNPACK=default_unpack() if unpack is None else unpack, FOLD=fold, LAZY=lazy,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     out = torch.empty((b, hq, 1, d), dtype=torch.float32, device=query.device)
     lse = torch.empty((b, hq, 1), dtype=torch.float32, device=query.device)

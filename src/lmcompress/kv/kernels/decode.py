@@ -10,14 +10,26 @@ Inputs are the parts of :class:`~lmcompress.kv.quant.uniform.UniformCodec` (asym
 Grid: ``(B * Hkv, splits)``. Each program owns one KV head and a contiguous range of tokens, and computes all
 ``G = Hq / Hkv`` query heads of the group at once (each packed block is loaded once per group). Per block of
 ``BLOCK_N`` tokens it loads the codes with wide row loads and, for each of the ``PER`` codes in a byte, unpacks
-a ``[BLOCK_N, D/PER]`` slice of channels ``{PER*j + s}``, dequantizes it and multiplies it with the matching
-slice of the query (``tl.dot`` on ``[16, D/PER]`` tiles); per-channel key scales are folded into the query
-(``q * scale``, plus ``q . zero`` per block), so keys cost no per-element scale loads. Scores are computed with
-fp16 operands split in high and low halves (two or three dots), close to fp32 accuracy: large logits would
-otherwise carry fp16's 5e-4 relative error into the softmax. The probability-value product uses fp16 operands
-(a bf16/fp16 model's output is rounded coarser anyway), split in halves too for fp32 queries. An online softmax (exp2)
-keeps ``m``, ``l`` and ``PER`` output slices. A second kernel combines the splits and returns the output and the
-log-sum-exp (natural log), so that full-precision tokens can be merged in afterwards.
+a ``[BLOCK_N, D/PER]`` slice of channels ``{PER*j + s}`` and multiplies it with the matching slice of the query
+(``tl.dot`` on ``[16, D/PER]`` tiles, the ``G`` heads padded to 16 rows). An online softmax (exp2) keeps ``m``,
+``l`` and ``PER`` output slices. A second kernel combines the splits and returns the output and the log-sum-exp
+(natural log), so that full-precision tokens can be merged in afterwards.
+
+The kernel is bound by instruction issue, not memory (2-bit codes are 1/8 of the bf16 bytes), so the inner loop
+is kept short:
+
+* codes become fp16 without int-to-float conversions (a quarter-rate instruction on H100): in PTX, four bytes
+  per register are shifted and masked at once, and ``prmt`` places each code under the exponent bits ``0x64``,
+  giving the fp16 ``1024 + c``; one paired subtraction leaves ``c`` exactly (``_slot``);
+* bf16/fp16 queries (approximate, error ~1e-3 of the output scale): the query, pre-multiplied by the softmax
+  scale, is rounded to fp16 once (bf16 values are exact in fp16 if within its range); keys and values are
+  dequantized in fp16 (``c * scale + zero``, one rounding, scale and zero are stored in fp16 anyway), and the
+  tensor-core dots accumulate in fp32. The probabilities are rounded to fp16 for the value product.
+* fp32 queries (``PRECISE``) keep near-fp32 scores: operands split in fp16 high and low halves (two or three
+  dots), per-channel key scales folded into the query (``q * scale``, plus ``q . zero`` per block).
+
+:func:`choose_config` picks the launch configuration (one warp per program for 2/4-bit codes, the split count
+that fills one wave of resident programs); ``benchmarks/gpu_kv_kernel_sweep.py`` is the measurement behind it.
 """
 
 from __future__ import annotations
@@ -29,10 +41,6 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-#: tokens per iteration for per-token keys (per-channel keys use one key group, e.g. 32, unless told otherwise)
-DEFAULT_BLOCK_N = 64
-
-
 def _unpack_asm(shift: int, bits: int) -> str:
     """PTX for four packed bytes (one 32-bit register) -> their code at ``shift`` as four fp16 integers."""
     mask = ((1 << bits) - 1) * 0x01010101
@@ -124,7 +132,7 @@ def _decode_kernel(
     spo_b, spo_h, spo_s, spm_b, spm_h, spm_s,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     BITS: tl.constexpr, KEY_TB: tl.constexpr, KEY_GD: tl.constexpr, VAL_GD: tl.constexpr,
-    PRECISE: tl.constexpr, UNPACK: tl.constexpr, FOLD: tl.constexpr, LAZY: tl.constexpr,
+    PRECISE: tl.constexpr, UNPACK: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -174,7 +182,7 @@ def _decode_kernel(
         nmask = offs_n < end
         kc = tl.load(kc_base + offs_n[:, None] * skc_t + offs_j[None, :], mask=nmask[:, None], other=0)
         qk = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-        if KEY_TB == BLOCK_N and not FOLD and not PRECISE:
+        if KEY_TB == BLOCK_N and not PRECISE:
             # per-channel scales of this block, dequantized in fp16 (broadcast along the tokens)
             row = (n0 // KEY_TB) * sks_t
             for s in tl.static_range(PER):
@@ -184,8 +192,8 @@ def _decode_kernel(
                 codes = _slot(kc, s, BITS, UNPACK)
                 qk = tl.dot(_pick(h0, h1, h2, h3, s), tl.trans(codes * ks[None, :] + kz[None, :]), qk)
         elif KEY_TB == BLOCK_N:
-            # per-channel scales of this block (one key group per tile) folded into the query:
-            # q . (c * s + z) = (q * s) . c + q . z
+            # fp32 queries: the per-channel scales of this block folded into the query,
+            # q . (c * s + z) = (q * s) . c + q . z, with q * s split in fp16 halves
             row = (n0 // KEY_TB) * sks_t
             bias = tl.zeros([BLOCK_H, DP], dtype=tl.float32)
             for s in tl.static_range(PER):
@@ -194,10 +202,7 @@ def _decode_kernel(
                 kz = tl.load(kz_base + row + col)
                 bias += _pick(q0, q1, q2, q3, s) * kz.to(tl.float32)[None, :]
                 codes = _slot(kc, s, BITS, UNPACK)
-                if PRECISE:
-                    qk += _dot_qk(_pick(q0, q1, q2, q3, s) * ks.to(tl.float32)[None, :], codes)
-                else:  # fp16 q * s rounds once, like the fp32 product rounded to fp16
-                    qk = tl.dot(_pick(h0, h1, h2, h3, s) * ks[None, :], tl.trans(codes), qk)
+                qk += _dot_qk(_pick(q0, q1, q2, q3, s) * ks.to(tl.float32)[None, :], codes)
             qk += tl.sum(bias, axis=1)[:, None]
         else:
             # per-element scales: per token (groups of KEY_GD channels) or per channel over several key groups
@@ -221,24 +226,10 @@ def _decode_kernel(
                 else:  # dequantized in fp16 (scale and zero are fp16; one rounding)
                     qk = tl.dot(_pick(h0, h1, h2, h3, s), tl.trans(codes * ks + kz), qk)
         qk = tl.where(nmask[None, :], qk, float("-inf"))
-        m_blk = tl.max(qk, axis=1)
-        if LAZY:
-            # rescale the accumulators only when some row's maximum grows (rare after the first blocks)
-            if tl.max(m_blk - m_i, axis=0) > 0:
-                m_new = tl.maximum(m_i, m_blk)
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc0 = acc0 * alpha[:, None]
-                acc1 = acc1 * alpha[:, None]
-                acc2 = acc2 * alpha[:, None]
-                acc3 = acc3 * alpha[:, None]
-                m_i = m_new
-            alpha = tl.full([BLOCK_H], 1.0, dtype=tl.float32)
-        else:
-            m_new = tl.maximum(m_i, m_blk)
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            m_i = m_new
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        m_i = m_new
         p = tl.exp2(qk - m_i[:, None])
         l_i = l_i + tl.sum(p, axis=1)
         p_hi = p.to(tl.float16)
@@ -257,16 +248,7 @@ def _decode_kernel(
                 pv += tl.dot(p_lo, v_hi, out_dtype=tl.float32) + tl.dot(p_hi, v_lo, out_dtype=tl.float32)
             else:
                 pv = tl.dot(p_hi, codes * vs + vz, out_dtype=tl.float32)
-            if LAZY:
-                if s == 0:
-                    acc0 += pv
-                elif s == 1:
-                    acc1 += pv
-                elif s == 2:
-                    acc2 += pv
-                else:
-                    acc3 += pv
-            elif s == 0:
+            if s == 0:
                 acc0 = acc0 * alpha[:, None] + pv
             elif s == 1:
                 acc1 = acc1 * alpha[:, None] + pv
@@ -317,11 +299,23 @@ def default_unpack() -> int:
     return 1 if os.environ.get("TRITON_INTERPRET", "") == "1" else 2
 
 
-def num_splits(batch_heads: int, tokens: int, block: int, sms: int) -> int:
-    """Splits of the sequence: about 8 programs per SM and at most 16 blocks per program (each program's loop
-    is latency-bound, so shorter loops and more programs keep more loads in flight)."""
-    blocks = triton.cdiv(tokens, block)
-    return max(1, min(blocks, max(triton.cdiv(8 * sms, batch_heads), triton.cdiv(blocks, 16))))
+def choose_config(batch_heads: int, tokens: int, bits: int, key_token_block: int, precise: bool,
+                  sms: int) -> dict:
+    """Launch configuration measured fastest on an H100 (``benchmarks/gpu_kv_kernel_sweep.py``, Llama-3.1-8B
+    decode shape, 8k-128k tokens, batch 1 and 8): one warp per program, 32-token blocks; 2-bit codes with at
+    most 168 registers per thread (some spilling, 12 programs resident per SM instead of 8: faster); 8-bit codes
+    and fp32 queries (wider tiles) with 4 warps. ``programs_per_sm`` sets the split count (one wave)."""
+    if precise or bits == 8:
+        return {"block_n": 32 if key_token_block > 1 else 64, "num_warps": 4, "maxnreg": None, "programs_per_sm": 8}
+    if bits == 2:
+        return {"block_n": 32, "num_warps": 1, "maxnreg": 168, "programs_per_sm": 12}
+    return {"block_n": 32, "num_warps": 1, "maxnreg": None, "programs_per_sm": 8}
+
+
+def num_splits(batch_heads: int, tokens: int, block: int, slots: int) -> int:
+    """Splits of the sequence: as many as fill ``slots`` resident programs in one wave (a partial second wave
+    would leave most of the GPU idle), at least one and at most one block per split."""
+    return max(1, min(triton.cdiv(tokens, block), slots // batch_heads))
 
 
 def decode_attention(
@@ -338,10 +332,8 @@ def decode_attention(
     block_n: int | None = None,
     tokens: int | None = None,
     unpack: int | None = None,
-    fold: bool = False,
-    lazy: bool = False,
+    num_warps: int | None = None,
     maxnreg: int | None = None,
-    num_warps: int = 4,
     num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query: [B, Hq, 1, D]`` over packed keys/values (parts of the uniform codec).
@@ -352,8 +344,9 @@ def decode_attention(
         key_token_block: 1 (per-token key scales) or the tokens per key group (per-channel, KIVI).
         key_group, value_group: channels per scale group (``D`` for one per head; ignored for per-channel keys).
         scaling: softmax scale.
-        splits, block_n: override the split count / tokens per block (benchmarks).
         tokens: attend over the first ``tokens`` tokens only (default: all the key codes hold).
+        splits, block_n, unpack, num_warps, maxnreg, num_stages: override :func:`choose_config`'s launch
+            configuration (benchmarks, tests); ``unpack`` 0/1/2 as in ``_slot``.
 
     Returns:
         ``(out [B, Hq, 1, D] in query.dtype, lse [B, Hq, 1] float32)``.
@@ -365,12 +358,19 @@ def decode_attention(
     hkv, t = kc.shape[1], tokens if tokens is not None else kc.shape[2]
     g = hq // hkv
     ks, kz, vs, vz = keys["scale"], keys["zero"], values["scale"], values["zero"]
-    block_n = block_n or (key_token_block if key_token_block > 1 else DEFAULT_BLOCK_N)
+    precise = query.dtype == torch.float32
+    sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
+    cfg = choose_config(b * hkv, t, bits, key_token_block, precise, sms)
+    block_n = block_n or cfg["block_n"]
     if key_token_block > 1 and block_n % key_token_block:
         raise ValueError(f"block_n={block_n} must be a multiple of the key group {key_token_block}")
     if splits is None:
-        sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
-        splits = num_splits(b * hkv, t, block_n, sms)
+        splits = num_splits(b * hkv, t, block_n, cfg["programs_per_sm"] * sms)
+    launch = {"num_warps": num_warps or cfg["num_warps"]}
+    if maxnreg or (num_warps is None and cfg["maxnreg"]):
+        launch["maxnreg"] = maxnreg or cfg["maxnreg"]
+    if num_stages is not None:
+        launch["num_stages"] = num_stages
     tokens_per_split = triton.cdiv(triton.cdiv(t, splits), block_n) * block_n
     splits = triton.cdiv(t, tokens_per_split)
     partial = torch.empty((b, hq, splits, d), dtype=torch.float32, device=query.device)
@@ -389,9 +389,7 @@ def decode_attention(
         partial.stride(0), partial.stride(1), partial.stride(2), pml.stride(0), pml.stride(1), pml.stride(2),
         HKV=hkv, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n, D=d, BITS=bits,
         KEY_TB=key_token_block, KEY_GD=key_group if key_token_block == 1 else 1, VAL_GD=value_group,
-        PRECISE=query.dtype == torch.float32, UNPACK=default_unpack() if unpack is None else unpack, FOLD=fold, LAZY=lazy,
-        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
-        **({} if maxnreg is None else {"maxnreg": maxnreg}),
+        PRECISE=precise, UNPACK=default_unpack() if unpack is None else unpack, **launch,
     )
     out = torch.empty((b, hq, 1, d), dtype=torch.float32, device=query.device)
     lse = torch.empty((b, hq, 1), dtype=torch.float32, device=query.device)

@@ -1,4 +1,4 @@
-"""Sweep of the packed-KV decode kernel's configurations (warps, splits, block, key-scale folding, unpacking)
+"""Sweep of the packed-KV decode kernel's launch configurations (warps, splits, register cap, block, unpacking)
 against torch SDPA over the bf16 cache, on the Llama-3.1-8B decode shape of ``gpu_kv_attention.py``.
 
 Each configuration is checked against fp32 attention over the dequantized cache (relative error) before it is
@@ -29,11 +29,11 @@ from lmcompress.kv.kernels import decode  # noqa: E402
 def configs(fmt: str, full: bool) -> list[dict]:
     """Kernel options to time; ``ppsm``: resident programs per SM aimed at (splits = ppsm * SMs / (B * Hkv))."""
     base = dict(block_n=32, num_warps=1)
-    out = [dict(base, ppsm=8), dict(base, ppsm=8, lazy=True), dict(base, ppsm=12, maxnreg=168)]
+    out = [dict(base, ppsm=8), dict(base, ppsm=12, maxnreg=168)]
     if full:
         out += [dict(base, ppsm=16), dict(base, ppsm=16, maxnreg=128), dict(base, ppsm=8, unpack=1),
-                dict(base, ppsm=8, num_stages=2), dict(base, ppsm=8, lazy=True, num_stages=2),
-                dict(base, ppsm=12, maxnreg=168, lazy=True), dict(base, ppsm=16, maxnreg=128, lazy=True)]
+                dict(base, ppsm=8, unpack=0), dict(base, ppsm=8, num_stages=2), dict(block_n=32, num_warps=2, ppsm=8),
+                dict(block_n=32, num_warps=4, ppsm=4)]
         if FORMATS[fmt]["key_gran"] == "token":
             out += [dict(block_n=64, num_warps=2, ppsm=8)]
     return out

@@ -19,8 +19,8 @@ SMALL_CASES = [
     (1, 48, 256, 64, "gemv", 1, 64, 32, 4, False, False),  # N not a multiple of the block
     (2, 64, 256, 32, "gemv", 1, 32, 16, 8, True, True),
     (1, 48, 256, 64, "gemv", 1, 32, 32, 3, False, True),
-    (5, 64, 128, 32, "gemm", 16, 32, 16, 1, False, False),
-    (17, 48, 256, 64, "gemm", 16, 32, 32, 3, True, False),
+    (5, 64, 128, 32, "gemm", 16, 128, 16, 1, False, False),
+    (17, 48, 256, 64, "gemm", 16, 128, 32, 3, True, False),
     (20, 64, 128, 32, "dequant", 16, 32, 16, 1, True, False),
 ]
 

@@ -44,9 +44,13 @@ class KernelConfig:
     fused_reduce: bool = False
 
     def label(self) -> str:
-        """Short form, e.g. ``gemv n256 k32 s8 w4 st1``."""
+        """Short form, e.g. ``gemv n256 k16 s8 w4 st1 fused``."""
         m = f" m{self.block_m}" if self.kind == "gemm" else ""
-        return f"{self.kind}{m} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
+        fused = " fused" if self.fused_reduce and self.split_k > 1 else ""
+        return (
+            f"{self.kind}{m} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} "
+            f"st{self.num_stages}{fused}"
+        )
 
 
 def sm_count(device: torch.device) -> int:
@@ -72,31 +76,21 @@ def candidates(m: int, n: int, k: int, group: int, sms: int) -> list[KernelConfi
     """Configurations worth timing for an ``[m, k] x [k, n]`` product on a device with ``sms`` multiprocessors."""
     n_groups = k // group
     found: list[KernelConfig] = []
-    if m <= 8:
-        for block_n, block_k, warps in (
-            (128, 32, 4),
-            (256, 16, 4),
-            (256, 32, 4),
-            (256, 32, 8),
-            (512, 16, 8),
-            (512, 32, 8),
-        ):
+    if m <= 4:
+        for block_n, block_k, warps in ((128, 32, 4), (256, 16, 4), (256, 32, 8), (512, 16, 8)):
             if block_k > group:
                 continue
             programs = triton.cdiv(n, block_n) * m
-            splits = {1, _split_for(programs, n_groups, sms, 2), _split_for(programs, n_groups, sms, 4)}
-            found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1) for s in sorted(splits)]
-            found += [
-                KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, True) for s in sorted(splits) if s > 1
-            ]
+            splits = sorted({_split_for(programs, n_groups, sms, w) for w in (2, 4, 8)})
+            found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, s > 1) for s in splits]
+            found.append(KernelConfig("gemv", 1, block_n, block_k, splits[-1], warps, 1, False))
     block_m = max(16, min(64, _next_pow2(m)))
     for block_n, block_k, warps, stages in (
-        (64, 64, 4, 3),
-        (128, 32, 4, 3),
         (128, 64, 4, 3),
-        (128, 64, 8, 4),
+        (128, 128, 4, 2),
+        (128, 32, 4, 4),
         (256, 64, 8, 3),
-        (64, 128, 4, 2),
+        (256, 128, 8, 2),
     ):
         if block_k > group:
             continue
@@ -112,9 +106,9 @@ def default_config(m: int, n: int, k: int, group: int, sms: int) -> KernelConfig
     """The configuration used without tuning: GEMV for one row, GEMM up to 256 rows, dequantize + cuBLAS above."""
     n_groups = k // group
     if m <= 1:
-        return KernelConfig(
-            "gemv", 1, 256, min(32, group), _split_for(triton.cdiv(n, 256), n_groups, sms, 2), 4, 1
-        )
+        block_k = min(16, group)
+        split = _split_for(triton.cdiv(n, 256), n_groups, sms, 4)
+        return KernelConfig("gemv", 1, 256, block_k, split, 4, 1, split > 1)
     if m <= 256:
         block_m = max(16, min(64, _next_pow2(m)))
         programs = triton.cdiv(n, 128) * triton.cdiv(m, block_m)

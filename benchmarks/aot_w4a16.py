@@ -44,6 +44,7 @@ def compile_config(cfg, dtype: str = "bf16", group: int = 128):
             "BLOCK_K": cfg.block_k,
             "SPLIT": mode,
             "HAS_BIAS": False,
+            "SPLIT_P2": 1 << max(0, (cfg.split_k - 1).bit_length()),
         }
     elif cfg.kind == "gemm":
         fn = kernels.gemm_kernel

@@ -77,18 +77,19 @@ def candidates(m: int, n: int, k: int, group: int, sms: int) -> list[KernelConfi
     n_groups = k // group
     found: list[KernelConfig] = []
     if m <= 4:
-        for block_n, block_k, warps in ((128, 32, 4), (256, 16, 4), (256, 32, 8), (512, 16, 8)):
+        for block_n, block_k, warps in ((128, 32, 4), (256, 16, 4)):
             if block_k > group:
                 continue
             programs = triton.cdiv(n, block_n) * m
             splits = sorted({_split_for(programs, n_groups, sms, w) for w in (2, 4, 8)})
             found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, s > 1) for s in splits]
-            found.append(KernelConfig("gemv", 1, block_n, block_k, splits[-1], warps, 1, False))
+        found.append(KernelConfig("gemv", 1, 256, min(16, group), splits[-1], 4, 1, False))
+    if m == 1:  # a GEMM would waste 15 of its 16 MMA rows
+        return found
     block_m = max(16, min(64, _next_pow2(m)))
     for block_n, block_k, warps, stages in (
         (128, 64, 4, 3),
         (128, 128, 4, 2),
-        (128, 32, 4, 4),
         (256, 64, 8, 3),
         (256, 128, 8, 2),
     ):
@@ -173,7 +174,7 @@ def launch(
         gemv_kernel[grid](
             x, qweight, qzeros, scales, out, bias_arg, target, counters, n, n // 8, k, x.stride(0), n, m * n,
             groups_per_split, GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=mode,
-            HAS_BIAS=has_bias, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_BIAS=has_bias, SPLIT_P2=_next_pow2(split) if fused else 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     elif cfg.kind == "gemm":
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
@@ -185,9 +186,10 @@ def launch(
     else:
         raise ValueError(f"kernel kind {cfg.kind!r} is unknown; allowed: {', '.join(KINDS)}")
     if split > 1 and not fused:
-        block = 1024
+        split_p2 = _next_pow2(split)
+        block = max(64, min(1024, 8192 // split_p2))
         splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            target, out, bias_arg, m * n, n, split, HAS_BIAS=has_bias, BLOCK=block
+            target, out, bias_arg, m * n, n, split, HAS_BIAS=has_bias, BLOCK=block, SPLIT_P2=split_p2
         )
     return out
 

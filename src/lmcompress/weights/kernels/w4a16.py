@@ -17,11 +17,15 @@
   write fp32 partial sums ``[split, M, N]`` that ``splitk_reduce_kernel`` adds up (bias and cast there). The
   GEMV can instead reduce in the same launch (``SPLIT == 2``): each program counts itself in with an atomic on
   a per-(row, column block) int32 counter and the last one sums the partials and resets the counter to 0.
+  Both reductions read all ``split`` partials of an output in one ``[SPLIT_P2, ...]`` load (one memory round
+  trip; a loop over the splits costs one round trip each).
 * ``dequant_kernel``: weight ``[K, N]`` in the activation dtype, for large batches where a cuBLAS GEMM wins.
 
 ``n_words = N // 8`` is passed separately so that Triton sees its divisibility and issues wide (16-byte) loads.
-Packed words are loaded ``[BLOCK_K, BLOCK_N // 8]`` (contiguous along N) and each word is repeated 8 times
-with ``tl.interleave``; column ``j`` of a block of 8 takes nibble ``AWQ_NIBBLE_OF_COLUMN[j] = (j % 2) * 4 + j // 2``.
+Packed words are loaded ``[BLOCK_K, BLOCK_N // 8]`` (contiguous along N, 16-byte loads) and stay in that layout:
+the GEMV and GEMM keep one accumulator per nibble position ``P`` (output columns ``8 w + AWQ_ORDER[P]``), so no
+element moves between threads before the math; scales are loaded and outputs stored at those permuted columns.
+``dequant_kernel`` instead repeats each word 8 times with ``tl.interleave``.
 """
 
 from __future__ import annotations
@@ -107,6 +111,7 @@ def gemv_kernel(
     BLOCK_K: tl.constexpr,
     SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SPLIT_P2: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -184,10 +189,11 @@ def gemv_kernel(
         counter = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
         n_split = tl.num_programs(1)
         if tl.atomic_add(counter, 1, sem="acq_rel") == n_split - 1:
-            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for s in range(0, n_split):
-                part = ws_ptr + s * stride_split + pid_m * stride_om + cols
-                total += tl.load(part, mask=n_mask, other=0.0, cache_modifier=".cg")
+            # all partial sums in one [SPLIT_P2, BLOCK_N] load: one memory round trip, not one per split
+            offs_s = tl.arange(0, SPLIT_P2)
+            parts = ws_ptr + offs_s[:, None] * stride_split + pid_m * stride_om + cols[None, :]
+            part_mask = (offs_s[:, None] < n_split) & n_mask[None, :]
+            total = tl.sum(tl.load(parts, mask=part_mask, other=0.0, cache_modifier=".cg"), axis=0)
             if HAS_BIAS:
                 total += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
             tl.store(out_ptr + pid_m * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=n_mask)
@@ -330,13 +336,26 @@ def gemm_kernel(
 
 @triton.jit
 def splitk_reduce_kernel(
-    ws_ptr, out_ptr, bias_ptr, MN, N, split, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+    ws_ptr,
+    out_ptr,
+    bias_ptr,
+    MN,
+    N,
+    split,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
 ):
+    """``out[i] = sum_s ws[s, i] (+ bias)``; the ``split <= SPLIT_P2`` partial sums come in one 2D load."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(split):
-        acc += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0)
+    offs_s = tl.arange(0, SPLIT_P2)
+    parts = tl.load(
+        ws_ptr + offs_s[:, None] * MN + offs[None, :],
+        mask=(offs_s[:, None] < split) & mask[None, :],
+        other=0.0,
+    )
+    acc = tl.sum(parts, axis=0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -45,6 +45,7 @@ def compile_config(cfg, dtype: str = "bf16", group: int = 128):
             "SPLIT": mode,
             "HAS_BIAS": False,
             "SPLIT_P2": 1 << max(0, (cfg.split_k - 1).bit_length()),
+            "PREFETCH": cfg.prefetch,
         }
     elif cfg.kind == "gemm":
         fn = kernels.gemm_kernel

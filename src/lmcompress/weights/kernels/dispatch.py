@@ -32,6 +32,7 @@ class KernelConfig:
         num_warps / num_stages: Triton launch options.
         fused_reduce: (GEMV with split_k > 1) the last program of each output block adds the partial sums,
             instead of a second kernel.
+        prefetch: (GEMV) load a group's scales and zeros before its weights rather than after them.
     """
 
     kind: str
@@ -42,11 +43,13 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     fused_reduce: bool = False
+    prefetch: bool = False
 
     def label(self) -> str:
         """Short form, e.g. ``gemv n256 k16 s8 w4 st1 fused``."""
         m = f" m{self.block_m}" if self.kind == "gemm" else ""
         fused = " fused" if self.fused_reduce and self.split_k > 1 else ""
+        fused += " pf" if self.prefetch and self.kind == "gemv" else ""
         return (
             f"{self.kind}{m} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} "
             f"st{self.num_stages}{fused}"
@@ -83,6 +86,7 @@ def candidates(m: int, n: int, k: int, group: int, sms: int) -> list[KernelConfi
             programs = triton.cdiv(n, block_n) * m
             splits = sorted({_split_for(programs, n_groups, sms, w) for w in (2, 4, 8)})
             found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, s > 1) for s in splits]
+            found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, s > 1, True) for s in splits[:2]]
         found.append(KernelConfig("gemv", 1, 256, min(16, group), splits[-1], 4, 1, False))
     if m == 1:  # a GEMM would waste 15 of its 16 MMA rows
         return found
@@ -174,7 +178,7 @@ def launch(
         gemv_kernel[grid](
             x, qweight, qzeros, scales, out, bias_arg, target, counters, n, n // 8, k, x.stride(0), n, m * n,
             groups_per_split, GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=mode,
-            HAS_BIAS=has_bias, SPLIT_P2=_next_pow2(split) if fused else 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_BIAS=has_bias, SPLIT_P2=_next_pow2(split) if fused else 1, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     elif cfg.kind == "gemm":
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)

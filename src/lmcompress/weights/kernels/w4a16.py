@@ -64,16 +64,21 @@ def _gemv_fma(acc, half, xk, Q: tl.constexpr):
 
 
 @triton.jit
-def _gemv_group_end(acc, part, x_part, s_ptr, zwords, row_base, base, mask, PACKED_N: tl.constexpr,
-                    P: tl.constexpr):  # fmt: skip
-    """``acc += (part - x_part * zero * 16**(P%4)) * scale / 16**(P%4)`` for nibble ``P`` of one group.
-
-    ``part[k, w] = sum_i x[i] * code[i, n] * 16**(P%4)`` over the group's rows ``i`` that fall on tile row ``k``,
-    and ``x_part[k]`` the sum of those ``x[i]``."""
+def _gemv_group_consts(s_ptr, zwords, row_base, base, mask, PACKED_N: tl.constexpr, P: tl.constexpr):
+    """Nibble ``P`` of one group: ``scale / 16**(P%4)`` and ``zero * 16**(P%4)``, both ``[PACKED_N]`` fp32."""
     place: tl.constexpr = 1 << (4 * (P % 4))
     cols = _nibble_cols(base, PACKED_N, P)
     scale = tl.load(s_ptr + row_base + cols, mask=mask, other=0.0).to(tl.float32) * (1.0 / place)
     zero = ((zwords >> (4 * P)) & 0xF).to(tl.float32) * place
+    return scale, zero
+
+
+@triton.jit
+def _gemv_group_end(acc, part, x_part, scale, zero):
+    """``acc += (part - x_part * zero) * scale`` (scale and zero from :func:`_gemv_group_consts`).
+
+    ``part[k, w] = sum_i x[i] * code[i, n] * 16**(P%4)`` over the group's rows ``i`` that fall on tile row ``k``,
+    and ``x_part[k]`` the sum of those ``x[i]``."""
     return acc + (part - x_part[:, None] * zero[None, :]) * scale[None, :]
 
 
@@ -112,6 +117,7 @@ def gemv_kernel(
     SPLIT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_P2: tl.constexpr = 1,
+    PREFETCH: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -135,6 +141,17 @@ def gemv_kernel(
     acc6 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
     acc7 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
     for g in range(g_start, g_end):
+        # PREFETCH: scales and zeros load with the group's words (one memory round trip per group, more registers)
+        if PREFETCH:
+            zw = tl.load(qz_ptr + g * n_words + offs_w, mask=w_mask, other=0)
+            s0, z0 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 0)
+            s1, z1 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 1)
+            s2, z2 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 2)
+            s3, z3 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 3)
+            s4, z4 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 4)
+            s5, z5 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 5)
+            s6, z6 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 6)
+            s7, z7 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 7)
         a0 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
         a1 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
         a2 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
@@ -158,15 +175,24 @@ def gemv_kernel(
             a6 = _gemv_fma(a6, high, xk, 2)
             a7 = _gemv_fma(a7, high, xk, 3)
             x_part += xk
-        zw = tl.load(qz_ptr + g * n_words + offs_w, mask=w_mask, other=0)
-        acc0 = _gemv_group_end(acc0, a0, x_part, s_ptr, zw, g * N, base, w_mask, PACKED_N, 0)
-        acc1 = _gemv_group_end(acc1, a1, x_part, s_ptr, zw, g * N, base, w_mask, PACKED_N, 1)
-        acc2 = _gemv_group_end(acc2, a2, x_part, s_ptr, zw, g * N, base, w_mask, PACKED_N, 2)
-        acc3 = _gemv_group_end(acc3, a3, x_part, s_ptr, zw, g * N, base, w_mask, PACKED_N, 3)
-        acc4 = _gemv_group_end(acc4, a4, x_part, s_ptr, zw, g * N, base, w_mask, PACKED_N, 4)
-        acc5 = _gemv_group_end(acc5, a5, x_part, s_ptr, zw, g * N, base, w_mask, PACKED_N, 5)
-        acc6 = _gemv_group_end(acc6, a6, x_part, s_ptr, zw, g * N, base, w_mask, PACKED_N, 6)
-        acc7 = _gemv_group_end(acc7, a7, x_part, s_ptr, zw, g * N, base, w_mask, PACKED_N, 7)
+        if not PREFETCH:
+            zw = tl.load(qz_ptr + g * n_words + offs_w, mask=w_mask, other=0)
+            s0, z0 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 0)
+            s1, z1 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 1)
+            s2, z2 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 2)
+            s3, z3 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 3)
+            s4, z4 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 4)
+            s5, z5 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 5)
+            s6, z6 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 6)
+            s7, z7 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 7)
+        acc0 = _gemv_group_end(acc0, a0, x_part, s0, z0)
+        acc1 = _gemv_group_end(acc1, a1, x_part, s1, z1)
+        acc2 = _gemv_group_end(acc2, a2, x_part, s2, z2)
+        acc3 = _gemv_group_end(acc3, a3, x_part, s3, z3)
+        acc4 = _gemv_group_end(acc4, a4, x_part, s4, z4)
+        acc5 = _gemv_group_end(acc5, a5, x_part, s5, z5)
+        acc6 = _gemv_group_end(acc6, a6, x_part, s6, z6)
+        acc7 = _gemv_group_end(acc7, a7, x_part, s7, z7)
     ADD_BIAS: tl.constexpr = HAS_BIAS and SPLIT == 0
     if SPLIT == 0:
         dst = out_ptr + pid_m * stride_om

@@ -122,6 +122,7 @@ def measure(k, n, m, sms, qweight, qzeros, scales, w_deq, w_bf16, tg_packed, tg_
             "gemv (2 kernels)": min((t for c, t in timings.items() if c.kind == "gemv" and not c.fused_reduce), default=None),
             "gemv (fused split-K)": min((t for c, t in timings.items() if c.kind == "gemv" and c.fused_reduce), default=None),
             "gemm": min((t for c, t in timings.items() if c.kind == "gemm"), default=None),
+            "gemm (repeat)": min((t for c, t in timings.items() if c.kind == "gemm_repeat"), default=None),
             "dequant+cuBLAS": min((t for c, t in timings.items() if c.kind == "dequant"), default=None),
         },
         "candidate_us": {c.label(): t for c, t in sorted(timings.items(), key=lambda kv: kv[1])},

@@ -22,6 +22,7 @@ SMALL_CASES = [
     (2, 64, 256, 32, "gemv", 1, 32, 16, 4, True, True, True),  # scales and zeros prefetched
     (5, 64, 128, 32, "gemm", 16, 128, 16, 1, False, False),
     (17, 48, 256, 64, "gemm", 16, 128, 32, 3, True, False),
+    (33, 64, 128, 32, "gemm_repeat", 32, 32, 16, 2, True, False),
     (20, 64, 128, 32, "dequant", 16, 32, 16, 1, True, False),
 ]
 
@@ -64,7 +65,7 @@ def interpret_main() -> int:
     failures = 0
     for dtype in (torch.float16, torch.bfloat16):
         for case in SMALL_CASES:
-            if dtype == torch.bfloat16 and case[4] == "gemm":
+            if dtype == torch.bfloat16 and case[4].startswith("gemm"):
                 continue
             err = run_case(case, dtype, "cpu")
             ok = err < 1e-2

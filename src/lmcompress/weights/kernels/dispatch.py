@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
-from .w4a16 import dequant_kernel, gemm_kernel, gemv_kernel, splitk_reduce_kernel
+from .w4a16 import dequant_kernel, gemm_kernel, gemm_repeat_kernel, gemv_kernel, splitk_reduce_kernel
 
-KINDS = ("gemv", "gemm", "dequant")
+KINDS = ("gemv", "gemm", "gemm_repeat", "dequant")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class KernelConfig:
     """One way to run the product.
 
     Attributes:
-        kind: ``gemv`` (CUDA-core FMA, any M, best for M of 1-2), ``gemm`` (tensor cores), ``dequant``
+        kind: ``gemv`` (CUDA-core FMA, any M, best for M of 1-2), ``gemm`` (tensor cores, one dot per nibble
+            plane), ``gemm_repeat`` (tensor cores, one interleaved B tile; narrow tiles for 32+ rows), ``dequant``
             (dequantize to the activation dtype, then ``torch.matmul``).
         block_m / block_n / block_k: tile sizes (``block_k`` must divide the group size).
         split_k: programs along K (each takes whole groups); > 1 adds a reduction kernel.
@@ -47,7 +48,7 @@ class KernelConfig:
 
     def label(self) -> str:
         """Short form, e.g. ``gemv n256 k16 s8 w4 st1 fused``."""
-        m = f" m{self.block_m}" if self.kind == "gemm" else ""
+        m = f" m{self.block_m}" if self.kind.startswith("gemm") else ""
         fused = " fused" if self.fused_reduce and self.split_k > 1 else ""
         fused += " pf" if self.prefetch and self.kind == "gemv" else ""
         return (
@@ -102,6 +103,16 @@ def candidates(m: int, n: int, k: int, group: int, sms: int) -> list[KernelConfi
         programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
         splits = {1, _split_for(programs, n_groups, sms, 1), _split_for(programs, n_groups, sms, 3)}
         found += [KernelConfig("gemm", block_m, block_n, block_k, s, warps, stages) for s in sorted(splits)]
+    if m >= 32:
+        for block_n, block_k, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)):
+            if block_k > group:
+                continue
+            programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+            splits = {1, _split_for(programs, n_groups, sms, 1), _split_for(programs, n_groups, sms, 3)}
+            found += [
+                KernelConfig("gemm_repeat", block_m, block_n, block_k, s, warps, stages)
+                for s in sorted(splits)
+            ]
     if m >= 16:
         found.append(KernelConfig("dequant", block_n=128, block_k=min(32, group)))
     return found
@@ -180,9 +191,10 @@ def launch(
             groups_per_split, GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=mode,
             HAS_BIAS=has_bias, SPLIT_P2=_next_pow2(split) if fused else 1, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-    elif cfg.kind == "gemm":
+    elif cfg.kind in ("gemm", "gemm_repeat"):
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-        gemm_kernel[grid](
+        kernel = gemm_kernel if cfg.kind == "gemm" else gemm_repeat_kernel
+        kernel[grid](
             x, qweight, qzeros, scales, target, bias_arg, m, n, n // 8, k, x.stride(0), n, m * n, groups_per_split,
             GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
             HAS_BIAS=has_bias, IS_BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

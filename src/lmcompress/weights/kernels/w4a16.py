@@ -19,13 +19,16 @@
   a per-(row, column block) int32 counter and the last one sums the partials and resets the counter to 0.
   Both reductions read all ``split`` partials of an output in one ``[SPLIT_P2, ...]`` load (one memory round
   trip; a loop over the splits costs one round trip each).
+* ``gemm_repeat_kernel``: the same GEMM on one ``[BLOCK_K, BLOCK_N]`` B tile built with ``tl.interleave``
+  (each word repeated 8 times, shifted per column): a layout shuffle per tile, but narrow tiles (``BLOCK_N = 64``)
+  that suit 32+ rows.
 * ``dequant_kernel``: weight ``[K, N]`` in the activation dtype, for large batches where a cuBLAS GEMM wins.
 
 ``n_words = N // 8`` is passed separately so that Triton sees its divisibility and issues wide (16-byte) loads.
 Packed words are loaded ``[BLOCK_K, BLOCK_N // 8]`` (contiguous along N, 16-byte loads) and stay in that layout:
 the GEMV and GEMM keep one accumulator per nibble position ``P`` (output columns ``8 w + AWQ_ORDER[P]``), so no
 element moves between threads before the math; scales are loaded and outputs stored at those permuted columns.
-``dequant_kernel`` instead repeats each word 8 times with ``tl.interleave``.
+``gemm_repeat_kernel`` and ``dequant_kernel`` instead repeat each word 8 times with ``tl.interleave``.
 """
 
 from __future__ import annotations
@@ -358,6 +361,84 @@ def gemm_kernel(
     _gemm_store(dst, acc5, bias_ptr, offs_m, m_mask, stride_om, base, w_mask, PACKED_N, 5, ADD_BIAS)
     _gemm_store(dst, acc6, bias_ptr, offs_m, m_mask, stride_om, base, w_mask, PACKED_N, 6, ADD_BIAS)
     _gemm_store(dst, acc7, bias_ptr, offs_m, m_mask, stride_om, base, w_mask, PACKED_N, 7, ADD_BIAS)
+
+
+@triton.jit(do_not_specialize=["M", "stride_split", "groups_per_split"])
+def gemm_repeat_kernel(
+    x_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    out_ptr,
+    bias_ptr,
+    M,
+    N,
+    n_words,
+    K,
+    stride_xm,
+    stride_om,
+    stride_split,
+    groups_per_split,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IS_BF16: tl.constexpr,
+):
+    """The GEMM with one ``[BLOCK_K, BLOCK_N]`` B tile: each packed word repeated 8 times (``tl.interleave``) and
+    shifted per column. Costs a layout shuffle per tile, but allows ``BLOCK_N = 64``; it beat
+    :func:`gemm_kernel` at 64 rows on the H100 (see BENCHMARKS_awq.md)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    PACKED_N: tl.constexpr = BLOCK_N // 8
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_w = pid_n * PACKED_N + tl.arange(0, PACKED_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    w_mask = offs_w < n_words
+    n_mask = offs_n < N
+    shifts = _nibble_shifts(BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    g_start = pid_k * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, K // GROUP)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(g_start, g_end):
+        scale = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zwords = _repeat8(tl.load(qz_ptr + g * n_words + offs_w, mask=w_mask, other=0))
+        # b below holds OFFSET + code; the offset joins the zero point here
+        if IS_BF16:
+            zero = ((zwords >> shifts) & 0xF).to(tl.float32) + 128.0
+        else:
+            zero = ((zwords >> shifts) & 0xF).to(tl.float32) + 1024.0
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for kk in tl.static_range(0, GROUP, BLOCK_K):
+            rows = g * GROUP + kk + offs_k
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :], mask=m_mask[:, None], other=0.0)
+            words = tl.load(qw_ptr + rows[:, None] * n_words + offs_w[None, :], mask=w_mask[None, :], other=0)
+            nibbles = (_repeat8(words) >> shifts[None, :]) & 0xF
+            if IS_BF16:
+                b = (nibbles | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 128 + code, exact
+            else:
+                b = (nibbles | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + code, exact
+            acc_g = tl.dot(a, b, acc_g)
+            x_sum += tl.sum(a.to(tl.float32), axis=1)
+        acc += (acc_g - x_sum[:, None] * zero[None, :]) * scale[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT:
+        tl.store(
+            out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask
+        )
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out, mask=mask)
 
 
 @triton.jit

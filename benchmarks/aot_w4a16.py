@@ -44,9 +44,11 @@ def compile_config(cfg, dtype: str = "bf16", group: int = 128):
             "BLOCK_K": cfg.block_k,
             "SPLIT": mode,
             "HAS_BIAS": False,
+            "SPLIT_P2": 1 << max(0, (cfg.split_k - 1).bit_length()),
+            "PREFETCH": cfg.prefetch,
         }
-    elif cfg.kind == "gemm":
-        fn = kernels.gemm_kernel
+    elif cfg.kind in ("gemm", "gemm_repeat"):
+        fn = kernels.gemm_kernel if cfg.kind == "gemm" else kernels.gemm_repeat_kernel
         consts = {"GROUP": group, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
                   "SPLIT": split, "HAS_BIAS": False, "IS_BF16": dtype == "bf16"}  # fmt: skip
     else:

@@ -8,7 +8,10 @@ For each shape (K x N = in x out features) and batch M: random bf16 weights are 
 Frobenius error must stay < 1e-2) and is timed with ``triton.testing.do_bench`` (median, L2 flushed between
 runs; whole calls, split-K reduction included). The fastest is "ours"; bf16 cuBLAS (``F.linear`` on the
 dequantized weight) and tinygemm (same random weight, its own int4 format, group 128, inner_k_tiles 8) are timed
-the same way in the same run. Takes 2-4 minutes on an H100 (mostly Triton compilation).
+the same way in the same run. All "us" columns time one CUDA-graph replay of the whole call (L2 still flushed
+between replays), i.e. GPU time without Python's launch cost, which for a Triton launch from Python is of the
+order of the kernels themselves; ``bf16_eager_us`` / ``ours_eager_us`` in the JSON are plain eager calls.
+Takes 1-2 minutes on an H100 (mostly Triton compilation).
 """
 
 from __future__ import annotations
@@ -50,6 +53,25 @@ def bench_us(fn, rep: int = 100) -> float:
     return float(do_bench(fn, warmup=25, rep=rep, return_mode="median")) * 1e3
 
 
+def graph_us(fn, rep: int = 100) -> float:
+    """``bench_us`` of one CUDA-graph replay of ``fn``: the GPU time of its kernels without Python's launch cost
+    (do_bench still flushes L2 between replays). A first call on the capture stream, outside the capture,
+    compiles the kernels and allocates what they keep (the fused split-K counters)."""
+    if SMOKE:
+        return bench_us(fn, rep)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    torch.cuda.synchronize()
+    return bench_us(graph.replay, rep)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).norm() / ref.norm())
 
@@ -86,18 +108,21 @@ def measure(k, n, m, sms, qweight, qzeros, scales, w_deq, w_bf16, tg_packed, tg_
         if not err < 1e-2:
             failures.append({"K": k, "N": n, "M": m, "config": repr(cfg), "rel_err": err})
             continue
-        timings[cfg] = bench_us(lambda cfg=cfg: launch(x, qweight, qzeros, scales, GROUP, None, cfg), rep=25)
+        timings[cfg] = graph_us(lambda cfg=cfg: launch(x, qweight, qzeros, scales, GROUP, None, cfg), rep=25)
     best = min(timings, key=timings.get)
     row = {
         "K": k, "N": n, "M": m,
-        "bf16_us": bench_us(lambda: F.linear(x, w_bf16)),
-        "ours_us": bench_us(lambda: launch(x, qweight, qzeros, scales, GROUP, None, best)),
+        "bf16_us": graph_us(lambda: F.linear(x, w_bf16)),
+        "ours_us": graph_us(lambda: launch(x, qweight, qzeros, scales, GROUP, None, best)),
+        "bf16_eager_us": bench_us(lambda: F.linear(x, w_bf16)),
+        "ours_eager_us": bench_us(lambda: launch(x, qweight, qzeros, scales, GROUP, None, best)),
         "ours_rel_err": rel_err(launch(x, qweight, qzeros, scales, GROUP, None, best), ref),
         "ours_config": best.label(),
         "best_per_kind_us": {
             "gemv (2 kernels)": min((t for c, t in timings.items() if c.kind == "gemv" and not c.fused_reduce), default=None),
             "gemv (fused split-K)": min((t for c, t in timings.items() if c.kind == "gemv" and c.fused_reduce), default=None),
             "gemm": min((t for c, t in timings.items() if c.kind == "gemm"), default=None),
+            "gemm (repeat)": min((t for c, t in timings.items() if c.kind == "gemm_repeat"), default=None),
             "dequant+cuBLAS": min((t for c, t in timings.items() if c.kind == "dequant"), default=None),
         },
         "candidate_us": {c.label(): t for c, t in sorted(timings.items(), key=lambda kv: kv[1])},
@@ -107,7 +132,7 @@ def measure(k, n, m, sms, qweight, qzeros, scales, w_deq, w_bf16, tg_packed, tg_
     if tg_packed is not None:
         tg_out = torch.ops.aten._weight_int4pack_mm(x, tg_packed, GROUP, tg_sz)
         row["tinygemm_rel_err"] = rel_err(tg_out, x.float() @ tg_deq.t())
-        row["tinygemm_us"] = bench_us(lambda: torch.ops.aten._weight_int4pack_mm(x, tg_packed, GROUP, tg_sz))
+        row["tinygemm_us"] = graph_us(lambda: torch.ops.aten._weight_int4pack_mm(x, tg_packed, GROUP, tg_sz))
     return row
 
 
@@ -161,11 +186,12 @@ def main() -> None:
     total = time.perf_counter() - start
     name = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(device)
     print(f"\n{name}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"{total:.0f} s; weights random bf16 -> AWQ 4-bit g128; do_bench medians, L2 flushed")  # fmt: skip
+          f"{total:.0f} s; weights random bf16 -> AWQ 4-bit g128; do_bench medians of CUDA-graph replays, L2 flushed")  # fmt: skip
     print(
-        "| K x N | batch | bf16 cuBLAS us | torch int4 us | W4A16 us | W4A16 vs bf16 | int4 vs bf16 | W4A16 GB/s | kernel |"
+        "| K x N | batch | bf16 cuBLAS us | torch int4 us | W4A16 us | W4A16 vs bf16 | int4 vs bf16 | W4A16 GB/s | kernel "
+        "| eager bf16 / W4A16 us |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tg = r.get("tinygemm_us")
         tg_cells = f"{tg:.1f} | " if tg else "n/a | "
@@ -173,7 +199,8 @@ def main() -> None:
         kernel = r["ours_config"]
         print(
             f"| {r['K']} x {r['N']} | {r['M']} | {r['bf16_us']:.1f} | {tg_cells}{r['ours_us']:.1f} | "
-            f"{r['bf16_us'] / r['ours_us']:.2f}x | {tg_ratio} | {r['weight_bytes'] / r['ours_us'] / 1e3:.0f} | {kernel} |"
+            f"{r['bf16_us'] / r['ours_us']:.2f}x | {tg_ratio} | {r['weight_bytes'] / r['ours_us'] / 1e3:.0f} | {kernel} | "
+            f"{r['bf16_eager_us']:.1f} / {r['ours_eager_us']:.1f} |"
         )
     if failures:
         print(f"\n{len(failures)} candidate configurations failed or were wrong:")

@@ -12,15 +12,17 @@ import torch
 from lmcompress.weights.packing import dequantize_gemm, pack_gemm
 from lmcompress.weights.quantizer import quantize_weight
 
-# (M, N, K, group, kind, block_m, block_n, block_k, split_k, bias, fused split-K reduction)
+# (M, N, K, group, kind, block_m, block_n, block_k, split_k, bias, fused split-K reduction[, GEMV prefetch])
 SMALL_CASES = [
     (1, 64, 128, 32, "gemv", 1, 32, 16, 1, False, False),
     (3, 64, 256, 64, "gemv", 1, 32, 16, 2, True, False),
     (1, 48, 256, 64, "gemv", 1, 64, 32, 4, False, False),  # N not a multiple of the block
     (2, 64, 256, 32, "gemv", 1, 32, 16, 8, True, True),
     (1, 48, 256, 64, "gemv", 1, 32, 32, 3, False, True),
-    (5, 64, 128, 32, "gemm", 16, 32, 16, 1, False, False),
-    (17, 48, 256, 64, "gemm", 16, 32, 32, 3, True, False),
+    (2, 64, 256, 32, "gemv", 1, 32, 16, 4, True, True, True),  # scales and zeros prefetched
+    (5, 64, 128, 32, "gemm", 16, 128, 16, 1, False, False),
+    (17, 48, 256, 64, "gemm", 16, 128, 32, 3, True, False),
+    (33, 64, 128, 32, "gemm_repeat", 32, 32, 16, 2, True, False),
     (20, 64, 128, 32, "dequant", 16, 32, 16, 1, True, False),
 ]
 
@@ -45,9 +47,10 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 def run_case(case, dtype, device):
     from lmcompress.weights.kernels.dispatch import KernelConfig, launch
 
-    m, n, k, group, kind, bm, bn, bk, split, bias, fused = case
+    m, n, k, group, kind, bm, bn, bk, split, bias, fused = case[:11]
+    prefetch = case[11] if len(case) > 11 else False
     x, qweight, qzeros, scales, b, reference = random_problem(m, n, k, group, dtype, bias, device)
-    cfg = KernelConfig(kind, bm, bn, bk, split, 4, 2, fused)
+    cfg = KernelConfig(kind, bm, bn, bk, split, 4, 2, fused, prefetch)
     out = launch(x, qweight, qzeros, scales, group, b, cfg)
     assert out.dtype == dtype and out.shape == (m, n)
     err = relative_error(out, reference)
@@ -62,7 +65,7 @@ def interpret_main() -> int:
     failures = 0
     for dtype in (torch.float16, torch.bfloat16):
         for case in SMALL_CASES:
-            if dtype == torch.bfloat16 and case[4] == "gemm":
+            if dtype == torch.bfloat16 and case[4].startswith("gemm"):
                 continue
             err = run_case(case, dtype, "cpu")
             ok = err < 1e-2

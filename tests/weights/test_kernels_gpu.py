@@ -39,14 +39,16 @@ def test_tuner_keeps_a_correct_fast_config(m, monkeypatch):
     from lmcompress.weights.kernels import dispatch
 
     monkeypatch.setattr(dispatch, "_TUNED", {})
-    x, qweight, qzeros, scales, _, reference = random_problem(m, 4096, 4096, 128, torch.bfloat16, False, "cuda")
+    x, qweight, qzeros, scales, _, reference = random_problem(
+        m, 4096, 4096, 128, torch.bfloat16, False, "cuda"
+    )
     best, timings = dispatch.tune(x, qweight, qzeros, scales, 128, None)
     assert timings[best] == min(timings.values())
     out = dispatch.w4a16_matmul(x, qweight, qzeros, scales, 128)
     assert relative_error(out, reference) < 1e-2
 
 
-@pytest.mark.parametrize("kind", ["gemv", "gemm", "dequant"])
+@pytest.mark.parametrize("kind", ["gemv", "gemm", "gemm_repeat", "dequant"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_candidate_of_a_shape(kind, dtype):
     from lmcompress.weights.kernels.dispatch import candidates, launch, sm_count

@@ -15,9 +15,9 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
-from .w4a16 import dequant_kernel, gemm_kernel, gemv_kernel, splitk_reduce_kernel
+from .w4a16 import dequant_kernel, gemm_kernel, gemm_repeat_kernel, gemv_kernel, splitk_reduce_kernel
 
-KINDS = ("gemv", "gemm", "dequant")
+KINDS = ("gemv", "gemm", "gemm_repeat", "dequant")
 
 
 @dataclass(frozen=True)
@@ -25,13 +25,15 @@ class KernelConfig:
     """One way to run the product.
 
     Attributes:
-        kind: ``gemv`` (CUDA-core FMA, any M, best for M of 1-2), ``gemm`` (tensor cores), ``dequant``
+        kind: ``gemv`` (CUDA-core FMA, any M, best for M of 1-2), ``gemm`` (tensor cores, one dot per nibble
+            plane), ``gemm_repeat`` (tensor cores, one interleaved B tile; narrow tiles for 32+ rows), ``dequant``
             (dequantize to the activation dtype, then ``torch.matmul``).
         block_m / block_n / block_k: tile sizes (``block_k`` must divide the group size).
         split_k: programs along K (each takes whole groups); > 1 adds a reduction kernel.
         num_warps / num_stages: Triton launch options.
         fused_reduce: (GEMV with split_k > 1) the last program of each output block adds the partial sums,
             instead of a second kernel.
+        prefetch: (GEMV) load a group's scales and zeros before its weights rather than after them.
     """
 
     kind: str
@@ -42,11 +44,17 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     fused_reduce: bool = False
+    prefetch: bool = False
 
     def label(self) -> str:
-        """Short form, e.g. ``gemv n256 k32 s8 w4 st1``."""
-        m = f" m{self.block_m}" if self.kind == "gemm" else ""
-        return f"{self.kind}{m} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
+        """Short form, e.g. ``gemv n256 k16 s8 w4 st1 fused``."""
+        m = f" m{self.block_m}" if self.kind.startswith("gemm") else ""
+        fused = " fused" if self.fused_reduce and self.split_k > 1 else ""
+        fused += " pf" if self.prefetch and self.kind == "gemv" else ""
+        return (
+            f"{self.kind}{m} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} "
+            f"st{self.num_stages}{fused}"
+        )
 
 
 def sm_count(device: torch.device) -> int:
@@ -72,37 +80,39 @@ def candidates(m: int, n: int, k: int, group: int, sms: int) -> list[KernelConfi
     """Configurations worth timing for an ``[m, k] x [k, n]`` product on a device with ``sms`` multiprocessors."""
     n_groups = k // group
     found: list[KernelConfig] = []
-    if m <= 8:
-        for block_n, block_k, warps in (
-            (128, 32, 4),
-            (256, 16, 4),
-            (256, 32, 4),
-            (256, 32, 8),
-            (512, 16, 8),
-            (512, 32, 8),
-        ):
+    if m <= 4:
+        for block_n, block_k, warps in ((128, 32, 4), (256, 16, 4)):
             if block_k > group:
                 continue
             programs = triton.cdiv(n, block_n) * m
-            splits = {1, _split_for(programs, n_groups, sms, 2), _split_for(programs, n_groups, sms, 4)}
-            found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1) for s in sorted(splits)]
-            found += [
-                KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, True) for s in sorted(splits) if s > 1
-            ]
+            splits = sorted({_split_for(programs, n_groups, sms, w) for w in (2, 4, 8)})
+            found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, s > 1) for s in splits]
+            found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, s > 1, True) for s in splits[:2]]
+        found.append(KernelConfig("gemv", 1, 256, min(16, group), splits[-1], 4, 1, False))
+    if m == 1:  # a GEMM would waste 15 of its 16 MMA rows
+        return found
     block_m = max(16, min(64, _next_pow2(m)))
     for block_n, block_k, warps, stages in (
-        (64, 64, 4, 3),
-        (128, 32, 4, 3),
         (128, 64, 4, 3),
-        (128, 64, 8, 4),
+        (128, 128, 4, 2),
         (256, 64, 8, 3),
-        (64, 128, 4, 2),
+        (256, 128, 8, 2),
     ):
         if block_k > group:
             continue
         programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
         splits = {1, _split_for(programs, n_groups, sms, 1), _split_for(programs, n_groups, sms, 3)}
         found += [KernelConfig("gemm", block_m, block_n, block_k, s, warps, stages) for s in sorted(splits)]
+    if m >= 32:
+        for block_n, block_k, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)):
+            if block_k > group:
+                continue
+            programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+            splits = {1, _split_for(programs, n_groups, sms, 1), _split_for(programs, n_groups, sms, 3)}
+            found += [
+                KernelConfig("gemm_repeat", block_m, block_n, block_k, s, warps, stages)
+                for s in sorted(splits)
+            ]
     if m >= 16:
         found.append(KernelConfig("dequant", block_n=128, block_k=min(32, group)))
     return found
@@ -112,9 +122,9 @@ def default_config(m: int, n: int, k: int, group: int, sms: int) -> KernelConfig
     """The configuration used without tuning: GEMV for one row, GEMM up to 256 rows, dequantize + cuBLAS above."""
     n_groups = k // group
     if m <= 1:
-        return KernelConfig(
-            "gemv", 1, 256, min(32, group), _split_for(triton.cdiv(n, 256), n_groups, sms, 2), 4, 1
-        )
+        block_k = min(16, group)
+        split = _split_for(triton.cdiv(n, 256), n_groups, sms, 4)
+        return KernelConfig("gemv", 1, 256, block_k, split, 4, 1, split > 1)
     if m <= 256:
         block_m = max(16, min(64, _next_pow2(m)))
         programs = triton.cdiv(n, 128) * triton.cdiv(m, block_m)
@@ -179,11 +189,12 @@ def launch(
         gemv_kernel[grid](
             x, qweight, qzeros, scales, out, bias_arg, target, counters, n, n // 8, k, x.stride(0), n, m * n,
             groups_per_split, GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=mode,
-            HAS_BIAS=has_bias, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_BIAS=has_bias, SPLIT_P2=_next_pow2(split) if fused else 1, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-    elif cfg.kind == "gemm":
+    elif cfg.kind in ("gemm", "gemm_repeat"):
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-        gemm_kernel[grid](
+        kernel = gemm_kernel if cfg.kind == "gemm" else gemm_repeat_kernel
+        kernel[grid](
             x, qweight, qzeros, scales, target, bias_arg, m, n, n // 8, k, x.stride(0), n, m * n, groups_per_split,
             GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
             HAS_BIAS=has_bias, IS_BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -191,9 +202,10 @@ def launch(
     else:
         raise ValueError(f"kernel kind {cfg.kind!r} is unknown; allowed: {', '.join(KINDS)}")
     if split > 1 and not fused:
-        block = 1024
+        split_p2 = _next_pow2(split)
+        block = max(64, min(1024, 8192 // split_p2))
         splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-            target, out, bias_arg, m * n, n, split, HAS_BIAS=has_bias, BLOCK=block
+            target, out, bias_arg, m * n, n, split, HAS_BIAS=has_bias, BLOCK=block, SPLIT_P2=split_p2
         )
     return out
 

@@ -147,3 +147,24 @@ def test_cuda_allocator_drops_with_eviction():
     for name in ("knorm_0.75", "adakv_snapkv_0.75", "cake_256"):
         assert results[name][0] / results["none"][0] == pytest.approx(0.25, abs=0.05)
     print(json.dumps(results))
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_dropping_a_cache_frees_it_without_the_cyclic_gc(name):
+    """No reference cycle holds a cache's layers: storage goes back as soon as the last reference is dropped
+    (the CUDA allocator test above depends on it, and so does a user freeing memory between requests)."""
+    import gc
+    import weakref
+
+    model = wide_tiny_llama("cpu")
+    ids = torch.randint(0, 128, (1, 256))
+    gc.disable()
+    try:
+        cache = CompressedCache(model, KVSpec(evict=SPECS[name]))
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+        refs = [weakref.ref(cache), *(weakref.ref(layer) for layer in cache.layers)]
+        del cache
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()

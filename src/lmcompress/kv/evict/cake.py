@@ -25,6 +25,7 @@ holds (the reference skips compression for prompts up to ``cache_size + window_s
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -88,7 +89,9 @@ class CakeState:
 
     def __init__(self, policy: CAKE, layers: list[CompressedLayer]) -> None:
         self.policy = policy
-        self.layers = sorted(layers, key=lambda layer: layer.layer_idx)
+        # weak proxies: the layers hold this state, so strong references would make a cycle that keeps the
+        # whole cache's storage alive after the cache is dropped (until the cyclic GC runs)
+        self.layers = [weakref.proxy(layer) for layer in sorted(layers, key=lambda layer: layer.layer_idx)]
         self.prefs: dict[int, float] = {}
         self.budgets: dict[int, int] = {}
         self.total = 0
@@ -221,11 +224,11 @@ class CAKE(EvictionPolicy):
                  module: torch.nn.Module | None) -> None:
         inputs = layer.score_inputs(query, scaling, module)
         pref, indicator = self.preference_and_indicator(inputs)
-        if layer is state.layers[0]:
+        if layer.layer_idx == state.layers[0].layer_idx:
             state.start_round(inputs.num_tokens)
         layer.set_aux(CAKE_AUX, indicator, fill=math.inf)
         state.prefs[layer.layer_idx] = pref
-        last = layer is state.layers[-1]
+        last = layer.layer_idx == state.layers[-1].layer_idx
         if self.cascading or last:
             shares = state.evict_seen()
             if last:

@@ -389,7 +389,7 @@ def gemm_repeat_kernel(
 ):
     """The GEMM with one ``[BLOCK_K, BLOCK_N]`` B tile: each packed word repeated 8 times (``tl.interleave``) and
     shifted per column. Costs a layout shuffle per tile, but allows ``BLOCK_N = 64``; it beat
-    :func:`gemm_kernel` at 64 rows on the H100 (see BENCHMARKS_awq.md)."""
+    :func:`gemm_kernel` at 64 rows on the H100 (see BENCHMARKS.md, section 4)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_n = tl.cdiv(N, BLOCK_N)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...errors import LMCompressError, check_positive_int
+from ...errors import LMCompressError, check_choice, check_positive_int
 from ...kv.cache import CompressedCache
 from ...kv.hooks import scoring_hooks
 from ...registry import TASKS
@@ -51,8 +51,7 @@ class Perplexity(Task):
     windows: int = 1
 
     def __post_init__(self) -> None:
-        if self.source not in TEXT_SOURCES:
-            raise LMCompressError(f"source={self.source!r} is unknown; allowed: {', '.join(TEXT_SOURCES)}")
+        check_choice("source", self.source, TEXT_SOURCES)
         check_positive_int("context_tokens", self.context_tokens)
         check_positive_int("eval_tokens", self.eval_tokens)
         check_positive_int("chunk", self.chunk)

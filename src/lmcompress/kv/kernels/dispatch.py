@@ -7,25 +7,16 @@ or groups that are not powers of two) returns None and the torch reference path 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
+from ...triton_support import triton_available
 from ..quant.kivi_store import KIVIStore
 from ..quant.store import PackedStore
 from ..quant.uniform import UniformCodec
 
 KERNEL_BITS = (2, 4, 8)
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def enabled(x: torch.Tensor) -> bool:

@@ -5,17 +5,11 @@ Importing this package does not import Triton; :func:`w4a16_matmul` does, on fir
 
 from __future__ import annotations
 
-import importlib.util
-from functools import cache
 from typing import Any
 
 import torch
 
-
-@cache
-def triton_available() -> bool:
-    """Whether Triton is installed (the kernels then run on CUDA tensors, or anywhere under TRITON_INTERPRET=1)."""
-    return importlib.util.find_spec("triton") is not None
+from ...triton_support import triton_available
 
 
 def w4a16_matmul(

@@ -21,6 +21,7 @@ from triton.compiler import ASTSource
 
 from lmcompress.weights.kernels import w4a16 as kernels
 from lmcompress.weights.kernels.dispatch import candidates
+from lmcompress.weights.kernels.gemv_wide import gemv_wide_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -34,8 +35,8 @@ def compile_config(cfg, dtype: str = "bf16", group: int = 128):
     split = cfg.split_k > 1
     common = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16",
               "out_ptr": "*fp32" if split else f"*{dtype}", "bias_ptr": f"*{dtype}"}  # fmt: skip
-    if cfg.kind == "gemv":
-        fn = kernels.gemv_kernel
+    if cfg.kind in ("gemv", "gemv_wide"):
+        fn = kernels.gemv_kernel if cfg.kind == "gemv" else gemv_wide_kernel
         common.update(out_ptr=f"*{dtype}", ws_ptr="*fp32", cnt_ptr="*i32")
         mode = (2 if cfg.fused_reduce else 1) if split else 0
         consts = {
@@ -45,8 +46,9 @@ def compile_config(cfg, dtype: str = "bf16", group: int = 128):
             "SPLIT": mode,
             "HAS_BIAS": False,
             "SPLIT_P2": 1 << max(0, (cfg.split_k - 1).bit_length()),
-            "PREFETCH": cfg.prefetch,
         }
+        if cfg.kind == "gemv":
+            consts["PREFETCH"] = cfg.prefetch
     elif cfg.kind in ("gemm", "gemm_repeat"):
         fn = kernels.gemm_kernel if cfg.kind == "gemm" else kernels.gemm_repeat_kernel
         consts = {"GROUP": group, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
@@ -61,7 +63,7 @@ def compile_config(cfg, dtype: str = "bf16", group: int = 128):
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in common or n in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     return triton.compile(
-        src, target=TARGET, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        src, target=TARGET, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **({"maxnreg": cfg.maxnreg} if getattr(cfg, "maxnreg", None) else {})}
     )
 
 

@@ -11,7 +11,14 @@ dequantized weight) and tinygemm (same random weight, its own int4 format, group
 the same way in the same run. All "us" columns time one CUDA-graph replay of the whole call (L2 still flushed
 between replays), i.e. GPU time without Python's launch cost, which for a Triton launch from Python is of the
 order of the kernels themselves; ``bf16_eager_us`` / ``ours_eager_us`` in the JSON are plain eager calls.
-Takes 1-2 minutes on an H100 (mostly Triton compilation).
+
+A second method, **rotating weights** (``*_rot_us``), times what a decoder does: one CUDA graph holds two
+passes over enough copies of the weight (the same values at other addresses) that they fill at least three
+times the L2 cache, called back to back with no flush in between; the time per call is a graph replay's
+(CUDA events, median) over the number of calls. Each call finds its weight out of L2, as a layer's weight is
+during decoding, and the L2 holds no dirty lines left by a flush. Ours is the fastest of the three best
+configurations of the first method, re-timed this way.
+Takes 2-3 minutes on an H100 (mostly Triton compilation).
 """
 
 from __future__ import annotations
@@ -72,6 +79,47 @@ def graph_us(fn, rep: int = 100) -> float:
     return bench_us(graph.replay, rep)
 
 
+ROTATION_PASSES = 2
+
+
+def rotating_us(calls: list, rep: int = 30) -> float:
+    """GPU time per call of ``calls`` (each on its own copy of the weight), replayed back to back in one CUDA
+    graph of ``ROTATION_PASSES`` passes, no L2 flush: median over ``rep`` replays, timed with CUDA events."""
+    if SMOKE:
+        return bench_us(calls[0])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(ROTATION_PASSES):
+            for call in calls:
+                call()
+    torch.cuda.synchronize()
+    for _ in range(3):  # warm-up replays
+        graph.replay()
+    times = []
+    for _ in range(rep):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2] * 1e3 / (ROTATION_PASSES * len(calls))
+
+
+def copies_for(nbytes: int, device: torch.device) -> int:
+    """How many copies of ``nbytes`` fill at least three times the L2 cache (at least 3)."""
+    l2 = 0 if SMOKE else getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    return max(3, -(-3 * l2 // nbytes))
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).norm() / ref.norm())
 
@@ -110,6 +158,17 @@ def measure(k, n, m, sms, qweight, qzeros, scales, w_deq, w_bf16, tg_packed, tg_
             continue
         timings[cfg] = graph_us(lambda cfg=cfg: launch(x, qweight, qzeros, scales, GROUP, None, cfg), rep=25)
     best = min(timings, key=timings.get)
+    packed_bytes = qweight.numel() * 4 + qzeros.numel() * 4 + scales.numel() * 2
+    n_copies = copies_for(packed_bytes, x.device)
+    packed = [(qweight, qzeros, scales)] + [
+        (qweight.clone(), qzeros.clone(), scales.clone()) for _ in range(n_copies - 1)
+    ]
+    rot = {
+        cfg: rotating_us([lambda w=w, cfg=cfg: launch(x, *w, GROUP, None, cfg) for w in packed])
+        for cfg in sorted(timings, key=timings.get)[:3]
+    }
+    rot_best = min(rot, key=rot.get)
+    bf16_copies = [w_bf16] + [w_bf16.clone() for _ in range(copies_for(w_bf16.numel() * 2, x.device) - 1)]
     row = {
         "K": k, "N": n, "M": m,
         "bf16_us": graph_us(lambda: F.linear(x, w_bf16)),
@@ -127,12 +186,26 @@ def measure(k, n, m, sms, qweight, qzeros, scales, w_deq, w_bf16, tg_packed, tg_
         },
         "candidate_us": {c.label(): t for c, t in sorted(timings.items(), key=lambda kv: kv[1])},
         "candidates_ok": len(timings),
-        "weight_bytes": qweight.numel() * 4 + qzeros.numel() * 4 + scales.numel() * 2,
+        "weight_bytes": packed_bytes,
+        "bf16_rot_us": rotating_us([lambda w=w: F.linear(x, w) for w in bf16_copies]),
+        "bf16_rot_copies": len(bf16_copies),
+        "ours_rot_us": rot[rot_best],
+        "ours_rot_config": rot_best.label(),
+        "ours_rot_copies": n_copies,
+        "ours_rot_candidates_us": {c.label(): t for c, t in rot.items()},
     }  # fmt: skip
+    del bf16_copies, packed
     if tg_packed is not None:
         tg_out = torch.ops.aten._weight_int4pack_mm(x, tg_packed, GROUP, tg_sz)
         row["tinygemm_rel_err"] = rel_err(tg_out, x.float() @ tg_deq.t())
         row["tinygemm_us"] = graph_us(lambda: torch.ops.aten._weight_int4pack_mm(x, tg_packed, GROUP, tg_sz))
+        tg_bytes = tg_packed.numel() * tg_packed.element_size() + tg_sz.numel() * tg_sz.element_size()
+        tg_copies = [(tg_packed, tg_sz)] + [
+            (tg_packed.clone(), tg_sz.clone()) for _ in range(copies_for(tg_bytes, x.device) - 1)
+        ]
+        row["tinygemm_rot_us"] = rotating_us(
+            [lambda p=p, sz=sz: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz) for p, sz in tg_copies]
+        )
     return row
 
 
@@ -201,6 +274,22 @@ def main() -> None:
             f"| {r['K']} x {r['N']} | {r['M']} | {r['bf16_us']:.1f} | {tg_cells}{r['ours_us']:.1f} | "
             f"{r['bf16_us'] / r['ours_us']:.2f}x | {tg_ratio} | {r['weight_bytes'] / r['ours_us'] / 1e3:.0f} | {kernel} | "
             f"{r['bf16_eager_us']:.1f} / {r['ours_eager_us']:.1f} |"
+        )
+    print(
+        f"\nRotating weights (>= 3x L2 of copies, {ROTATION_PASSES} passes back to back in one CUDA graph, no flush)"
+    )
+    print(
+        "| K x N | batch | bf16 cuBLAS us | torch int4 us | W4A16 us | W4A16 vs bf16 | int4 vs bf16 | W4A16 GB/s | kernel |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        tg = r.get("tinygemm_rot_us")
+        tg_cells = f"{tg:.1f} | " if tg else "n/a | "
+        tg_ratio = f"{r['bf16_rot_us'] / tg:.2f}x" if tg else "n/a"
+        print(
+            f"| {r['K']} x {r['N']} | {r['M']} | {r['bf16_rot_us']:.1f} | {tg_cells}{r['ours_rot_us']:.1f} | "
+            f"{r['bf16_rot_us'] / r['ours_rot_us']:.2f}x | {tg_ratio} | "
+            f"{r['weight_bytes'] / r['ours_rot_us'] / 1e3:.0f} | {r['ours_rot_config']} |"
         )
     if failures:
         print(f"\n{len(failures)} candidate configurations failed or were wrong:")

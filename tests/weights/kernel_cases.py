@@ -20,6 +20,9 @@ SMALL_CASES = [
     (2, 64, 256, 32, "gemv", 1, 32, 16, 8, True, True),
     (1, 48, 256, 64, "gemv", 1, 32, 32, 3, False, True),
     (2, 64, 256, 32, "gemv", 1, 32, 16, 4, True, True, True),  # scales and zeros prefetched
+    (1, 64, 256, 64, "gemv_wide", 1, 32, 16, 1, False, False),  # a whole group per load, one group ahead
+    (2, 48, 256, 32, "gemv_wide", 1, 32, 16, 3, True, False),  # 8 groups split 3, 3, 2; bias
+    (1, 64, 512, 64, "gemv_wide", 1, 64, 32, 2, True, True),  # fused split-K, N not a multiple of the block
     (5, 64, 128, 32, "gemm", 16, 128, 16, 1, False, False),
     (17, 48, 256, 64, "gemm", 16, 128, 32, 3, True, False),
     (33, 64, 128, 32, "gemm_repeat", 32, 32, 16, 2, True, False),

@@ -15,9 +15,11 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
+from .gemv_wide import gemv_wide_kernel
 from .w4a16 import dequant_kernel, gemm_kernel, gemm_repeat_kernel, gemv_kernel, splitk_reduce_kernel
 
-KINDS = ("gemv", "gemm", "gemm_repeat", "dequant")
+KINDS = ("gemv", "gemv_wide", "gemm", "gemm_repeat", "dequant")
+GEMV_KINDS = ("gemv", "gemv_wide")
 
 
 @dataclass(frozen=True)
@@ -25,15 +27,18 @@ class KernelConfig:
     """One way to run the product.
 
     Attributes:
-        kind: ``gemv`` (CUDA-core FMA, any M, best for M of 1-2), ``gemm`` (tensor cores, one dot per nibble
+        kind: ``gemv`` (CUDA-core FMA, any M, best for M of 1-2), ``gemv_wide`` (the same math with whole-group
+            loads issued one group ahead, :mod:`.gemv_wide`), ``gemm`` (tensor cores, one dot per nibble
             plane), ``gemm_repeat`` (tensor cores, one interleaved B tile; narrow tiles for 32+ rows), ``dequant``
             (dequantize to the activation dtype, then ``torch.matmul``).
         block_m / block_n / block_k: tile sizes (``block_k`` must divide the group size).
         split_k: programs along K (each takes whole groups); > 1 adds a reduction kernel.
         num_warps / num_stages: Triton launch options.
-        fused_reduce: (GEMV with split_k > 1) the last program of each output block adds the partial sums,
+        fused_reduce: (GEMVs with split_k > 1) the last program of each output block adds the partial sums,
             instead of a second kernel.
         prefetch: (GEMV) load a group's scales and zeros before its weights rather than after them.
+        maxnreg: cap on registers per thread (``None``: the compiler's choice); more programs fit on a
+            multiprocessor, so more loads are in flight, at the risk of spills.
     """
 
     kind: str
@@ -45,12 +50,14 @@ class KernelConfig:
     num_stages: int = 2
     fused_reduce: bool = False
     prefetch: bool = False
+    maxnreg: int | None = None
 
     def label(self) -> str:
         """Short form, e.g. ``gemv n256 k16 s8 w4 st1 fused``."""
         m = f" m{self.block_m}" if self.kind.startswith("gemm") else ""
         fused = " fused" if self.fused_reduce and self.split_k > 1 else ""
         fused += " pf" if self.prefetch and self.kind == "gemv" else ""
+        fused += f" r{self.maxnreg}" if self.maxnreg else ""
         return (
             f"{self.kind}{m} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} "
             f"st{self.num_stages}{fused}"
@@ -89,6 +96,15 @@ def candidates(m: int, n: int, k: int, group: int, sms: int) -> list[KernelConfi
             found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, s > 1) for s in splits]
             found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, s > 1, True) for s in splits[:2]]
         found.append(KernelConfig("gemv", 1, 256, min(16, group), splits[-1], 4, 1, False))
+        # gemv_wide: BLOCK_K is the rows one layer of threads covers (4 words per thread along N), so the
+        # group's [GROUP, BLOCK_N / 8] load reshapes to [GROUP / BLOCK_K, BLOCK_K, BLOCK_N / 8] in place
+        for block_n, warps in ((256, 4), (128, 4), (256, 8)):
+            block_k = 32 // (block_n // 32) * warps
+            if block_k > group:
+                continue
+            programs = triton.cdiv(n, block_n) * m
+            for s in sorted({_split_for(programs, n_groups, sms, w) for w in (2, 4)}):
+                found.append(KernelConfig("gemv_wide", 1, block_n, block_k, s, warps, 1, s > 1))
     if m == 1:  # a GEMM would waste 15 of its 16 MMA rows
         return found
     block_m = max(16, min(64, _next_pow2(m)))
@@ -181,15 +197,18 @@ def launch(
     target = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else out
     has_bias = bias is not None
     bias_arg = bias if has_bias else out
-    fused = cfg.kind == "gemv" and cfg.fused_reduce and split > 1
-    if cfg.kind == "gemv":
+    fused = cfg.kind in GEMV_KINDS and cfg.fused_reduce and split > 1
+    if cfg.kind in GEMV_KINDS:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         counters = _zeroed_counters(x.device, grid[0] * m) if fused else out
         mode = 2 if fused else int(split > 1)
-        gemv_kernel[grid](
+        options = {"PREFETCH": cfg.prefetch} if cfg.kind == "gemv" else {}
+        kernel = gemv_kernel if cfg.kind == "gemv" else gemv_wide_kernel
+        kernel[grid](
             x, qweight, qzeros, scales, out, bias_arg, target, counters, n, n // 8, k, x.stride(0), n, m * n,
             groups_per_split, GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=mode,
-            HAS_BIAS=has_bias, SPLIT_P2=_next_pow2(split) if fused else 1, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_BIAS=has_bias, SPLIT_P2=_next_pow2(split) if fused else 1, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **options, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )  # fmt: skip
     elif cfg.kind in ("gemm", "gemm_repeat"):
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
@@ -281,6 +300,6 @@ def w4a16_matmul(
             else:
                 config, _ = tune(x, qweight, qzeros, scales, group_size, bias)
             _TUNED[key] = config
-    if config.kind == "gemv" and config.block_m != 1:
+    if config.kind in GEMV_KINDS and config.block_m != 1:
         config = replace(config, block_m=1)
     return launch(x, qweight, qzeros, scales, group_size, bias, config)

@@ -58,12 +58,18 @@ def _nibble_cols(base, PACKED_N: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
-def _gemv_fma(acc, half, xk, Q: tl.constexpr):
-    """``acc += x_k * code * 16**Q`` for the nibble at bits ``4Q`` of ``half`` (``[BLOCK_K, PACKED_N]``).
+def _code_f32(half, Q: tl.constexpr):
+    """``code * 16**Q`` as fp32 for the nibble at bits ``4Q`` of ``half`` (any shape).
 
     ``(half & (0xF << 4Q)) | 0x4B000000`` read as fp32 is ``2**23 + code * 16**Q``; removing ``2**23`` is exact."""
     bits = (half & (0xF << (4 * Q))) | 0x4B000000
-    return acc + xk[:, None] * (bits.to(tl.float32, bitcast=True) - 8388608.0)
+    return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _gemv_fma(acc, half, xk, Q: tl.constexpr):
+    """``acc += x_k * code * 16**Q`` for the nibble at bits ``4Q`` of ``half`` (``[BLOCK_K, PACKED_N]``)."""
+    return acc + xk[:, None] * _code_f32(half, Q)
 
 
 @triton.jit
@@ -95,6 +101,47 @@ def _gemv_store(
     if ADD_BIAS:
         out += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(ptr + cols, out.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemv_epilogue(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, out_ptr, bias_ptr, ws_ptr, cnt_ptr, N,
+                   stride_om, stride_split, base, w_mask, pid_n, pid_k, pid_m, BLOCK_N: tl.constexpr,
+                   SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_P2: tl.constexpr):  # fmt: skip
+    """Sum the eight ``[BLOCK_K, PACKED_N]`` nibble accumulators over K and store them: into ``out`` (``SPLIT`` 0),
+    or as this split's fp32 partial sums (``SPLIT`` 1: a second kernel adds them up; ``SPLIT`` 2: the last
+    program of this row and column block adds them up here)."""
+    PACKED_N: tl.constexpr = BLOCK_N // 8
+    ADD_BIAS: tl.constexpr = HAS_BIAS and SPLIT == 0
+    if SPLIT == 0:
+        dst = out_ptr + pid_m * stride_om
+    else:
+        dst = ws_ptr + pid_k * stride_split + pid_m * stride_om
+    _gemv_store(dst, acc0, bias_ptr, base, w_mask, PACKED_N, 0, ADD_BIAS)
+    _gemv_store(dst, acc1, bias_ptr, base, w_mask, PACKED_N, 1, ADD_BIAS)
+    _gemv_store(dst, acc2, bias_ptr, base, w_mask, PACKED_N, 2, ADD_BIAS)
+    _gemv_store(dst, acc3, bias_ptr, base, w_mask, PACKED_N, 3, ADD_BIAS)
+    _gemv_store(dst, acc4, bias_ptr, base, w_mask, PACKED_N, 4, ADD_BIAS)
+    _gemv_store(dst, acc5, bias_ptr, base, w_mask, PACKED_N, 5, ADD_BIAS)
+    _gemv_store(dst, acc6, bias_ptr, base, w_mask, PACKED_N, 6, ADD_BIAS)
+    _gemv_store(dst, acc7, bias_ptr, base, w_mask, PACKED_N, 7, ADD_BIAS)
+    if SPLIT == 2:
+        # The last program of this (row, column block) to finish adds the partial sums up, then resets the
+        # counter for the next call. The barrier orders all threads' stores before the release.
+        tl.debug_barrier()
+        cols = base + tl.arange(0, BLOCK_N)
+        n_mask = cols < N
+        counter = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
+        n_split = tl.num_programs(1)
+        if tl.atomic_add(counter, 1, sem="acq_rel") == n_split - 1:
+            # all partial sums in one [SPLIT_P2, BLOCK_N] load: one memory round trip, not one per split
+            offs_s = tl.arange(0, SPLIT_P2)
+            parts = ws_ptr + offs_s[:, None] * stride_split + pid_m * stride_om + cols[None, :]
+            part_mask = (offs_s[:, None] < n_split) & n_mask[None, :]
+            total = tl.sum(tl.load(parts, mask=part_mask, other=0.0, cache_modifier=".cg"), axis=0)
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + pid_m * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(counter, 0, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["stride_split", "groups_per_split"])
@@ -196,37 +243,9 @@ def gemv_kernel(
         acc5 = _gemv_group_end(acc5, a5, x_part, s5, z5)
         acc6 = _gemv_group_end(acc6, a6, x_part, s6, z6)
         acc7 = _gemv_group_end(acc7, a7, x_part, s7, z7)
-    ADD_BIAS: tl.constexpr = HAS_BIAS and SPLIT == 0
-    if SPLIT == 0:
-        dst = out_ptr + pid_m * stride_om
-    else:
-        dst = ws_ptr + pid_k * stride_split + pid_m * stride_om
-    _gemv_store(dst, acc0, bias_ptr, base, w_mask, PACKED_N, 0, ADD_BIAS)
-    _gemv_store(dst, acc1, bias_ptr, base, w_mask, PACKED_N, 1, ADD_BIAS)
-    _gemv_store(dst, acc2, bias_ptr, base, w_mask, PACKED_N, 2, ADD_BIAS)
-    _gemv_store(dst, acc3, bias_ptr, base, w_mask, PACKED_N, 3, ADD_BIAS)
-    _gemv_store(dst, acc4, bias_ptr, base, w_mask, PACKED_N, 4, ADD_BIAS)
-    _gemv_store(dst, acc5, bias_ptr, base, w_mask, PACKED_N, 5, ADD_BIAS)
-    _gemv_store(dst, acc6, bias_ptr, base, w_mask, PACKED_N, 6, ADD_BIAS)
-    _gemv_store(dst, acc7, bias_ptr, base, w_mask, PACKED_N, 7, ADD_BIAS)
-    if SPLIT == 2:
-        # The last program of this (row, column block) to finish adds the partial sums up, then resets the
-        # counter for the next call. The barrier orders all threads' stores before the release.
-        tl.debug_barrier()
-        cols = base + tl.arange(0, BLOCK_N)
-        n_mask = cols < N
-        counter = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
-        n_split = tl.num_programs(1)
-        if tl.atomic_add(counter, 1, sem="acq_rel") == n_split - 1:
-            # all partial sums in one [SPLIT_P2, BLOCK_N] load: one memory round trip, not one per split
-            offs_s = tl.arange(0, SPLIT_P2)
-            parts = ws_ptr + offs_s[:, None] * stride_split + pid_m * stride_om + cols[None, :]
-            part_mask = (offs_s[:, None] < n_split) & n_mask[None, :]
-            total = tl.sum(tl.load(parts, mask=part_mask, other=0.0, cache_modifier=".cg"), axis=0)
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + pid_m * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=n_mask)
-            tl.atomic_xchg(counter, 0, sem="relaxed")
+    _gemv_epilogue(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, out_ptr, bias_ptr, ws_ptr, cnt_ptr, N,
+                   stride_om, stride_split, base, w_mask, pid_n, pid_k, pid_m, BLOCK_N, SPLIT, HAS_BIAS,
+                   SPLIT_P2)  # fmt: skip
 
 
 @triton.jit

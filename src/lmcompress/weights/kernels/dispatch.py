@@ -79,6 +79,20 @@ def _split_for(programs: int, n_groups: int, sms: int, waves: float) -> int:
     return split
 
 
+def _full_wave_split(programs: int, n_groups: int, sms: int, max_waves: int = 4) -> int:
+    """The divisor of ``n_groups`` (so every split gets as many groups) whose ``programs * split`` fills its
+    last wave of ``sms`` programs best, within ``max_waves`` waves; the smallest such split on a tie."""
+    best, best_fill = 1, 0.0
+    for split in range(1, n_groups + 1):
+        total = programs * split
+        if n_groups % split or total > max_waves * sms:
+            continue
+        fill = total / (-(-total // sms) * sms)
+        if fill > best_fill + 1e-9:
+            best, best_fill = split, fill
+    return best
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -113,11 +127,15 @@ def candidates(m: int, n: int, k: int, group: int, sms: int) -> list[KernelConfi
         (128, 128, 4, 2),
         (256, 64, 8, 3),
         (256, 128, 8, 2),
+        # deeper pipelines: more weight bytes in flight per program (8 warps fit one program per SM)
+        (256, 64, 8, 5),
+        (256, 128, 8, 4),
     ):
         if block_k > group:
             continue
         programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
         splits = {1, _split_for(programs, n_groups, sms, 1), _split_for(programs, n_groups, sms, 3)}
+        splits.add(_full_wave_split(programs, n_groups, sms))
         found += [KernelConfig("gemm", block_m, block_n, block_k, s, warps, stages) for s in sorted(splits)]
     if m >= 32:
         for block_n, block_k, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)):

@@ -38,25 +38,35 @@ SUFFIX_TEXT = "\nQuestion: What is this article mainly about? Answer in one sent
 # ----------------------------------------------------------------------------------------------- kvpress side
 
 
+# method -> (kvpress press class, lmcompress policy class, extra keyword arguments of both); "adakv_<base>" wraps
+# the base method's press/policy in AdaKV. Strings only: the kvpress side imports neither lmcompress nor its deps.
+METHOD_CLASSES = {
+    "knorm": ("KnormPress", "Knorm", {}),
+    "snapkv": ("SnapKVPress", "SnapKV", {}),
+    "streaming_llm": ("StreamingLLMPress", "StreamingLLM", {}),
+    "tova": ("TOVAPress", "TOVA", {}),
+    "expected_attention": ("ExpectedAttentionPress", "ExpectedAttention", {}),
+    "pyramidkv": ("PyramidKVPress", "PyramidKV", {}),
+    "observed_attention": ("ObservedAttentionPress", "ObservedAttention", {}),
+    # a pyramid that is well formed on a short prompt
+    "pyramidkv_w8_beta4": ("PyramidKVPress", "PyramidKV", {"window_size": 8, "beta": 4}),
+}
+
+
+def _method_entry(method: str):
+    base = method.removeprefix("adakv_")
+    if base not in METHOD_CLASSES:
+        allowed = ", ".join([*METHOD_CLASSES, *(f"adakv_{m}" for m in METHOD_CLASSES)])
+        raise ValueError(f"method {method!r} is unknown; allowed: {allowed}")
+    return METHOD_CLASSES[base], method != base
+
+
 def kvpress_press(method: str, ratio: float):
     import kvpress
 
-    simple = {
-        "knorm": kvpress.KnormPress,
-        "snapkv": kvpress.SnapKVPress,
-        "streaming_llm": kvpress.StreamingLLMPress,
-        "tova": kvpress.TOVAPress,
-        "expected_attention": kvpress.ExpectedAttentionPress,
-        "pyramidkv": kvpress.PyramidKVPress,
-        "observed_attention": kvpress.ObservedAttentionPress,
-    }
-    if method in simple:
-        return simple[method](compression_ratio=ratio)
-    if method == "adakv_snapkv":
-        return kvpress.AdaKVPress(press=kvpress.SnapKVPress(compression_ratio=ratio))
-    if method == "pyramidkv_w8_beta4":  # a pyramid that is well formed on a short prompt
-        return kvpress.PyramidKVPress(compression_ratio=ratio, window_size=8, beta=4)
-    raise ValueError(method)
+    (press_name, _, kwargs), adaptive = _method_entry(method)
+    press = getattr(kvpress, press_name)(compression_ratio=ratio, **kwargs)
+    return kvpress.AdaKVPress(press=press) if adaptive else press
 
 
 def match_rows(kept: torch.Tensor, full: torch.Tensor) -> tuple[list[int], float]:
@@ -139,22 +149,9 @@ def run_kvpress_side(args: argparse.Namespace) -> None:
 def our_policy(method: str, ratio: float):
     from lmcompress.kv import evict
 
-    simple = {
-        "knorm": evict.Knorm,
-        "snapkv": evict.SnapKV,
-        "streaming_llm": evict.StreamingLLM,
-        "tova": evict.TOVA,
-        "expected_attention": evict.ExpectedAttention,
-        "pyramidkv": evict.PyramidKV,
-        "observed_attention": evict.ObservedAttention,
-    }
-    if method in simple:
-        return simple[method](ratio=ratio)
-    if method == "adakv_snapkv":
-        return evict.AdaKV(base=evict.SnapKV(ratio=ratio))
-    if method == "pyramidkv_w8_beta4":
-        return evict.PyramidKV(ratio=ratio, window_size=8, beta=4)
-    raise ValueError(method)
+    (_, policy_name, kwargs), adaptive = _method_entry(method)
+    policy = getattr(evict, policy_name)(ratio=ratio, **kwargs)
+    return evict.AdaKV(base=policy) if adaptive else policy
 
 
 def run_our_side(args: argparse.Namespace, ids: torch.Tensor, suffix: torch.Tensor) -> dict:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from random_ids import ids
 
 from lmcompress.errors import LMCompressError
 from lmcompress.kv import CompressedCache, KVSpec, SnapKV, StreamingLLM
@@ -16,22 +17,7 @@ from lmcompress.kv.quant.qaq import bits_for_error, key_sigma, value_sigma
 from lmcompress.kv.quant.store import PackedStore
 from lmcompress.registry import KV_QUANTIZERS
 
-pytestmark = pytest.mark.model
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture
-def model(tiny_models):
-    return tiny_models("llama")
-
-
-def ids(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(seed))
+pytestmark = pytest.mark.model  # fixtures `model` and no-grad: conftest.py
 
 
 def run(model, spec: KVSpec, prompt: int = 40, steps: int = 10, chunk: int | None = None):

@@ -9,6 +9,7 @@ import tarfile
 import pytest
 import torch
 import torch.nn.functional as F
+from random_ids import ids
 
 from lmcompress.errors import LMCompressError, ModelFileError
 from lmcompress.eval.kv_bytes import bf16_equivalent_bytes, uncompressed_bf16_bytes
@@ -17,26 +18,11 @@ from lmcompress.kv import KVSpec, SnapKV
 from lmcompress.kv.quant import KIVI, IntKV
 from lmcompress.registry import TASKS
 
-pytestmark = pytest.mark.model
-
-
-@pytest.fixture(autouse=True)
-def _no_grad():
-    with torch.no_grad():
-        yield
-
-
-@pytest.fixture
-def model(tiny_models):
-    return tiny_models("llama")
+pytestmark = pytest.mark.model  # fixtures `model` and no-grad: conftest.py
 
 
 def fresh(spec: KVSpec):
     return multiple_choice.new_compressed_cache(spec)
-
-
-def ids(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
 def test_tasks_registered():

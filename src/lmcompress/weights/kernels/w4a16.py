@@ -281,6 +281,26 @@ def _gemm_store(ptr, acc, bias_ptr, offs_m, m_mask, stride_om, base, w_mask, PAC
     tl.store(ptr + offs_m[:, None] * stride_om + cols[None, :], acc.to(ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gemm_program(M, N, n_words, K, groups_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):  # fmt: skip
+    """What a GEMM program covers: ``program_id(0)`` is (row block, column block), ``program_id(1)`` the split.
+
+    Returns ``pid_k``, rows ``offs_m`` ``[BLOCK_M]``, packed-word columns ``offs_w`` ``[BLOCK_N / 8]``, their
+    masks, and the groups ``[g_start, g_end)`` of this split."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    PACKED_N: tl.constexpr = BLOCK_N // 8
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_w = pid_n * PACKED_N + tl.arange(0, PACKED_N)
+    g_start = pid_k * groups_per_split
+    g_end = tl.minimum(g_start + groups_per_split, K // GROUP)
+    return pid_k, offs_m, offs_w, offs_m < M, offs_w < n_words, g_start, g_end
+
+
 @triton.jit(do_not_specialize=["M", "stride_split", "groups_per_split"])
 def gemm_kernel(
     x_ptr,
@@ -305,21 +325,13 @@ def gemm_kernel(
     HAS_BIAS: tl.constexpr,
     IS_BF16: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
+    pid_k, offs_m, offs_w, m_mask, w_mask, g_start, g_end = _gemm_program(
+        M, N, n_words, K, groups_per_split, GROUP, BLOCK_M, BLOCK_N
+    )
     PACKED_N: tl.constexpr = BLOCK_N // 8
     OFFSET: tl.constexpr = 128.0 if IS_BF16 else 1024.0
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_w = pid_n * PACKED_N + tl.arange(0, PACKED_N)
-    m_mask = offs_m < M
-    w_mask = offs_w < n_words
-    base = pid_n * BLOCK_N
+    base = tl.program_id(0) % tl.cdiv(N, BLOCK_N) * BLOCK_N
     offs_k = tl.arange(0, BLOCK_K)
-    g_start = pid_k * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, K // GROUP)
     # One [BLOCK_M, PACKED_N] accumulator per nibble position P (columns 8 w + AWQ_ORDER[P]): each nibble plane
     # of the loaded words is a B operand of its own, so no element changes place before the dot.
     acc0 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
@@ -409,22 +421,13 @@ def gemm_repeat_kernel(
     """The GEMM with one ``[BLOCK_K, BLOCK_N]`` B tile: each packed word repeated 8 times (``tl.interleave``) and
     shifted per column. Costs a layout shuffle per tile, but allows ``BLOCK_N = 64``; it beat
     :func:`gemm_kernel` at 64 rows on the H100 (see BENCHMARKS.md, section 4)."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // num_n
-    pid_n = pid % num_n
-    PACKED_N: tl.constexpr = BLOCK_N // 8
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_w = pid_n * PACKED_N + tl.arange(0, PACKED_N)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    w_mask = offs_w < n_words
+    pid_k, offs_m, offs_w, m_mask, w_mask, g_start, g_end = _gemm_program(
+        M, N, n_words, K, groups_per_split, GROUP, BLOCK_M, BLOCK_N
+    )
+    offs_n = tl.program_id(0) % tl.cdiv(N, BLOCK_N) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     shifts = _nibble_shifts(BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    g_start = pid_k * groups_per_split
-    g_end = tl.minimum(g_start + groups_per_split, K // GROUP)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(g_start, g_end):
         scale = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)

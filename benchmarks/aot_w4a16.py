@@ -33,12 +33,11 @@ def _sig(names: list[str], types: dict[str, str]) -> dict[str, str]:
 
 def compile_config(cfg, dtype: str = "bf16", group: int = 128):
     split = cfg.split_k > 1
-    common = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16",
-              "out_ptr": "*fp32" if split else f"*{dtype}", "bias_ptr": f"*{dtype}"}  # fmt: skip
+    mode = (2 if cfg.fused_reduce else 1) if split else 0
+    common = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "out_ptr": f"*{dtype}",
+              "bias_ptr": f"*{dtype}", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}  # fmt: skip
     if cfg.kind in ("gemv", "gemv_wide"):
         fn = kernels.gemv_kernel if cfg.kind == "gemv" else gemv_wide_kernel
-        common.update(out_ptr=f"*{dtype}", ws_ptr="*fp32", cnt_ptr="*i32")
-        mode = (2 if cfg.fused_reduce else 1) if split else 0
         consts = {
             "GROUP": group,
             "BLOCK_N": cfg.block_n,
@@ -52,7 +51,7 @@ def compile_config(cfg, dtype: str = "bf16", group: int = 128):
     elif cfg.kind in ("gemm", "gemm_repeat"):
         fn = kernels.gemm_kernel if cfg.kind == "gemm" else kernels.gemm_repeat_kernel
         consts = {"GROUP": group, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                  "SPLIT": split, "HAS_BIAS": False, "IS_BF16": dtype == "bf16"}  # fmt: skip
+                  "SPLIT": mode, "HAS_BIAS": False, "IS_BF16": dtype == "bf16"}  # fmt: skip
     else:
         fn = kernels.dequant_kernel
         common = {"qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "w_ptr": f"*{dtype}"}
@@ -62,9 +61,10 @@ def compile_config(cfg, dtype: str = "bf16", group: int = 128):
     aligned = {"N", "n_words", "K", "stride_xm", "stride_om"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in common or n in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(
-        src, target=TARGET, options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, **({"maxnreg": cfg.maxnreg} if getattr(cfg, "maxnreg", None) else {})}
-    )
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.maxnreg:
+        options["maxnreg"] = cfg.maxnreg
+    return triton.compile(src, target=TARGET, options=options)
 
 
 def resource_usage(cubin: bytes) -> str:

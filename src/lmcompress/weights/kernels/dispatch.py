@@ -34,8 +34,8 @@ class KernelConfig:
         block_m / block_n / block_k: tile sizes (``block_k`` must divide the group size).
         split_k: programs along K (each takes whole groups); > 1 adds a reduction kernel.
         num_warps / num_stages: Triton launch options.
-        fused_reduce: (GEMVs with split_k > 1) the last program of each output block adds the partial sums,
-            instead of a second kernel.
+        fused_reduce: (split_k > 1) the last program of each output block adds the partial sums, instead of a
+            second kernel.
         prefetch: (GEMV) load a group's scales and zeros before its weights rather than after them.
         maxnreg: cap on registers per thread (``None``: the compiler's choice); more programs fit on a
             multiprocessor, so more loads are in flight, at the risk of spills.
@@ -122,21 +122,27 @@ def candidates(m: int, n: int, k: int, group: int, sms: int) -> list[KernelConfi
     if m == 1:  # a GEMM would waste 15 of its 16 MMA rows
         return found
     block_m = max(16, min(64, _next_pow2(m)))
-    for block_n, block_k, warps, stages in (
-        (128, 64, 4, 3),
-        (128, 128, 4, 2),
-        (256, 64, 8, 3),
-        (256, 128, 8, 2),
+    for block_n, block_k, warps, stages, deep in (
+        (128, 64, 4, 3, False),
+        (128, 128, 4, 2, False),
+        (256, 64, 8, 3, False),
+        (256, 128, 8, 2, False),
         # deeper pipelines: more weight bytes in flight per program (8 warps fit one program per SM)
-        (256, 64, 8, 5),
-        (256, 128, 8, 4),
+        (256, 64, 8, 5, True),
+        (256, 128, 8, 4, True),
     ):
         if block_k > group:
             continue
         programs = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
         splits = {1, _split_for(programs, n_groups, sms, 1), _split_for(programs, n_groups, sms, 3)}
         splits.add(_full_wave_split(programs, n_groups, sms))
-        found += [KernelConfig("gemm", block_m, block_n, block_k, s, warps, stages) for s in sorted(splits)]
+        # split-K reduced by a second kernel, or by the last program of each tile (fused): both for the largest
+        # split of the first tiles, fused only for the deeper pipelines (the tuner's compile time is bounded)
+        for s in sorted(splits):
+            if not deep or s == 1:
+                found.append(KernelConfig("gemm", block_m, block_n, block_k, s, warps, stages))
+            if s > 1 and (deep or s == max(splits)):
+                found.append(KernelConfig("gemm", block_m, block_n, block_k, s, warps, stages, True))
     if m >= 32:
         for block_n, block_k, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)):
             if block_k > group:
@@ -215,7 +221,7 @@ def launch(
     target = torch.empty(split, m, n, device=x.device, dtype=torch.float32) if split > 1 else out
     has_bias = bias is not None
     bias_arg = bias if has_bias else out
-    fused = cfg.kind in GEMV_KINDS and cfg.fused_reduce and split > 1
+    fused = cfg.fused_reduce and split > 1
     if cfg.kind in GEMV_KINDS:
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         counters = _zeroed_counters(x.device, grid[0] * m) if fused else out
@@ -231,10 +237,13 @@ def launch(
     elif cfg.kind in ("gemm", "gemm_repeat"):
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
         kernel = gemm_kernel if cfg.kind == "gemm" else gemm_repeat_kernel
+        counters = _zeroed_counters(x.device, grid[0]) if fused else out
+        mode = 2 if fused else int(split > 1)
         kernel[grid](
-            x, qweight, qzeros, scales, target, bias_arg, m, n, n // 8, k, x.stride(0), n, m * n, groups_per_split,
-            GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=split > 1,
-            HAS_BIAS=has_bias, IS_BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            x, qweight, qzeros, scales, out, bias_arg, target, counters, m, n, n // 8, k, x.stride(0), n, m * n,
+            groups_per_split, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            SPLIT=mode, HAS_BIAS=has_bias, IS_BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )  # fmt: skip
     else:
         raise ValueError(f"kernel kind {cfg.kind!r} is unknown; allowed: {', '.join(KINDS)}")

@@ -15,10 +15,11 @@
   ``(acc - (zero + offset) * sum(x)) * scale``.
 * Split-K: programs with ``pid_k`` take whole groups ``[pid_k * gps, (pid_k + 1) * gps)``; with ``SPLIT`` they
   write fp32 partial sums ``[split, M, N]`` that ``splitk_reduce_kernel`` adds up (bias and cast there). The
-  GEMV can instead reduce in the same launch (``SPLIT == 2``): each program counts itself in with an atomic on
-  a per-(row, column block) int32 counter and the last one sums the partials and resets the counter to 0.
-  Both reductions read all ``split`` partials of an output in one ``[SPLIT_P2, ...]`` load (one memory round
-  trip; a loop over the splits costs one round trip each).
+  kernels can instead reduce in the same launch (``SPLIT == 2``): each program counts itself in with an atomic
+  on a per-output-tile int32 counter and the last one sums the partials and resets the counter to 0.
+  The GEMV's and the separate reductions read all ``split`` partials of an output in one ``[SPLIT_P2, ...]``
+  load (one memory round trip; a loop over the splits costs one round trip each); the GEMMs' fused reduction
+  reads up to 4 splits of its ``[BLOCK_M, BLOCK_N]`` tile per load.
 * ``gemm_repeat_kernel``: the same GEMM on one ``[BLOCK_K, BLOCK_N]`` B tile built with ``tl.interleave``
   (each word repeated 8 times, shifted per column): a layout shuffle per tile, but narrow tiles (``BLOCK_N = 64``)
   that suit 32+ rows.
@@ -282,6 +283,39 @@ def _gemm_store(ptr, acc, bias_ptr, offs_m, m_mask, stride_om, base, w_mask, PAC
 
 
 @triton.jit
+def _gemm_splitk_finish(ws_ptr, out_ptr, bias_ptr, cnt_ptr, offs_m, m_mask, base, N, stride_om, stride_split,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """Fused split-K reduction of a GEMM (``SPLIT == 2``), called after a program stored its fp32 partial sums
+    ``ws[pid_k, offs_m, base:base + BLOCK_N]``: the last program of this output tile (an atomic count on
+    ``cnt[program_id(0)]``) adds all the splits' partial sums, ``CHUNK`` splits per ``[CHUNK, BLOCK_M, BLOCK_N]``
+    load, stores ``out`` (plus bias) and resets the counter to 0 for the next call."""
+    # at most 8192 partial sums per load (32 registers per thread at 8 warps, 64 at 4)
+    CHUNK: tl.constexpr = max(1, min(4, 8192 // (BLOCK_M * BLOCK_N)))
+    tl.debug_barrier()  # every thread's partial sums are stored before the release below
+    counter = cnt_ptr + tl.program_id(0)
+    n_split = tl.num_programs(1)
+    if tl.atomic_add(counter, 1, sem="acq_rel") == n_split - 1:
+        offs_n = base + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        tile = offs_m[:, None] * stride_om + offs_n[None, :]
+        tile_mask = m_mask[:, None] & n_mask[None, :]
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s0 in range(0, n_split, CHUNK):
+            offs_s = s0 + tl.arange(0, CHUNK)
+            parts = tl.load(
+                ws_ptr + offs_s[:, None, None] * stride_split + tile[None, :, :],
+                mask=(offs_s < n_split)[:, None, None] & tile_mask[None, :, :],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            total += tl.sum(parts, axis=0)
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=tile_mask)
+        tl.atomic_xchg(counter, 0, sem="relaxed")
+
+
+@triton.jit
 def _gemm_program(M, N, n_words, K, groups_per_split, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr):  # fmt: skip
     """What a GEMM program covers: ``program_id(0)`` is (row block, column block), ``program_id(1)`` the split.
@@ -309,6 +343,8 @@ def gemm_kernel(
     s_ptr,
     out_ptr,
     bias_ptr,
+    ws_ptr,
+    cnt_ptr,
     M,
     N,
     n_words,
@@ -382,8 +418,8 @@ def gemm_kernel(
         acc5 += (a5 - x_sum[:, None] * z5[None, :]) * s5[None, :]
         acc6 += (a6 - x_sum[:, None] * z6[None, :]) * s6[None, :]
         acc7 += (a7 - x_sum[:, None] * z7[None, :]) * s7[None, :]
-    ADD_BIAS: tl.constexpr = HAS_BIAS and not SPLIT
-    dst = out_ptr + pid_k * stride_split if SPLIT else out_ptr
+    ADD_BIAS: tl.constexpr = HAS_BIAS and SPLIT == 0
+    dst = ws_ptr + pid_k * stride_split if SPLIT else out_ptr
     _gemm_store(dst, acc0, bias_ptr, offs_m, m_mask, stride_om, base, w_mask, PACKED_N, 0, ADD_BIAS)
     _gemm_store(dst, acc1, bias_ptr, offs_m, m_mask, stride_om, base, w_mask, PACKED_N, 1, ADD_BIAS)
     _gemm_store(dst, acc2, bias_ptr, offs_m, m_mask, stride_om, base, w_mask, PACKED_N, 2, ADD_BIAS)
@@ -392,6 +428,9 @@ def gemm_kernel(
     _gemm_store(dst, acc5, bias_ptr, offs_m, m_mask, stride_om, base, w_mask, PACKED_N, 5, ADD_BIAS)
     _gemm_store(dst, acc6, bias_ptr, offs_m, m_mask, stride_om, base, w_mask, PACKED_N, 6, ADD_BIAS)
     _gemm_store(dst, acc7, bias_ptr, offs_m, m_mask, stride_om, base, w_mask, PACKED_N, 7, ADD_BIAS)
+    if SPLIT == 2:
+        _gemm_splitk_finish(ws_ptr, out_ptr, bias_ptr, cnt_ptr, offs_m, m_mask, base, N, stride_om, stride_split,
+                            BLOCK_M, BLOCK_N, HAS_BIAS)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M", "stride_split", "groups_per_split"])
@@ -402,6 +441,8 @@ def gemm_repeat_kernel(
     s_ptr,
     out_ptr,
     bias_ptr,
+    ws_ptr,
+    cnt_ptr,
     M,
     N,
     n_words,
@@ -424,7 +465,8 @@ def gemm_repeat_kernel(
     pid_k, offs_m, offs_w, m_mask, w_mask, g_start, g_end = _gemm_program(
         M, N, n_words, K, groups_per_split, GROUP, BLOCK_M, BLOCK_N
     )
-    offs_n = tl.program_id(0) % tl.cdiv(N, BLOCK_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+    base = tl.program_id(0) % tl.cdiv(N, BLOCK_N) * BLOCK_N
+    offs_n = base + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     shifts = _nibble_shifts(BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -454,8 +496,11 @@ def gemm_repeat_kernel(
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT:
         tl.store(
-            out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask
+            ws_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask
         )
+        if SPLIT == 2:
+            _gemm_splitk_finish(ws_ptr, out_ptr, bias_ptr, cnt_ptr, offs_m, m_mask, base, N, stride_om,
+                                stride_split, BLOCK_M, BLOCK_N, HAS_BIAS)  # fmt: skip
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]

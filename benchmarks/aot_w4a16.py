@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lmcompress.weights.kernels import w4a16 as kernels
-from lmcompress.weights.kernels.dispatch import candidates
+from lmcompress.weights.kernels.dispatch import GEMM_KERNELS, candidates
 from lmcompress.weights.kernels.gemv_wide import gemv_wide_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -48,8 +48,8 @@ def compile_config(cfg, dtype: str = "bf16", group: int = 128):
         }
         if cfg.kind == "gemv":
             consts["PREFETCH"] = cfg.prefetch
-    elif cfg.kind in ("gemm", "gemm_repeat"):
-        fn = kernels.gemm_kernel if cfg.kind == "gemm" else kernels.gemm_repeat_kernel
+    elif cfg.kind in GEMM_KERNELS:
+        fn = GEMM_KERNELS[cfg.kind]
         consts = {"GROUP": group, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
                   "SPLIT": mode, "HAS_BIAS": False, "IS_BF16": dtype == "bf16"}  # fmt: skip
     else:

@@ -27,6 +27,8 @@ SMALL_CASES = [
     (17, 48, 256, 64, "gemm", 16, 128, 32, 3, True, False),
     (9, 48, 256, 32, "gemm", 16, 32, 16, 5, True, True),  # fused split-K: 8 groups as 2,2,2,2 (4 splits)
     (3, 64, 512, 32, "gemm", 16, 64, 32, 16, False, True),  # 16 splits: four [4, BLOCK_M, BLOCK_N] chunks
+    (5, 192, 256, 64, "gemm_t", 16, 128, 16, 1, True, False),  # transposed product; N not a multiple of the block
+    (16, 128, 512, 64, "gemm_t", 16, 128, 32, 4, False, True),  # fused split-K
     (33, 64, 128, 32, "gemm_repeat", 32, 32, 16, 2, True, False),
     (40, 64, 256, 32, "gemm_repeat", 32, 32, 16, 8, True, True),  # fused split-K, two row blocks
     (20, 64, 128, 32, "dequant", 16, 32, 16, 1, True, False),

@@ -48,12 +48,12 @@ def test_tuner_keeps_a_correct_fast_config(m, monkeypatch):
     assert relative_error(out, reference) < 1e-2
 
 
-@pytest.mark.parametrize("kind", ["gemv", "gemv_wide", "gemm", "gemm_repeat", "dequant"])
+@pytest.mark.parametrize("kind", ["gemv", "gemv_wide", "gemm", "gemm_t", "gemm_repeat", "dequant"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_candidate_of_a_shape(kind, dtype):
     from lmcompress.weights.kernels.dispatch import candidates, launch, sm_count
 
-    m = 1 if kind.startswith("gemv") else 32
+    m = 1 if kind.startswith("gemv") else 16 if kind == "gemm_t" else 32
     x, qweight, qzeros, scales, b, reference = random_problem(m, 1024, 2048, 128, dtype, False, "cuda")
     configs = [c for c in candidates(m, 1024, 2048, 128, sm_count(x.device)) if c.kind == kind]
     assert configs

@@ -23,4 +23,4 @@ def test_kernels_match_reference_under_the_interpreter():
         [sys.executable, str(HERE / "kernel_cases.py")], env=env, capture_output=True, text=True, timeout=600
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok ") == 26, proc.stdout
+    assert proc.stdout.count("ok ") == 28, proc.stdout

@@ -15,10 +15,12 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
+from .gemm_t import gemm_t_kernel
 from .gemv_wide import gemv_wide_kernel
 from .w4a16 import dequant_kernel, gemm_kernel, gemm_repeat_kernel, gemv_kernel, splitk_reduce_kernel
 
-KINDS = ("gemv", "gemv_wide", "gemm", "gemm_repeat", "dequant")
+KINDS = ("gemv", "gemv_wide", "gemm", "gemm_t", "gemm_repeat", "dequant")
+GEMM_KERNELS = {"gemm": gemm_kernel, "gemm_t": gemm_t_kernel, "gemm_repeat": gemm_repeat_kernel}
 GEMV_KINDS = ("gemv", "gemv_wide")
 
 
@@ -30,7 +32,8 @@ class KernelConfig:
         kind: ``gemv`` (CUDA-core FMA, any M, best for M of 1-2), ``gemv_wide`` (the same math with whole-group
             loads issued one group ahead, :mod:`.gemv_wide`), ``gemm`` (tensor cores, one dot per nibble
             plane), ``gemm_repeat`` (tensor cores, one interleaved B tile; narrow tiles for 32+ rows), ``dequant``
-            (dequantize to the activation dtype, then ``torch.matmul``).
+            (dequantize to the activation dtype, then ``torch.matmul``), ``gemm_t`` (the transposed product,
+            weight on the 64-row side of Hopper's warp-group instruction, :mod:`.gemm_t`).
         block_m / block_n / block_k: tile sizes (``block_k`` must divide the group size).
         split_k: programs along K (each takes whole groups); > 1 adds a reduction kernel.
         num_warps / num_stages: Triton launch options.
@@ -143,6 +146,17 @@ def candidates(m: int, n: int, k: int, group: int, sms: int) -> list[KernelConfi
                 found.append(KernelConfig("gemm", block_m, block_n, block_k, s, warps, stages))
             if s > 1 and (deep or s == max(splits)):
                 found.append(KernelConfig("gemm", block_m, block_n, block_k, s, warps, stages, True))
+    if block_m == 16:
+        # gemm_t: the weight on the 64-row side of a warp-group product (512 columns = 64 per nibble plane); few
+        # column blocks, so the splits fill the chip; sm_90: no spills at these two settings (BLOCK_M 32 spills)
+        for block_k, stages in ((16, 4), (32, 1)):
+            if block_k > group:
+                continue
+            programs = triton.cdiv(n, 512)
+            splits = {_split_for(programs, n_groups, sms, 1), _full_wave_split(programs, n_groups, sms)}
+            # split-K by a second kernel: a fused reduction's last program would read split x 16 x 512 x 4 bytes
+            # alone (and spills at these settings)
+            found += [KernelConfig("gemm_t", 16, 512, block_k, s, 4, stages) for s in sorted(splits)]
     if m >= 32:
         for block_n, block_k, warps, stages in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 2)):
             if block_k > group:
@@ -234,9 +248,9 @@ def launch(
             HAS_BIAS=has_bias, SPLIT_P2=_next_pow2(split) if fused else 1, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **options, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )  # fmt: skip
-    elif cfg.kind in ("gemm", "gemm_repeat"):
+    elif cfg.kind in GEMM_KERNELS:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-        kernel = gemm_kernel if cfg.kind == "gemm" else gemm_repeat_kernel
+        kernel = GEMM_KERNELS[cfg.kind]
         counters = _zeroed_counters(x.device, grid[0]) if fused else out
         mode = 2 if fused else int(split > 1)
         kernel[grid](

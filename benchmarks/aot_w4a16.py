@@ -48,6 +48,7 @@ def compile_config(cfg, dtype: str = "bf16", group: int = 128):
         }
         if cfg.kind == "gemv":
             consts["PREFETCH"] = cfg.prefetch
+            consts["STAGES"] = cfg.num_stages
     elif cfg.kind in GEMM_KERNELS:
         fn = GEMM_KERNELS[cfg.kind]
         consts = {"GROUP": group, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,

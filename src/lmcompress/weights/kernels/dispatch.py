@@ -37,7 +37,9 @@ class KernelConfig:
             weight on the 64-row side of Hopper's warp-group instruction, :mod:`.gemm_t`).
         block_m / block_n / block_k: tile sizes (``block_k`` must divide the group size).
         split_k: programs along K (each takes whole groups); > 1 adds a reduction kernel.
-        num_warps / num_stages: Triton launch options.
+        num_warps / num_stages: Triton launch options; for ``gemv`` ``num_stages`` > 1 also pipelines the group
+            loop (``tl.range(..., num_stages)``: the next groups' words are copied into shared memory while one
+            is computed).
         fused_reduce: (split_k > 1) the last program of each output block adds the partial sums, instead of a
             second kernel.
         prefetch: (GEMV) load a group's scales and zeros before its weights rather than after them.
@@ -114,6 +116,14 @@ def candidates(m: int, n: int, k: int, group: int, sms: int) -> list[KernelConfi
             found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, s > 1) for s in splits]
             found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, s > 1, True) for s in splits[:2]]
         found.append(KernelConfig("gemv", 1, 256, min(16, group), splits[-1], 4, 1, False))
+        # the group loop software-pipelined (num_stages 3-4: the words of the next groups copied asynchronously
+        # into shared memory); needs several groups per program, so fewer splits
+        for block_n, block_k in ((256, 16), (128, 32)):
+            if block_k > group:
+                continue
+            programs = triton.cdiv(n, block_n) * m
+            for s in sorted({_split_for(programs, n_groups, sms, w) for w in (1, 2)}):
+                found += [KernelConfig("gemv", 1, block_n, block_k, s, 4, st, s > 1) for st in (3, 4)]
         # gemv_wide: BLOCK_K is the rows one layer of threads covers (4 words per thread along N), so the
         # group's [GROUP, BLOCK_N / 8] load reshapes to [GROUP / BLOCK_K, BLOCK_K, BLOCK_N / 8] in place
         for block_n, warps in ((256, 4), (128, 4), (256, 8)):
@@ -241,7 +251,7 @@ def launch(
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         counters = _zeroed_counters(x.device, grid[0] * m) if fused else out
         mode = 2 if fused else int(split > 1)
-        options = {"PREFETCH": cfg.prefetch} if cfg.kind == "gemv" else {}
+        options = {"PREFETCH": cfg.prefetch, "STAGES": cfg.num_stages} if cfg.kind == "gemv" else {}
         kernel = gemv_kernel if cfg.kind == "gemv" else gemv_wide_kernel
         kernel[grid](
             x, qweight, qzeros, scales, out, bias_arg, target, counters, n, n // 8, k, x.stride(0), n, m * n,

@@ -169,6 +169,7 @@ def gemv_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT_P2: tl.constexpr = 1,
     PREFETCH: tl.constexpr = False,
+    STAGES: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -191,7 +192,9 @@ def gemv_kernel(
     acc5 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
     acc6 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
     acc7 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    for g in range(g_start, g_end):
+    # STAGES > 1: the compiler pipelines the group loop, copying the words of the next STAGES - 1 groups into
+    # shared memory asynchronously while this one is computed (more bytes in flight, no registers held)
+    for g in tl.range(g_start, g_end, num_stages=STAGES):
         # PREFETCH: scales and zeros load with the group's words (one memory round trip per group, more registers)
         if PREFETCH:
             zw = tl.load(qz_ptr + g * n_words + offs_w, mask=w_mask, other=0)

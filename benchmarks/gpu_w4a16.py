@@ -114,10 +114,17 @@ def rotating_us(calls: list, rep: int = 30) -> float:
     return times[len(times) // 2] * 1e3 / (ROTATION_PASSES * len(calls))
 
 
-def copies_for(nbytes: int, device: torch.device) -> int:
-    """How many copies of ``nbytes`` fill at least three times the L2 cache (at least 3)."""
-    l2 = 0 if SMOKE else getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
-    return max(3, -(-3 * l2 // nbytes))
+def rotation_set(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """``tensors`` and clones of them (same values, other addresses): enough copies to fill at least three times
+    the L2 cache, and at least 3."""
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    l2 = (
+        0
+        if SMOKE
+        else getattr(torch.cuda.get_device_properties(tensors[0].device), "L2_cache_size", 50 << 20)
+    )
+    n_copies = max(3, -(-3 * l2 // nbytes))
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n_copies - 1)]
 
 
 def best_per_kind(timings: dict) -> dict[str, float]:
@@ -168,16 +175,13 @@ def measure(k, n, m, sms, qweight, qzeros, scales, w_deq, w_bf16, tg_packed, tg_
         timings[cfg] = graph_us(lambda cfg=cfg: launch(x, qweight, qzeros, scales, GROUP, None, cfg), rep=25)
     best = min(timings, key=timings.get)
     packed_bytes = qweight.numel() * 4 + qzeros.numel() * 4 + scales.numel() * 2
-    n_copies = copies_for(packed_bytes, x.device)
-    packed = [(qweight, qzeros, scales)] + [
-        (qweight.clone(), qzeros.clone(), scales.clone()) for _ in range(n_copies - 1)
-    ]
+    packed = rotation_set(qweight, qzeros, scales)
     rot = {
         cfg: rotating_us([lambda w=w, cfg=cfg: launch(x, *w, GROUP, None, cfg) for w in packed])
         for cfg in sorted(timings, key=timings.get)[:3]
     }
     rot_best = min(rot, key=rot.get)
-    bf16_copies = [w_bf16] + [w_bf16.clone() for _ in range(copies_for(w_bf16.numel() * 2, x.device) - 1)]
+    bf16_copies = rotation_set(w_bf16)
     row = {
         "K": k, "N": n, "M": m,
         "bf16_us": graph_us(lambda: F.linear(x, w_bf16)),
@@ -190,11 +194,11 @@ def measure(k, n, m, sms, qweight, qzeros, scales, w_deq, w_bf16, tg_packed, tg_
         "candidate_us": {c.label(): t for c, t in sorted(timings.items(), key=lambda kv: kv[1])},
         "candidates_ok": len(timings),
         "weight_bytes": packed_bytes,
-        "bf16_rot_us": rotating_us([lambda w=w: F.linear(x, w) for w in bf16_copies]),
+        "bf16_rot_us": rotating_us([lambda w=w: F.linear(x, *w) for w in bf16_copies]),
         "bf16_rot_copies": len(bf16_copies),
         "ours_rot_us": rot[rot_best],
         "ours_rot_config": rot_best.label(),
-        "ours_rot_copies": n_copies,
+        "ours_rot_copies": len(packed),
         "ours_rot_candidates_us": {c.label(): t for c, t in rot.items()},
     }  # fmt: skip
     del bf16_copies, packed
@@ -202,14 +206,32 @@ def measure(k, n, m, sms, qweight, qzeros, scales, w_deq, w_bf16, tg_packed, tg_
         tg_out = torch.ops.aten._weight_int4pack_mm(x, tg_packed, GROUP, tg_sz)
         row["tinygemm_rel_err"] = rel_err(tg_out, x.float() @ tg_deq.t())
         row["tinygemm_us"] = graph_us(lambda: torch.ops.aten._weight_int4pack_mm(x, tg_packed, GROUP, tg_sz))
-        tg_bytes = tg_packed.numel() * tg_packed.element_size() + tg_sz.numel() * tg_sz.element_size()
-        tg_copies = [(tg_packed, tg_sz)] + [
-            (tg_packed.clone(), tg_sz.clone()) for _ in range(copies_for(tg_bytes, x.device) - 1)
-        ]
         row["tinygemm_rot_us"] = rotating_us(
-            [lambda p=p, sz=sz: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz) for p, sz in tg_copies]
+            [
+                lambda p=p, sz=sz: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz)
+                for p, sz in rotation_set(tg_packed, tg_sz)
+            ]
         )
     return row
+
+
+def print_table(rows: list[dict], method: str, eager: bool = False) -> None:
+    """Markdown table of the ``*{method}_us`` timings (``""``: L2 flushed; ``"_rot"``: rotating weights)."""
+    extra = " eager bf16 / W4A16 us |" if eager else ""
+    print(
+        "| K x N | batch | bf16 cuBLAS us | torch int4 us | W4A16 us | W4A16 vs bf16 | int4 vs bf16 | W4A16 GB/s "
+        f"| kernel |{extra}"
+    )
+    print("|---" * (10 if eager else 9) + "|")
+    for r in rows:
+        bf16, ours, tg = r[f"bf16{method}_us"], r[f"ours{method}_us"], r.get(f"tinygemm{method}_us")
+        tg_cells = f"{tg:.1f} | " if tg else "n/a | "
+        tg_ratio = f"{bf16 / tg:.2f}x" if tg else "n/a"
+        eager_cell = f" {r['bf16_eager_us']:.1f} / {r['ours_eager_us']:.1f} |" if eager else ""
+        print(
+            f"| {r['K']} x {r['N']} | {r['M']} | {bf16:.1f} | {tg_cells}{ours:.1f} | {bf16 / ours:.2f}x | {tg_ratio} "
+            f"| {r['weight_bytes'] / ours / 1e3:.0f} | {r[f'ours{method}_config']} |{eager_cell}"
+        )
 
 
 def main() -> None:
@@ -263,37 +285,11 @@ def main() -> None:
     name = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(device)
     print(f"\n{name}, torch {torch.__version__}, triton {triton.__version__}, "
           f"{total:.0f} s; weights random bf16 -> AWQ 4-bit g128; do_bench medians of CUDA-graph replays, L2 flushed")  # fmt: skip
-    print(
-        "| K x N | batch | bf16 cuBLAS us | torch int4 us | W4A16 us | W4A16 vs bf16 | int4 vs bf16 | W4A16 GB/s | kernel "
-        "| eager bf16 / W4A16 us |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        tg = r.get("tinygemm_us")
-        tg_cells = f"{tg:.1f} | " if tg else "n/a | "
-        tg_ratio = f"{r['bf16_us'] / tg:.2f}x" if tg else "n/a"
-        kernel = r["ours_config"]
-        print(
-            f"| {r['K']} x {r['N']} | {r['M']} | {r['bf16_us']:.1f} | {tg_cells}{r['ours_us']:.1f} | "
-            f"{r['bf16_us'] / r['ours_us']:.2f}x | {tg_ratio} | {r['weight_bytes'] / r['ours_us'] / 1e3:.0f} | {kernel} | "
-            f"{r['bf16_eager_us']:.1f} / {r['ours_eager_us']:.1f} |"
-        )
+    print_table(rows, "", eager=True)
     print(
         f"\nRotating weights (>= 3x L2 of copies, {ROTATION_PASSES} passes back to back in one CUDA graph, no flush)"
     )
-    print(
-        "| K x N | batch | bf16 cuBLAS us | torch int4 us | W4A16 us | W4A16 vs bf16 | int4 vs bf16 | W4A16 GB/s | kernel |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        tg = r.get("tinygemm_rot_us")
-        tg_cells = f"{tg:.1f} | " if tg else "n/a | "
-        tg_ratio = f"{r['bf16_rot_us'] / tg:.2f}x" if tg else "n/a"
-        print(
-            f"| {r['K']} x {r['N']} | {r['M']} | {r['bf16_rot_us']:.1f} | {tg_cells}{r['ours_rot_us']:.1f} | "
-            f"{r['bf16_rot_us'] / r['ours_rot_us']:.2f}x | {tg_ratio} | "
-            f"{r['weight_bytes'] / r['ours_rot_us'] / 1e3:.0f} | {r['ours_rot_config']} |"
-        )
+    print_table(rows, "_rot")
     if failures:
         print(f"\n{len(failures)} candidate configurations failed or were wrong:")
         for f in failures[:20]:

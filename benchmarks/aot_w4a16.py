@@ -20,8 +20,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lmcompress.weights.kernels import w4a16 as kernels
-from lmcompress.weights.kernels.dispatch import GEMM_KERNELS, candidates
-from lmcompress.weights.kernels.gemv_wide import gemv_wide_kernel
+from lmcompress.weights.kernels.dispatch import (
+    GEMM_KERNELS,
+    GEMV_KERNELS,
+    candidates,
+    kernel_options,
+    launch_options,
+)
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -36,8 +41,8 @@ def compile_config(cfg, dtype: str = "bf16", group: int = 128):
     mode = (2 if cfg.fused_reduce else 1) if split else 0
     common = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "out_ptr": f"*{dtype}",
               "bias_ptr": f"*{dtype}", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}  # fmt: skip
-    if cfg.kind in ("gemv", "gemv_wide"):
-        fn = kernels.gemv_kernel if cfg.kind == "gemv" else gemv_wide_kernel
+    if cfg.kind in GEMV_KERNELS:
+        fn = GEMV_KERNELS[cfg.kind]
         consts = {
             "GROUP": group,
             "BLOCK_N": cfg.block_n,
@@ -46,9 +51,7 @@ def compile_config(cfg, dtype: str = "bf16", group: int = 128):
             "HAS_BIAS": False,
             "SPLIT_P2": 1 << max(0, (cfg.split_k - 1).bit_length()),
         }
-        if cfg.kind == "gemv":
-            consts["PREFETCH"] = cfg.prefetch
-            consts["STAGES"] = cfg.num_stages
+        consts.update(kernel_options(cfg))
     elif cfg.kind in GEMM_KERNELS:
         fn = GEMM_KERNELS[cfg.kind]
         consts = {"GROUP": group, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
@@ -62,10 +65,7 @@ def compile_config(cfg, dtype: str = "bf16", group: int = 128):
     aligned = {"N", "n_words", "K", "stride_xm", "stride_om"}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in common or n in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    if cfg.maxnreg:
-        options["maxnreg"] = cfg.maxnreg
-    return triton.compile(src, target=TARGET, options=options)
+    return triton.compile(src, target=TARGET, options=launch_options(cfg))
 
 
 def resource_usage(cubin: bytes) -> str:

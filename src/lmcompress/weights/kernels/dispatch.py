@@ -21,8 +21,9 @@ from .gemv_wide import gemv_wide_kernel
 from .w4a16 import dequant_kernel, gemm_kernel, gemm_repeat_kernel, gemv_kernel, splitk_reduce_kernel
 
 KINDS = ("gemv", "gemv_wide", "gemm", "gemm_t", "gemm_repeat", "dequant")
+GEMV_KERNELS = {"gemv": gemv_kernel, "gemv_wide": gemv_wide_kernel}
 GEMM_KERNELS = {"gemm": gemm_kernel, "gemm_t": gemm_t_kernel, "gemm_repeat": gemm_repeat_kernel}
-GEMV_KINDS = ("gemv", "gemv_wide")
+GEMV_KINDS = tuple(GEMV_KERNELS)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,19 @@ class KernelConfig:
             f"{self.kind}{m} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} "
             f"st{self.num_stages}{fused}"
         )
+
+
+def kernel_options(cfg: KernelConfig) -> dict:
+    """The constexpr arguments only one kernel family takes (``gemv``: ``PREFETCH``, ``STAGES``)."""
+    return {"PREFETCH": cfg.prefetch, "STAGES": cfg.num_stages} if cfg.kind == "gemv" else {}
+
+
+def launch_options(cfg: KernelConfig) -> dict:
+    """Triton's launch/compile options for ``cfg``: warps, stages and, when set, the register cap."""
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.maxnreg:
+        options["maxnreg"] = cfg.maxnreg
+    return options
 
 
 def sm_count(device: torch.device) -> int:
@@ -251,24 +265,20 @@ def launch(
         grid = (triton.cdiv(n, cfg.block_n), split, m)
         counters = _zeroed_counters(x.device, grid[0] * m) if fused else out
         mode = 2 if fused else int(split > 1)
-        options = {"PREFETCH": cfg.prefetch, "STAGES": cfg.num_stages} if cfg.kind == "gemv" else {}
-        kernel = gemv_kernel if cfg.kind == "gemv" else gemv_wide_kernel
-        kernel[grid](
+        GEMV_KERNELS[cfg.kind][grid](
             x, qweight, qzeros, scales, out, bias_arg, target, counters, n, n // 8, k, x.stride(0), n, m * n,
             groups_per_split, GROUP=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT=mode,
-            HAS_BIAS=has_bias, SPLIT_P2=_next_pow2(split) if fused else 1, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **options, **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+            HAS_BIAS=has_bias, SPLIT_P2=_next_pow2(split) if fused else 1, **kernel_options(cfg),
+            **launch_options(cfg),
         )  # fmt: skip
     elif cfg.kind in GEMM_KERNELS:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-        kernel = GEMM_KERNELS[cfg.kind]
         counters = _zeroed_counters(x.device, grid[0]) if fused else out
         mode = 2 if fused else int(split > 1)
-        kernel[grid](
+        GEMM_KERNELS[cfg.kind][grid](
             x, qweight, qzeros, scales, out, bias_arg, target, counters, m, n, n // 8, k, x.stride(0), n, m * n,
             groups_per_split, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            SPLIT=mode, HAS_BIAS=has_bias, IS_BF16=x.dtype == torch.bfloat16, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            SPLIT=mode, HAS_BIAS=has_bias, IS_BF16=x.dtype == torch.bfloat16, **launch_options(cfg),
         )  # fmt: skip
     else:
         raise ValueError(f"kernel kind {cfg.kind!r} is unknown; allowed: {', '.join(KINDS)}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .w4a16 import _gemm_group_consts, _gemm_program, _gemm_splitk_finish, _nibble_cols
+from .w4a16 import _gemm_group_consts, _gemm_program, _gemm_splitk_finish, _nibble_cols, _zeros8
 
 
 @triton.jit
@@ -92,14 +92,7 @@ def gemm_t_kernel(
     OFFSET: tl.constexpr = 128.0 if IS_BF16 else 1024.0
     base = tl.program_id(0) % tl.cdiv(N, BLOCK_N) * BLOCK_N
     offs_k = tl.arange(0, BLOCK_K)
-    acc0 = tl.zeros((PACKED_N, BLOCK_M), dtype=tl.float32)
-    acc1 = tl.zeros((PACKED_N, BLOCK_M), dtype=tl.float32)
-    acc2 = tl.zeros((PACKED_N, BLOCK_M), dtype=tl.float32)
-    acc3 = tl.zeros((PACKED_N, BLOCK_M), dtype=tl.float32)
-    acc4 = tl.zeros((PACKED_N, BLOCK_M), dtype=tl.float32)
-    acc5 = tl.zeros((PACKED_N, BLOCK_M), dtype=tl.float32)
-    acc6 = tl.zeros((PACKED_N, BLOCK_M), dtype=tl.float32)
-    acc7 = tl.zeros((PACKED_N, BLOCK_M), dtype=tl.float32)
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _zeros8(PACKED_N, BLOCK_M)
     for g in range(g_start, g_end):
         zw = tl.load(qz_ptr + g * n_words + offs_w, mask=w_mask, other=0)
         s0, h0 = _plane_consts(s_ptr, zw, g * N, base, w_mask, OFFSET, PACKED_N, 0)

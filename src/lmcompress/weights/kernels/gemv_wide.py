@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .w4a16 import _code_f32, _gemv_epilogue, _gemv_group_consts, _gemv_group_end
+from .w4a16 import _code_f32, _gemv_epilogue, _gemv_group_consts, _gemv_group_end, _zeros8
 
 
 @triton.jit
@@ -72,14 +72,7 @@ def gemv_wide_kernel(
     g_start = pid_k * groups_per_split
     g_end = tl.minimum(g_start + groups_per_split, K // GROUP)
     x_row = x_ptr + pid_m * stride_xm
-    acc0 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    acc4 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    acc5 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    acc6 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    acc7 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _zeros8(BLOCK_K, PACKED_N)
     # a group past the program's last loads nothing: its rows are masked off (``rows < 0``)
     live = rows < tl.where(g_start < g_end, GROUP, 0)
     next_words = tl.load(

@@ -74,6 +74,13 @@ def _gemv_fma(acc, half, xk, Q: tl.constexpr):
 
 
 @triton.jit
+def _zeros8(ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Eight fp32 ``[ROWS, COLS]`` zero tiles: one accumulator per nibble plane."""
+    z = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    return z, z, z, z, z, z, z, z
+
+
+@triton.jit
 def _gemv_group_consts(s_ptr, zwords, row_base, base, mask, PACKED_N: tl.constexpr, P: tl.constexpr):
     """Nibble ``P`` of one group: ``scale / 16**(P%4)`` and ``zero * 16**(P%4)``, both ``[PACKED_N]`` fp32."""
     place: tl.constexpr = 1 << (4 * (P % 4))
@@ -184,14 +191,7 @@ def gemv_kernel(
     x_row = x_ptr + pid_m * stride_xm
     # One accumulator per nibble position P (columns 8 w + AWQ_ORDER[P]), each [BLOCK_K, PACKED_N] in the layout
     # of the loaded words, so the unpacking needs no data movement between threads.
-    acc0 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    acc4 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    acc5 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    acc6 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-    acc7 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _zeros8(BLOCK_K, PACKED_N)
     # STAGES > 1: the compiler pipelines the group loop, copying the words of the next STAGES - 1 groups into
     # shared memory asynchronously while this one is computed (more bytes in flight, no registers held)
     for g in tl.range(g_start, g_end, num_stages=STAGES):
@@ -206,14 +206,7 @@ def gemv_kernel(
             s5, z5 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 5)
             s6, z6 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 6)
             s7, z7 = _gemv_group_consts(s_ptr, zw, g * N, base, w_mask, PACKED_N, 7)
-        a0 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-        a1 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-        a2 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-        a3 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-        a4 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-        a5 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-        a6 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
-        a7 = tl.zeros((BLOCK_K, PACKED_N), dtype=tl.float32)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _zeros8(BLOCK_K, PACKED_N)
         x_part = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for kk in tl.static_range(0, GROUP, BLOCK_K):
             rows = g * GROUP + kk + offs_k
@@ -373,24 +366,10 @@ def gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     # One [BLOCK_M, PACKED_N] accumulator per nibble position P (columns 8 w + AWQ_ORDER[P]): each nibble plane
     # of the loaded words is a B operand of its own, so no element changes place before the dot.
-    acc0 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
-    acc4 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
-    acc5 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
-    acc6 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
-    acc7 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _zeros8(BLOCK_M, PACKED_N)
     for g in range(g_start, g_end):
         zw = tl.load(qz_ptr + g * n_words + offs_w, mask=w_mask, other=0)
-        a0 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
-        a1 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
-        a2 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
-        a3 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
-        a4 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
-        a5 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
-        a6 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
-        a7 = tl.zeros((BLOCK_M, PACKED_N), dtype=tl.float32)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _zeros8(BLOCK_M, PACKED_N)
         x_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for kk in tl.static_range(0, GROUP, BLOCK_K):
             rows = g * GROUP + kk + offs_k

@@ -13,7 +13,8 @@ load at every group. Here:
   blocked layout keeps inside each thread (no shuffles), into the same ``[BLOCK_K, BLOCK_N / 8]`` partial sums;
 * the next group's words and activations are loaded **before** the current group's math (register double
   buffering), so each program has a whole group in flight while it computes;
-* scales and zeros of the current group are loaded at its start (their latency overlaps the math).
+* scales and zeros of the current group are loaded after its products (the compiler may issue them earlier;
+  written first, they made ``BLOCK_N = 256`` spill on sm_90).
 
 Costs twice the registers of the words tile; ``BLOCK_N`` and ``num_warps`` trade that against occupancy.
 Whether it is faster is the tuner's call on the device (it times it next to ``gemv_kernel``).
@@ -31,6 +32,16 @@ from .w4a16 import _code_f32, _gemv_epilogue, _gemv_group_consts, _gemv_group_en
 def _tile_sum(words, xk, Q: tl.constexpr):
     """``sum_r x[r, k] * code[r, k, w] * 16**Q`` over the leading axis: ``[R, BLOCK_K, P]`` -> ``[BLOCK_K, P]``."""
     return tl.sum(xk[:, :, None] * _code_f32(words, Q), axis=0)
+
+
+@triton.jit
+def _load_group(qw_ptr, x_row, g, g_end, n_words, rows, w_offs, w_mask, GROUP: tl.constexpr):
+    """Group ``g``'s words ``[GROUP, PACKED_N]`` and activations ``[GROUP]``; all masked off (nothing read) when
+    ``g`` is past the program's last group ``g_end - 1``."""
+    live = rows < tl.where(g < g_end, GROUP, 0)
+    words = tl.load(qw_ptr + g * GROUP * n_words + w_offs, mask=live[:, None] & w_mask[None, :], other=0)
+    x = tl.load(x_row + g * GROUP + rows, mask=live, other=0.0)
+    return words, x
 
 
 @triton.jit(do_not_specialize=["stride_split", "groups_per_split"])
@@ -73,21 +84,12 @@ def gemv_wide_kernel(
     g_end = tl.minimum(g_start + groups_per_split, K // GROUP)
     x_row = x_ptr + pid_m * stride_xm
     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _zeros8(BLOCK_K, PACKED_N)
-    # a group past the program's last loads nothing: its rows are masked off (``rows < 0``)
-    live = rows < tl.where(g_start < g_end, GROUP, 0)
-    next_words = tl.load(
-        qw_ptr + g_start * GROUP * n_words + w_offs, mask=live[:, None] & w_mask[None, :], other=0
-    )
-    next_x = tl.load(x_row + g_start * GROUP + rows, mask=live, other=0.0)
+    next_words, next_x = _load_group(qw_ptr, x_row, g_start, g_end, n_words, rows, w_offs, w_mask, GROUP)
     for g in range(g_start, g_end):
         # row r * BLOCK_K + k of the group goes to [r, k]: the leading axis, summed over, stays in each thread
         words = tl.reshape(next_words, (R, BLOCK_K, PACKED_N))
         xk = tl.reshape(next_x.to(tl.float32), (R, BLOCK_K))
-        live = rows < tl.where(g + 1 < g_end, GROUP, 0)
-        next_words = tl.load(
-            qw_ptr + (g + 1) * GROUP * n_words + w_offs, mask=live[:, None] & w_mask[None, :], other=0
-        )
-        next_x = tl.load(x_row + (g + 1) * GROUP + rows, mask=live, other=0.0)
+        next_words, next_x = _load_group(qw_ptr, x_row, g + 1, g_end, n_words, rows, w_offs, w_mask, GROUP)
         high = words >> 16  # nibbles 4-7 in the low half-word (the sign bits above are masked off)
         x_part = tl.sum(xk, axis=0)
         p0 = _tile_sum(words, xk, 0)

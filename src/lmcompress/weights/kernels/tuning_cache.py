@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 FILE_NAME = "w4a16_tuning.json"
-_SOURCES = ("w4a16.py", "gemv_wide.py", "gemm_t.py", "dispatch.py")
 
 
 def enabled() -> bool:
@@ -36,11 +35,10 @@ def cache_path() -> Path:
 
 @functools.cache
 def code_hash() -> str:
-    """Short hash of the kernel and dispatch sources: any change to them makes earlier results stale."""
+    """Short hash of this package's sources (kernels, dispatch): any change to them makes earlier results stale."""
     digest = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in _SOURCES:
-        digest.update((here / name).read_bytes())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

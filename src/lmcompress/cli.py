@@ -73,8 +73,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .eval.pipeline import check_context_fits
     from .models import known_max_positions, load_model
     from .runner.executors import InlineExecutor
+    from .runner.provenance import code_version
     from .runner.report import grid_text, markdown_table, summarize, write_outputs
-    from .runner.store import ResultStore
+    from .runner.store import ResultStore, check_output_dir
 
     runs = build_grid(args)  # validates every parameter before anything runs
     limit = known_max_positions(args.model)
@@ -85,14 +86,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"--lengths up to {longest} tokens plus {answer_room} answer tokens exceed {args.model}'s "
             f"{limit} positions; allowed: lengths <= {limit - answer_room}"
         )
-    out = Path(args.out)
+    out = check_output_dir(args.out)  # a bad --out fails before any model loads or any run is computed
     store_path = Path(args.store) if args.store else out / "results.sqlite"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if torch.device(args.device).type == "cpu":
         precise_cpu_memory()
     with ResultStore(store_path) as store:
-        todo = [r for r in runs if not store.has(r.key())]
-        print(f"{len(runs)} runs, {len(runs) - len(todo)} already in {store_path}", file=sys.stderr)
+        todo = [r for r in runs if not store.has(r.key(dtype, args.device), code_version())]
+        print(stored_summary(store, runs, dtype, args.device, args.reuse_stale, store_path), file=sys.stderr)
         loaded: dict[str, Any] = {}
 
         def loader(name: str):
@@ -114,6 +115,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def stored_summary(store, runs, dtype, device: str, reuse_stale: bool, store_path) -> str:
+    """``"N runs, M already in STORE"`` plus how many stored rows are stale and what happens to them."""
+    from .runner.provenance import code_version
+
+    versions = [store.code_version_of(r.key(dtype, device)) for r in runs]
+    fresh = sum(v == code_version() for v in versions)
+    stale = sum(v is not None and v != code_version() for v in versions)
+    text = f"{len(runs)} runs, {fresh} already in {store_path}"
+    if stale:
+        text += (f"; {stale} stored by another lmcompress code version: "
+                 + ("reused, marked stale (--reuse-stale)" if reuse_stale else "recomputed (--reuse-stale keeps them)"))
+    return text
+
+
 def make_executor(args: argparse.Namespace, dtype, loader):
     """The executor named by ``--executor``: inline (this process), local (one process per ``--devices``
     entry) or ray (``--workers`` actors on a Ray cluster at ``--ray-address``)."""
@@ -122,12 +137,14 @@ def make_executor(args: argparse.Namespace, dtype, loader):
 
     dtype_name = str(dtype).removeprefix("torch.")
     if args.executor == "inline":
-        return InlineExecutor(args.device, dtype, progress=not args.quiet, loader=loader)
+        return InlineExecutor(args.device, dtype, progress=not args.quiet, loader=loader,
+                              reuse_stale=args.reuse_stale)
     if args.executor == "local":
         devices = [d.strip() for d in (args.devices or args.device).split(",") if d.strip()]
-        return LocalExecutor(devices, dtype_name, progress=not args.quiet)
+        return LocalExecutor(devices, dtype_name, progress=not args.quiet, reuse_stale=args.reuse_stale)
     gpus = 0.0 if args.device == "cpu" else 1.0
-    return RayExecutor(args.ray_address, args.workers, gpus, dtype_name, progress=not args.quiet)
+    return RayExecutor(args.ray_address, args.workers, gpus, dtype_name, progress=not args.quiet,
+                       reuse_stale=args.reuse_stale)
 
 
 # ------------------------------------------------------------------------------------------------ methods
@@ -178,13 +195,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .runner.provenance import code_version
     from .runner.report import markdown_table, summarize, write_outputs
-    from .runner.store import ResultStore
+    from .runner.store import ResultStore, check_output_dir
 
     if not Path(args.store).is_file():
         raise LMCompressError(f"result store {args.store!r} does not exist")
-    with ResultStore(args.store) as store:
+    check_output_dir(args.out)
+    with ResultStore(args.store, readonly=True) as store:
         records = store.all()
+    for rec in records:
+        rec["stale"] = rec["code_version"] != code_version()
     paths = write_outputs(records, args.out)
     print(markdown_table(summarize(records)))
     print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
@@ -217,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.add_argument("--reuse-stale", action="store_true",
+                   help="keep stored rows of another lmcompress code version (marked stale) instead of recomputing")
     b.add_argument("--executor", default="inline", choices=("inline", "local", "ray"),
                    help="inline (default), local (a worker process per --devices entry) or ray")
     b.add_argument("--devices", default=None, help="for --executor local: e.g. cuda:0,cuda:1 (default --device)")

@@ -53,24 +53,24 @@ def test_killed_grid_keeps_finished_runs_and_rerun_skips_them(tmp_path):
     CALLS.clear()
     path = tmp_path / "store.sqlite"
     with ResultStore(path) as store, pytest.raises(KeyboardInterrupt):
-        InlineExecutor(progress=False, loader=loader).run(grid(fail_at=0.9), store)
+        InlineExecutor(progress=False, loader=loader, warmup=False).run(grid(fail_at=0.9), store)
     with ResultStore(path) as store:
         assert len(store) == 2  # the two runs before the kill
     CALLS.clear()
     with ResultStore(path) as store:
-        records = InlineExecutor(progress=False, loader=loader).run(grid(), store)
+        records = InlineExecutor(progress=False, loader=loader, warmup=False).run(grid(), store)
         assert len(store) == 6
     assert CALLS == ["none:0.9", "snapkv(ratio=0.5):0.1", "snapkv(ratio=0.5):0.5", "snapkv(ratio=0.5):0.9"]
     assert [r["spec"]["task"]["params"]["depth"] for r in records] == [0.1, 0.5, 0.9] * 2
     CALLS.clear()
     with ResultStore(path) as store:
-        InlineExecutor(progress=False, loader=loader).run(grid(), store)
+        InlineExecutor(progress=False, loader=loader, warmup=False).run(grid(), store)
     assert CALLS == []
 
 
 def test_report_outputs(tmp_path):
     with ResultStore(tmp_path / "s.sqlite") as store:
-        records = InlineExecutor(progress=False, loader=loader).run(grid(), store)
+        records = InlineExecutor(progress=False, loader=loader, warmup=False).run(grid(), store)
     rows = summarize(records)
     assert [r["label"] for r in rows] == ["none", "snapkv(ratio=0.5)"]
     assert rows[0]["accuracy"] == 1.0 and rows[1]["accuracy"] == 0.5

@@ -108,3 +108,11 @@ def precise_cpu_memory(threshold_bytes: int = 1 << 16) -> bool:
         return bool(libc.mallopt(m_mmap_threshold, int(threshold_bytes)))
     except (OSError, AttributeError):
         return False
+
+
+def prepare_measurement(device: torch.device | str) -> None:
+    """Set this process up for peak-memory measurement on ``device`` the one way every executor uses (inline,
+    local worker processes, Ray workers): on CPU, :func:`precise_cpu_memory` (so sampled RSS tracks live
+    memory); nothing on CUDA (the allocator's counters need no setup)."""
+    if torch.device(device).type == "cpu":
+        precise_cpu_memory()

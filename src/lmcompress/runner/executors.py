@@ -2,7 +2,11 @@
 
 ``InlineExecutor`` runs in this process, loading each model once. Fan-out over local devices or a Ray cluster
 (``lmcompress.runner.parallel``) keeps the same contract: every finished run is written to the store as soon as
-it ends.
+it ends. All of them key runs by ``RunSpec.key(dtype, device)``, claim a cell before computing it
+(:class:`~lmcompress.runner.claims.Claimer`: runners sharing a store compute each cell once), recompute a
+*stale* row (another code version) unless ``reuse_stale``, set the process up for peak-memory measurement
+(:func:`~lmcompress.eval.perf.prepare_measurement`) and warm a freshly loaded model up
+(:func:`~lmcompress.eval.warmup.warm_up`) before its first measured cell.
 """
 
 from __future__ import annotations
@@ -13,12 +17,38 @@ from typing import Any
 
 import torch
 
+from ..eval.perf import prepare_measurement
 from ..eval.tasks.base import RunContext
+from ..eval.warmup import warm_up
 from ..models import load_model
-from .spec import RunSpec, library_versions
+from . import provenance
+from .claims import Claimer
+from .spec import RunSpec
 from .store import ResultStore
 
 Loader = Callable[[str], tuple[torch.nn.Module, Any]]
+
+
+def warm_up_for(model: torch.nn.Module, run: RunSpec) -> None:
+    """The warm-up of a freshly loaded ``model`` before ``run``: its KV spec and decode mode."""
+    warm_up(model, run.kv, decode=getattr(run.task, "decode", "auto"))
+
+
+def finished_records(store: ResultStore, keys: Sequence[str], code_version: str) -> list[dict[str, Any]]:
+    """The stored records of ``keys`` in order, each with ``stale`` = computed by another code version."""
+    records = []
+    for key in keys:
+        rec = store.get(key)
+        if rec is None:
+            raise RuntimeError(f"run {key} is missing from {store.path} after the grid finished")
+        rec["stale"] = rec["code_version"] != code_version
+        records.append(rec)
+    return records
+
+
+def pending_cells(runs: Sequence[RunSpec], keys: Sequence[str]) -> list[tuple[RunSpec, str]]:
+    """``(run, key)`` pairs, grouped by model (one load per model), otherwise in grid order."""
+    return sorted(zip(runs, keys), key=lambda rk: rk[0].model)
 
 
 class InlineExecutor:
@@ -27,38 +57,53 @@ class InlineExecutor:
     dtype: model dtype.
     progress: show a tqdm progress bar.
     loader: ``name -> (model, tokenizer)``; defaults to :func:`lmcompress.models.load_model`.
+    reuse_stale: keep rows computed by another code version (marked ``stale``) instead of recomputing them.
+    warmup: warm each freshly loaded model up before its first measured cell (needs a transformers model).
+    claim_timeout_s / heartbeat_s: see :class:`~lmcompress.runner.claims.Claimer`.
     """
 
     def __init__(self, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
-                 loader: Loader | None = None) -> None:
+                 loader: Loader | None = None, *, reuse_stale: bool = False, warmup: bool = True,
+                 claim_timeout_s: float = 60.0, heartbeat_s: float = 5.0) -> None:
         self.device = device
         self.dtype = dtype
         self.progress = progress
         self.loader = loader or (lambda name: load_model(name, dtype=self.dtype, device=self.device))
+        self.reuse_stale, self.warmup = reuse_stale, warmup
+        self.claim_timeout_s, self.heartbeat_s = claim_timeout_s, heartbeat_s
 
     def run(self, runs: Sequence[RunSpec], store: ResultStore) -> list[dict[str, Any]]:
-        """Run what is missing from ``store``; return the stored records of all ``runs``, in order."""
+        """Run what is missing (or stale) in ``store``; return the stored records of all ``runs``, in order."""
         from tqdm.auto import tqdm
 
-        keys = [r.key() for r in runs]
-        todo = [(r, k) for r, k in zip(runs, keys) if not store.has(k)]
-        todo.sort(key=lambda rk: rk[0].model)  # one model load per model
+        prepare_measurement(self.device)
+        keys = [r.key(self.dtype, self.device) for r in runs]
+        pending = pending_cells(runs, keys)
         loaded: dict[str, tuple[torch.nn.Module, Any]] = {}
-        bar = tqdm(total=len(runs), initial=len(runs) - len(todo), disable=not self.progress,
-                   desc="runs", unit="run", dynamic_ncols=True)
+        bar = tqdm(total=len(runs), disable=not self.progress, desc="runs", unit="run", dynamic_ncols=True)
+        claimer: Claimer[RunSpec] = Claimer(store, reuse_stale=self.reuse_stale, timeout_s=self.claim_timeout_s,
+                                            heartbeat_s=self.heartbeat_s)
         try:
-            for run, key in todo:
-                if run.model not in loaded:
-                    loaded.clear()
-                    bar.set_postfix_str(f"loading {run.model}")
-                    loaded[run.model] = self.loader(run.model)
-                model, tokenizer = loaded[run.model]
-                bar.set_postfix_str(f"{run.kv.label()} {run.task.label()}"[:80])
-                started = time.time()
-                result = run.task.run(RunContext(model, tokenizer, run.kv, run.model))
-                store.put(key, run.to_dict(), result.to_dict(), versions=library_versions(),
-                          device=str(self.device), started_at=started, duration_s=time.time() - started)
-                bar.update(1)
+            with claimer:
+                while (cell := claimer.next_cell(pending, on_done=lambda _k: bar.update(1), wait=True)) is not None:
+                    run, key = cell
+                    if run.model not in loaded:
+                        loaded.clear()
+                        bar.set_postfix_str(f"loading {run.model}")
+                        loaded[run.model] = self.loader(run.model)
+                        if self.warmup:
+                            warm_up_for(loaded[run.model][0], run)
+                    model, tokenizer = loaded[run.model]
+                    bar.set_postfix_str(f"{run.kv.label()} {run.task.label()}"[:80])
+                    started = time.time()
+                    result = run.task.run(RunContext(model, tokenizer, run.kv, run.model))
+                    spec = run.to_dict()
+                    store.put(key, spec, result.to_dict(),
+                              provenance=provenance.provenance(spec, self.dtype, self.device,
+                                                               claimer.code_version).to_dict(),
+                              device=str(self.device), started_at=started, duration_s=time.time() - started,
+                              owner=claimer.owner)
+                    bar.update(1)
         finally:
             bar.close()
-        return [store.get(k) for k in keys]
+        return finished_records(store, keys, claimer.code_version)

@@ -1,7 +1,9 @@
 """Reports of stored runs: a summary per (model, KV spec), a markdown table, ``results.json`` and a PNG plot.
 
 Summary columns: pass-key accuracy over every (length, depth) cell; perplexity; KV bytes, TTFT and peak
-memory at the longest pass-key length; decode tokens/s averaged over pass-key runs.
+memory at the longest pass-key length; decode tokens/s averaged over pass-key runs; and the provenance of the
+row's runs: dtype, device and lmcompress code version (a code version other than the current one is marked
+``(stale)``: the row was reused with ``--reuse-stale``).
 """
 
 from __future__ import annotations
@@ -20,13 +22,22 @@ def _mean(xs: list[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+def _joined(values: list[str]) -> str:
+    return ",".join(dict.fromkeys(values))  # unique, first-seen order
+
+
+def _code_label(rec: dict[str, Any]) -> str:
+    return rec["code_version"] + (" (stale)" if rec.get("stale") else "")
+
+
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (model, KV spec label), in first-seen order."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    """One row per (model, dtype, device type, KV spec label), in first-seen order."""
+    groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for rec in records:
-        groups[(rec["spec"]["model"], rec["spec"]["kv_label"])].append(rec)
+        dev_type = rec.get("provenance", {}).get("device_type", rec["device"])
+        groups[(rec["spec"]["model"], rec["dtype"], dev_type, rec["spec"]["kv_label"])].append(rec)
     rows = []
-    for (model, label), recs in groups.items():
+    for (model, dtype, _dev_type, label), recs in groups.items():
         kv = recs[0]["spec"]["kv"]
         evict, quant = kv.get("evict") or {}, kv.get("quant") or {}
         pk = [r for r in recs if r["spec"]["task"]["name"] == "passkey"]
@@ -41,6 +52,8 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "accuracy": None, "cells": len(pk), "perplexity": None,
             "kv_bytes": None, "length": None, "ttft_s": None, "decode_tok_s": None,
             "peak_mem_bytes": None, "mem_source": None,
+            "dtype": dtype, "device": _joined([r["device"] for r in recs]),
+            "code_version": _joined([_code_label(r) for r in recs]), "stale": any(r.get("stale") for r in recs),
         }
         if pk:
             longest = max(r["spec"]["task"]["params"]["length"] for r in pk)
@@ -58,10 +71,11 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["perplexity"] = _mean([r["result"]["metrics"]["perplexity"] for r in ppl])
             row["ppl_kv_bytes"] = _mean([r["result"]["costs"]["kv_bytes"] for r in ppl])
         rows.append(row)
-    for model in {r["model"] for r in rows}:
-        base = next((r for r in rows if r["model"] == model and r["label"] == "none"), None)
+    for setting in {(r["model"], r["dtype"], r["device"]) for r in rows}:
+        base = next((r for r in rows if (r["model"], r["dtype"], r["device"]) == setting and r["label"] == "none"),
+                    None)
         for r in rows:
-            if r["model"] == model and base and base["kv_bytes"] and r["kv_bytes"]:
+            if (r["model"], r["dtype"], r["device"]) == setting and base and base["kv_bytes"] and r["kv_bytes"]:
                 r["kv_fraction"] = r["kv_bytes"] / base["kv_bytes"]
     return rows
 
@@ -85,8 +99,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     """The summary as a markdown table."""
     mem_note = rows[0].get("mem_source") if rows else None
     head = ("| model | method | ratio | quant | retrieval acc | perplexity | KV MB @len | KV vs none | "
-            "TTFT s @len | decode tok/s | peak MB |")
-    lines = [head, "|" + "---|" * 11]
+            "TTFT s @len | decode tok/s | peak MB | dtype | device | code |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         ratio = f"budget {r['budget']}" if r.get("budget") else _fmt(r["ratio"], ".2f")
         kv = f"{_fmt(r['kv_bytes'] and r['kv_bytes'] / MB, '.1f')} @{r['length'] or '–'}"
@@ -94,11 +108,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['model']} | {r['evict']} | {ratio} | {r['quant']} | "
             f"{_fmt(r['accuracy'], '.2f')} ({r['cells']}) | {_fmt(r['perplexity'], '.2f')} | {kv} | "
             f"{_fmt(r.get('kv_fraction'), '.3f')} | {_fmt(r['ttft_s'], '.2f')} | "
-            f"{_fmt(r['decode_tok_s'], '.1f')} | {_fmt(r['peak_mem_bytes'] and r['peak_mem_bytes'] / MB, '.0f')} |"
+            f"{_fmt(r['decode_tok_s'], '.1f')} | {_fmt(r['peak_mem_bytes'] and r['peak_mem_bytes'] / MB, '.0f')} | "
+            f"{r['dtype']} | {r['device']} | {r['code_version']} |"
         )
     if mem_note:
         lines.append("")
         lines.append(f"peak MB: {mem_note} (growth over the run); retrieval acc: mean over cells (count in brackets).")
+    if any(r.get("stale") for r in rows):
+        lines.append("")
+        lines.append("(stale): reused with --reuse-stale; computed by another lmcompress code version than this one.")
     return "\n".join(lines)
 
 

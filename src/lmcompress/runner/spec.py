@@ -1,47 +1,25 @@
-"""``RunSpec``: one experiment = model x weights x KVSpec x task; its key is a stable hash of everything that
-determines the result (model fingerprint, spec, task parameters, library versions)."""
+"""``RunSpec``: one experiment = model x weights x KVSpec x task; its key (with the dtype and device type it runs
+at) is a stable hash of everything that determines the result except the lmcompress code version, which the
+store keeps beside it (see :mod:`lmcompress.runner.provenance`)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..eval.tasks.base import Task
 from ..kv.spec import KVSpec
 from ..registry import TASKS
+from .provenance import config_key, library_versions, model_identity
+
+__all__ = ["RunSpec", "library_versions", "model_fingerprint", "task_from_dict"]
 
 
-@lru_cache(maxsize=1)
-def library_versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    from .. import __version__
-
-    return {"lmcompress": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-@lru_cache(maxsize=32)
 def model_fingerprint(name_or_path: str) -> str:
-    """A string that changes when the model's weights change: the embedded GGUF's sha256, a GGUF file's size
-    and mtime, a folder's config and weight files' sizes and mtimes, or the tiny model's name."""
-    from ..models import EMBEDDED_MODELS, TINY_MODELS
-
-    if name_or_path in EMBEDDED_MODELS:
-        return "sha256:" + EMBEDDED_MODELS[name_or_path].sha256
-    if name_or_path in TINY_MODELS:
-        return "tiny:" + name_or_path
-    p = Path(name_or_path).expanduser()
-    files = [p] if p.is_file() else sorted(x for x in p.glob("*") if x.suffix in (".json", ".safetensors", ".bin"))
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return "files:" + h.hexdigest()[:16]
+    """The ``weights`` part of :func:`~lmcompress.runner.provenance.model_identity`."""
+    return model_identity(name_or_path)["weights"]
 
 
 def task_from_dict(data: dict[str, Any]) -> Task:
@@ -68,11 +46,9 @@ class RunSpec:
     def from_dict(cls, data: dict[str, Any]) -> RunSpec:
         return cls(data["model"], KVSpec.from_dict(data["kv"]), task_from_dict(data["task"]), data.get("weights"))
 
-    def key(self) -> str:
-        blob = {
-            **{k: v for k, v in self.to_dict().items() if k != "kv_label"},
-            "model_fingerprint": model_fingerprint(self.model),
-            "versions": library_versions(),
-        }
-        text = json.dumps(blob, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:24]
+    def key(self, dtype: torch.dtype | str = "float32", device: torch.device | str = "cpu") -> str:
+        """The store's config key of this run at ``dtype`` on a device of ``device``'s type: a hash of the spec,
+        the model identity (name, weight files, quantization config), dtype, device type and the torch /
+        transformers versions. The lmcompress code version is not part of it (rows of other code are *stale*,
+        not missing)."""
+        return config_key(self.to_dict(), dtype, device)

@@ -15,7 +15,7 @@ from ..errors import LMCompressError
 from ..kv.spec import KVSpec
 
 
-def warm_up(model: torch.nn.Module, spec: KVSpec | None = None, *, context_tokens: int = 64,
+def warm_up(model: torch.nn.Module, spec: KVSpec | None = None, *, context_tokens: int = 256,
             question_tokens: int = 8, new_tokens: int = 4, decode: str = "auto") -> KVSpec:
     """Run :func:`lmcompress.eval.pipeline.answer` once on ``context_tokens + question_tokens`` random token ids
     (``[1, n]``, fixed seed) with ``spec``, decoding ``new_tokens`` tokens; nothing is measured or returned but

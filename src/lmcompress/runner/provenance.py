@@ -74,49 +74,39 @@ def _file_stamp(f: Path) -> str:
     return f"{f.name}:{st.st_size}:{st.st_mtime_ns}"
 
 
-@lru_cache(maxsize=64)
-def _identity_cached(name_or_path: str, stamp: str) -> dict[str, Any]:
+def model_identity(name_or_path: str) -> dict[str, Any]:
+    """``{"name", "weights", "quantization_config"}`` of a model name or path, without loading it (read anew at
+    every call: a few ``stat`` calls and one small JSON file).
+
+    ``weights`` is the embedded GGUF's sha256, ``tiny:<name>`` for tiny test models (built from code: the code
+    version covers them), or for a file or folder a hash of the name, size and mtime (ns) of each file loaded: a
+    GGUF file itself; a folder's ``config.json`` and its ``*.safetensors`` (+ index) — or ``*.bin`` when there
+    are none. (Size + mtime, not contents: rewriting a file changes its mtime; cheap for multi-GB checkpoints.)
+    ``quantization_config`` is a folder's ``config.json`` entry of that name (AWQ / RTN checkpoints), else None.
+    """
     from ..models import EMBEDDED_MODELS, TINY_MODELS
 
     if name_or_path in EMBEDDED_MODELS:
         return {"name": name_or_path, "weights": "sha256:" + EMBEDDED_MODELS[name_or_path].sha256,
                 "quantization_config": None}
-    if name_or_path in TINY_MODELS:  # built from code: the code version covers it
+    if name_or_path in TINY_MODELS:
         return {"name": name_or_path, "weights": "tiny:" + name_or_path, "quantization_config": None}
     p = Path(name_or_path).expanduser()
     quant = None
+    files: list[Path] = []
     if p.is_dir():
-        files = [p / "config.json", *_weight_files(p)] if (p / "config.json").is_file() else _weight_files(p)
+        config = p / "config.json"
+        files = ([config] if config.is_file() else []) + _weight_files(p)
         try:
-            quant = json.loads((p / "config.json").read_text()).get("quantization_config")
+            quant = json.loads(config.read_text()).get("quantization_config")
         except (OSError, ValueError, AttributeError):
             quant = None
     elif p.is_file():
         files = [p]
-    else:
-        files = []
     h = hashlib.sha256()
     for f in files:
         h.update(_file_stamp(f).encode() + b"\0")
     return {"name": name_or_path, "weights": "files:" + h.hexdigest()[:16], "quantization_config": quant}
-
-
-def model_identity(name_or_path: str) -> dict[str, Any]:
-    """``{"name", "weights", "quantization_config"}`` of a model name or path, without loading it.
-
-    ``weights`` is the embedded GGUF's sha256, ``tiny:<name>`` for tiny test models (built from code), or for a
-    file or folder a hash of the name, size and mtime (ns) of each file loaded: a GGUF file itself; a folder's
-    ``config.json`` and its ``*.safetensors`` (+ index) — or ``*.bin`` when there are none. (Size + mtime, not
-    contents: rewriting a file in place changes its mtime; cheap for multi-GB checkpoints.)
-    ``quantization_config`` is a folder's ``config.json`` entry of that name (AWQ / RTN checkpoints), else None.
-    """
-    p = Path(name_or_path).expanduser()
-    stamp = ""
-    if p.is_dir():
-        stamp = "|".join(_file_stamp(f) for f in [p / "config.json", *_weight_files(p)] if f.is_file())
-    elif p.is_file():
-        stamp = _file_stamp(p)
-    return _identity_cached(name_or_path, stamp)
 
 
 @dataclass(frozen=True)

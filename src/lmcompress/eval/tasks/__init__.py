@@ -1,11 +1,12 @@
 """Evaluation tasks (one file each, registered by name in ``TASKS``)."""
 
-from . import kv_error, multiple_choice
+from . import decode_cost, kv_error, multiple_choice
 from .base import RunContext, Task, TaskResult
+from .decode_cost import DecodeCost
 from .kv_error import KVError
 from .multiple_choice import MultipleChoice
 from .passkey import Passkey
 from .perplexity import Perplexity
 
-__all__ = ["KVError", "MultipleChoice", "Passkey", "Perplexity", "RunContext", "Task", "TaskResult", "kv_error",
-           "multiple_choice"]
+__all__ = ["DecodeCost", "KVError", "MultipleChoice", "Passkey", "Perplexity", "RunContext", "Task", "TaskResult",
+           "decode_cost", "kv_error", "multiple_choice"]

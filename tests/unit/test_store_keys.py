@@ -242,3 +242,18 @@ def test_new_store_records_its_schema(tmp_path):
     assert dict(db.execute("SELECT name, value FROM store_meta")) == {"schema": "lmcompress-results", "version": "2"}
     db.close()
     ResultStore(path, readonly=True).close()
+
+
+def test_bench_says_how_many_rows_are_stale(tmp_path, monkeypatch):
+    from lmcompress.cli import stored_summary
+
+    path = tmp_path / "s.sqlite"
+    run_grid(path)
+    with ResultStore(path) as store:
+        assert stored_summary(store, grid(), torch.float32, "cpu", False, path) == f"4 runs, 4 already in {path}"
+        monkeypatch.setattr(provenance, "code_version", lambda: "9.9.9+src.newcode00000")
+        text = stored_summary(store, grid(), torch.float32, "cpu", False, path)
+        assert text == (f"4 runs, 0 already in {path}; 4 stored by another lmcompress code version: recomputed "
+                        "(--reuse-stale keeps them)")
+        assert "reused, marked stale" in stored_summary(store, grid(), torch.float32, "cpu", True, path)
+        assert stored_summary(store, grid(), torch.bfloat16, "cpu", False, path) == f"4 runs, 0 already in {path}"

@@ -122,7 +122,7 @@ def test_two_processes_compute_each_cell_once(tmp_path):
     script = tmp_path / "runner.py"
     script.write_text(SCRIPT)
     store, log, go = tmp_path / "s.sqlite", tmp_path / "log.jsonl", tmp_path / "go"
-    ResultStore(store).close()  # created once, before both runners open it
+    # both runners create the store (it does not exist yet) and start at the same moment
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, str(script), str(store), str(log), str(go), me], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for me in ("a", "b")]

@@ -205,10 +205,10 @@ class ResultStore:
         self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        if kind == "new":
-            self._db.executescript(SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO store_meta VALUES ('schema', ?), ('version', ?)",
-                             (SCHEMA_NAME, str(SCHEMA_VERSION)))
+        if kind == "new":  # tables and meta rows in one transaction: a concurrent opener sees none or all
+            self._db.executescript(
+                f"BEGIN IMMEDIATE;\n{SCHEMA}\nINSERT OR IGNORE INTO store_meta VALUES ('schema', '{SCHEMA_NAME}'), "
+                f"('version', '{SCHEMA_VERSION}');\nCOMMIT;")
 
     def close(self) -> None:
         self._db.close()

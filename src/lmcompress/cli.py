@@ -92,7 +92,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if torch.device(args.device).type == "cpu":
         precise_cpu_memory()
     with ResultStore(store_path) as store:
-        todo = [r for r in runs if not store.has(r.key(dtype, args.device), code_version())]
+        accept = None if args.reuse_stale else code_version()
+        todo = [r for r in runs if not store.has(r.key(dtype, args.device), accept)]
         print(stored_summary(store, runs, dtype, args.device, args.reuse_stale, store_path), file=sys.stderr)
         loaded: dict[str, Any] = {}
 
@@ -199,7 +200,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .runner.report import markdown_table, summarize, write_outputs
     from .runner.store import ResultStore, check_output_dir
 
-    if not Path(args.store).is_file():
+    if not Path(args.store).exists():
         raise LMCompressError(f"result store {args.store!r} does not exist")
     check_output_dir(args.out)
     with ResultStore(args.store, readonly=True) as store:

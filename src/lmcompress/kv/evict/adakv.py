@@ -37,6 +37,7 @@ class AdaKV(EvictionPolicy):
     name = "adakv"
     display = "AdaKV"
     is_scorer = False
+    headwise = True
     base: EvictionPolicy | None = None
     alpha_safeguard: float = 0.2
 

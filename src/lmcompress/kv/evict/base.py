@@ -157,6 +157,8 @@ class EvictionPolicy:
     needs_hidden_states: ClassVar[bool] = False
     #: whether this is a per-token scorer that wrappers (AdaKV, decoding compression, threshold) can use.
     is_scorer: ClassVar[bool] = True
+    #: whether heads may keep different numbers of tokens (the layer then stores them ragged).
+    headwise: ClassVar[bool] = False
 
     ratio: float = 0.0
     budget: int | None = None

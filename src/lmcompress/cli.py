@@ -74,12 +74,13 @@ def build_grid(args: argparse.Namespace):
 
 
 def check_bench_inputs(args: argparse.Namespace) -> None:
-    """Devices and model files, checked before any model loads (one-line errors)."""
+    """Devices and model files, checked before any model loads (one-line errors; not for ``--executor ray``)."""
     from .devices import check_device
     from .models import check_model_source
 
-    if args.executor != "ray":  # (Ray workers run on the cluster's machines, not this one)
-        check_device(args.device)
+    if args.executor == "ray":  # Ray workers run on the cluster's machines, with their own devices and files
+        return
+    check_device(args.device)
     if args.executor == "local" and args.devices:
         for device in [d.strip() for d in args.devices.split(",") if d.strip()]:
             check_device(device, "--devices")

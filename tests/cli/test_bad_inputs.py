@@ -159,6 +159,17 @@ def test_awq_quantize_checks_model_files_first(tmp_path):
     assert not out.exists()
 
 
+def test_awq_eval_of_a_truncated_checkpoint(tmp_path):
+    from lmcompress.weights.cli import main as awq_main
+
+    out = tmp_path / "ckpt"
+    assert awq_main(["awq", "quantize", "tiny-llama", str(out), "--method", "rtn", "--group-size", "32",
+                     "--device", "cpu", "--quiet"]) == 0  # fmt: skip
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])
+    check_one_line(run_main("awq", "eval", str(out), "--device", "cpu"), "model.safetensors", "truncated")
+
+
 # ------------------------------------------------------------------------------------------------ awq
 
 

@@ -35,7 +35,7 @@ def add_awq_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     q.add_argument(
         "model", help="embedded model name (smollm2-135m, gemma3-270m), local folder or .gguf file"
     )
-    q.add_argument("out", help="output folder (written atomically; must not exist or be empty)")
+    q.add_argument("out", help="output folder (written atomically; must not exist or be empty, see --overwrite)")
     q.add_argument("--method", choices=("awq", "rtn"), default="awq")
     q.add_argument("--bits", type=int, default=defaults.bits)
     q.add_argument(
@@ -54,7 +54,8 @@ def add_awq_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     q.add_argument("--dtype", choices=(*_DTYPES, "keep"), default="float16",
                    help="stored dtype of the non-quantized tensors (AutoAWQ/vLLM expect float16)")  # fmt: skip
-    q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty OUT, only if it is a checkpoint lmcompress wrote")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=run_quantize)
 

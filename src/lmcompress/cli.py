@@ -44,17 +44,24 @@ def build_grid(args: argparse.Namespace):
     from .kv.parse import _part, has_eviction, parse_method
     from .runner.spec import RunSpec
 
-    ratios = _floats(args.ratios, "ratios")
+    ratios = _floats(DEFAULT_RATIOS if args.ratios is None else args.ratios, "ratios")
     specs = []
+    swept = False
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         explicit = {"ratio", "budget", "base.ratio", "base.budget"}
         sweep = has_eviction(method) and not any(explicit & set(_part(raw)[1]) for raw in method.split("+"))
         if sweep:
             specs += [parse_method(method, ratio=r) for r in ratios]
+            swept = True
         else:
             specs.append(parse_method(method))
     if not specs:
         raise LMCompressError("--methods is empty; give at least one method (e.g. none)")
+    if args.ratios is not None and not swept:
+        raise LMCompressError(
+            f"--ratios={args.ratios} has no effect: no method in --methods={args.methods} takes the sweep's ratio; "
+            "allowed: an eviction method without its own ratio/budget (e.g. snapkv, snapkv+int4), or drop --ratios"
+        )
     tasks = [
         Passkey(length=length, depth=depth, samples=args.samples, query_aware=args.query_aware,
                 decode=args.decode)
@@ -64,6 +71,20 @@ def build_grid(args: argparse.Namespace):
     if args.ppl:
         tasks.append(Perplexity(context_tokens=args.ppl_context, eval_tokens=args.ppl_eval))
     return [RunSpec(args.model, spec, task) for spec in specs for task in tasks]
+
+
+def check_bench_inputs(args: argparse.Namespace) -> None:
+    """Devices and model files, checked before any model loads (one-line errors; not for ``--executor ray``)."""
+    from .devices import check_device
+    from .models import check_model_source
+
+    if args.executor == "ray":  # Ray workers run on the cluster's machines, with their own devices and files
+        return
+    check_device(args.device)
+    if args.executor == "local" and args.devices:
+        for device in [d.strip() for d in args.devices.split(",") if d.strip()]:
+            check_device(device, "--devices")
+    check_model_source(args.model)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -78,6 +99,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .runner.store import ResultStore, check_output_dir
 
     runs = build_grid(args)  # validates every parameter before anything runs
+    check_bench_inputs(args)
     limit = known_max_positions(args.model)
     answer_room = max(getattr(r.task, "max_new_tokens", 0) for r in runs)
     longest = max(getattr(r.task, "length", 0) for r in runs)
@@ -224,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
     b.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated method strings, e.g. snapkv, int4, snapkv+int4 (default {DEFAULT_METHODS})")
-    b.add_argument("--ratios", default=DEFAULT_RATIOS, help=f"eviction ratios swept (default {DEFAULT_RATIOS})")
+    b.add_argument("--ratios", default=None, help=f"eviction ratios swept (default {DEFAULT_RATIOS})")
     b.add_argument("--lengths", default=DEFAULT_LENGTHS, help=f"pass-key prompt lengths (default {DEFAULT_LENGTHS})")
     b.add_argument("--depths", default=DEFAULT_DEPTHS, help=f"needle depths (default {DEFAULT_DEPTHS})")
     b.add_argument("--samples", type=int, default=1, help="keys per (length, depth) cell (default 1)")

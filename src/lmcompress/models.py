@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .errors import LMCompressError, ModelFileError, UnknownNameError
+from .model_files import check_gguf, check_model_files
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -206,6 +207,73 @@ def _check_architecture(config: Any, source: str) -> None:
         )
 
 
+def _resolve_source(name: str) -> tuple[str, str | None]:
+    """``(folder, gguf_file or None)`` of a non-tiny model name or path; checks that it exists and, for a
+    folder, its architecture (read from config.json)."""
+    if name in EMBEDDED_MODELS:
+        path = embedded_model_path(name)
+        return str(path.parent), path.name
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelFileError(f"GGUF file {name!r} does not exist")
+        return str(p.parent), p.name
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelFileError(f"model folder {name!r} has no config.json")
+        from transformers import AutoConfig
+
+        _check_architecture(AutoConfig.from_pretrained(str(p)), name)
+        return str(p), None
+    raise UnknownNameError(
+        f"unknown model {name!r}: not an embedded model ({', '.join(available_models())}), "
+        "a local model folder or a .gguf file"
+    )
+
+
+def check_model_source(name: str) -> None:
+    """Everything :func:`load_model` can check without loading weights: the name or path exists, an embedded
+    file matches its sha256, a folder's architecture is supported, GGUF / safetensors files are whole
+    (:mod:`lmcompress.model_files`). The CLI calls it before any model loads.
+
+    Raises:
+        UnknownNameError, ModelFileError, LMCompressError: as :func:`load_model` would.
+    """
+    if name in TINY_MODELS:
+        return
+    folder, gguf_file = _resolve_source(name)
+    if name not in EMBEDDED_MODELS:
+        check_model_files(Path(folder) / gguf_file if gguf_file else folder)
+
+
+def linear_input_widths(name: str) -> dict[str, int]:
+    """Input widths of a decoder layer's linears, read without loading weights (GGUF metadata or the config):
+    ``{"hidden_size": ..., "attention_output": heads * head_dim, "intermediate_size": ...}`` (the inputs of the
+    q/k/v/gate/up, o and down projections)."""
+    if name not in TINY_MODELS:
+        folder, gguf_file = _resolve_source(name)
+        if gguf_file:
+            meta = check_gguf(Path(folder) / gguf_file)
+            arch = meta.get("general.architecture")
+            hidden = meta.get(f"{arch}.embedding_length")
+            heads = meta.get(f"{arch}.attention.head_count")
+            ffn = meta.get(f"{arch}.feed_forward_length")
+            if not all(isinstance(v, int) and v > 0 for v in (hidden, heads, ffn)):
+                raise ModelFileError(f"GGUF file {gguf_file!r} lacks {arch}.embedding_length, "
+                                     "attention.head_count or feed_forward_length")
+            head_dim = meta.get(f"{arch}.attention.key_length") or hidden // heads
+            return {"hidden_size": hidden, "attention_output": heads * head_dim, "intermediate_size": ffn}
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder)
+    else:
+        config = _tiny_config(name.removeprefix("tiny-"))
+    config = getattr(config, "text_config", config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {"hidden_size": config.hidden_size, "attention_output": config.num_attention_heads * head_dim,
+            "intermediate_size": config.intermediate_size}
+
+
 def available_models() -> list[str]:
     return [*EMBEDDED_MODELS, *TINY_MODELS]
 
@@ -236,32 +304,16 @@ def load_model(
         ModelFileError: a missing package or file, or a checksum mismatch.
         LMCompressError: an unsupported architecture.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = name_or_path
     if name in TINY_MODELS:
         model = tiny_model(name.removeprefix("tiny-"), dtype=dtype).to(device)
         tokenizer = None
     else:
-        if name in EMBEDDED_MODELS:
-            path = embedded_model_path(name)
-            folder, gguf_file = str(path.parent), path.name
-        else:
-            p = Path(name).expanduser()
-            if p.suffix == ".gguf":
-                if not p.is_file():
-                    raise ModelFileError(f"GGUF file {name!r} does not exist")
-                folder, gguf_file = str(p.parent), p.name
-            elif p.is_dir():
-                if not (p / "config.json").is_file():
-                    raise ModelFileError(f"model folder {name!r} has no config.json")
-                folder, gguf_file = str(p), None
-                _check_architecture(AutoConfig.from_pretrained(folder), name)
-            else:
-                raise UnknownNameError(
-                    f"unknown model {name!r}: not an embedded model ({', '.join(available_models())}), "
-                    "a local model folder or a .gguf file"
-                )
+        folder, gguf_file = _resolve_source(name)
+        if name not in EMBEDDED_MODELS:  # (embedded files are checked against their sha256)
+            check_model_files(Path(folder) / gguf_file if gguf_file else folder)
         kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
         with _quiet_progress(quiet):
             if gguf_file or _has_tokenizer_files(Path(folder)):

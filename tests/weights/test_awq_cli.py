@@ -32,7 +32,7 @@ def test_awq_with_random_calibration(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--group-size", "128"], "group_size=128 does not divide in_features=64"),
+        (["--group-size", "128"], "--group-size=128 does not divide tiny-llama's hidden_size=64"),
         (["--bits", "3"], "bits=3 is not supported"),
         (["--group-size", "32", "--calib-source", "lee"], "needs a tokenizer"),  # tiny models have none
     ],

@@ -53,7 +53,9 @@ DECODE_MODES = ("auto", "eager", "static")
 
 
 def _static_decoder(model, cache: CompressedCache, max_new_tokens: int, decode: str, device: torch.device):
-    """A CUDA-graph decoder when ``decode`` asks for one and the cache can decode statically, else None."""
+    """A CUDA-graph decoder when ``decode`` asks for one and the cache can decode statically, else None
+    (``auto`` falls back to eager where :func:`~lmcompress.kv.static.static_decode_supported` gives a reason;
+    ``static`` raises it)."""
     if decode == "eager" or (decode == "auto" and device.type != "cuda") or max_new_tokens < 2:
         return None
     from .graph_decode import StaticDecoder

@@ -112,12 +112,19 @@ class CompressedCache(Cache):
                 (StreamingLLM's rolling window; needs ``evict=StreamingLLM``).
 
         Raises:
-            LMCompressError: a layer is quantized, ragged or keeps policy state (use the eager path), or
+            LMCompressError: the spec cannot decode statically (:func:`~lmcompress.kv.static.static_decode_supported`
+                gives the reason), a layer is quantized, ragged or keeps policy state (use the eager path), or
                 ``rolling`` without StreamingLLM.
         """
         from ..errors import LMCompressError, check_positive_int
 
         check_positive_int("new_tokens", new_tokens)
+        from .static import static_decode_supported
+
+        reason = static_decode_supported(self.spec)
+        if reason is not None:
+            raise LMCompressError(f"static decode cannot run {self.spec.label()} exactly: {reason}; "
+                                  "use the eager decode path (decode='eager' or 'auto')")
         ring_start = None
         if rolling:
             if self.spec.evict is None or self.spec.evict.name != "streaming_llm":

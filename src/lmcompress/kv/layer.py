@@ -312,12 +312,33 @@ class CompressedLayer(CacheLayerMixin):
             if self.compression_enabled:
                 self.evict.after_forward(self, query, scaling, module)
             self.hidden_states = None
+        elif self.quant is not None and q > 1 and attention_mask is not None and not self.is_sliding \
+                and not self.ragged and self.held == q:
+            self._drop_padding(attention_mask)
         if self.is_sliding:
             for seg in self.segments:
                 seg.trim_front(self.sliding_window - 1)
             self._inputs_cache = None
         for seg in self.segments:
             seg.commit()
+
+    def _drop_padding(self, attention_mask: torch.Tensor) -> None:
+        """Free the pad tokens of a padded first chunk before anything is quantized.
+
+        ``attention_mask``: the ``[B or 1, 1, q, q]`` mask of the chunk (bool, True = visible, or additive). The
+        tokens the last query cannot see are padding (left padding). Without them every row is stored as it
+        would be alone: quantization groups (KIVI's per-channel key groups, per-token groups) and the
+        full-precision residual window start at the row's first real token. Rows with different pad counts
+        switch the layer to the ragged layout (one segment per row and head).
+        """
+        mask = attention_mask if attention_mask.dtype == torch.bool else \
+            attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        if mask.shape[0] != self.batch_size or mask.shape[-1] != self.held:
+            return
+        real = mask[:, 0, -1, :]  # [B, q]
+        if bool(real.all()):
+            return
+        self.keep(real.unsqueeze(1).expand(self.batch_size, self.num_heads, -1))
 
     def score_inputs(self, query: torch.Tensor, scaling: float, module: torch.nn.Module | None = None
                      ) -> ScoreInputs:

@@ -60,7 +60,14 @@ def parse_method(text: str, ratio: float | None = None, budget: int | None = Non
     if text.lower() in ("none", "baseline", ""):
         return KVSpec()
     evict = quant = None
-    for raw in text.split("+"):
+    parts = text.split("+")
+    for i, raw in enumerate(parts):
+        if not raw.strip():
+            where = "after" if i else "before"
+            raise LMCompressError(
+                f"method {text!r}: the part {where} '+' is empty; allowed: NAME+NAME (e.g. snapkv+int4) or one NAME"
+            )
+    for raw in parts:
         name, kwargs = _part(raw)
         if name in EVICTION_METHODS:
             if evict is not None:

@@ -16,9 +16,48 @@ Two slot policies:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .buffers import TokenBuffer
+from .evict.base import EvictionPolicy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .spec import KVSpec
+
+
+def _policy_chain(policy: EvictionPolicy) -> list[EvictionPolicy]:
+    """``policy`` and the policies it wraps (``base``, recursively)."""
+    chain = [policy]
+    while isinstance(getattr(chain[-1], "base", None), EvictionPolicy):
+        chain.append(chain[-1].base)
+    return chain
+
+
+def static_decode_supported(spec: KVSpec) -> str | None:
+    """None when the static path decodes ``spec`` exactly as the eager path does; else the reason it cannot.
+
+    In static mode a decode step only writes its K/V into a slot and attends over the slots: the layer runs no
+    policy hook (``observe`` / ``after_forward``) and holds one full-precision, uniform segment. So it refuses:
+    quantized storage (packed K/V), head-wise policies (heads of different lengths, stored ragged), and every
+    policy that runs code of its own on decoding steps (decoding compression, CAKE's decode-time eviction,
+    threshold eviction, H2O's accumulated attention) — the eager path would evict or record what the static one
+    skips. Prompt-time scorers (SnapKV, StreamingLLM, ...) change nothing while decoding and are supported.
+    ``decode="static"`` raises with this reason; ``decode="auto"`` decodes eagerly.
+    """
+    if spec.quant is not None:
+        return f"{spec.quant.name} stores K/V quantized (packed); static slots hold full-precision K/V only"
+    if spec.evict is None:
+        return None
+    for policy in _policy_chain(spec.evict):
+        if policy.headwise:
+            return f"{policy.name} keeps different token counts per head (ragged storage)"
+        cls = type(policy)
+        if cls.after_forward is not EvictionPolicy.after_forward or cls.observe is not EvictionPolicy.observe:
+            return f"{policy.name} acts on decoding steps (its cache hooks), which static slots skip"
+    return None
+
 
 
 class StaticSlots:

@@ -3,7 +3,8 @@
 A saved folder holds ``config.json`` (the model config with ``quantization_config = {"quant_method": "awq",
 "bits": 4, "group_size": g, "zero_point": ..., "version": "gemm", "modules_to_not_convert": null}``, as
 AutoAWQ writes it and vLLM reads it), ``model.safetensors`` (``<linear>.qweight/.qzeros/.scales`` for every
-quantized linear, ordinary tensors for the rest), the generation config and, if given, the tokenizer.
+quantized linear, ordinary tensors for the rest), the generation config, if given the tokenizer, and
+``lmcompress_checkpoint.json`` (the marker that lets ``overwrite`` replace this folder and nothing else).
 
 Writing goes to a hidden temporary folder next to the target, renamed into place only when complete, so a
 failed save leaves no half-written output. transformers loads such folders only through the ``autoawq``
@@ -26,36 +27,83 @@ from torch import nn
 
 from .._compat import decoder_layers, detached_hf_quantizer
 from ..errors import LMCompressError, ModelFileError
+from ..model_files import check_safetensors
 from .config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, RTNConfig
 from .linear import WQLinear
 from .mappings import mapping_for
 from .packing import PACK
+
+#: written into every checkpoint folder this project saves; only folders holding it may be overwritten.
+CHECKPOINT_MARKER = "lmcompress_checkpoint.json"
+#: provenance file of ``lmcompress awq quantize`` (older checkpoints have it but no marker).
+LEGACY_MARKERS = ("lmcompress_quantization.json",)
+
+
+def is_lmcompress_checkpoint(folder: str | Path) -> bool:
+    """Whether ``folder`` is a checkpoint folder lmcompress wrote (it holds the marker file, or the provenance
+    file of an older ``awq quantize``)."""
+    folder = Path(folder)
+    return folder.is_dir() and any((folder / name).is_file() for name in (CHECKPOINT_MARKER, *LEGACY_MARKERS))
+
+
+def check_output_dir(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Check that ``path`` may receive a checkpoint; returns it resolved.
+
+    Allowed: a path that does not exist, an empty folder, or with ``overwrite`` a folder lmcompress wrote
+    (:func:`is_lmcompress_checkpoint`). Nothing is deleted here.
+
+    Raises:
+        LMCompressError: ``path`` is a file, or a non-empty folder without ``overwrite``, or (with ``overwrite``)
+            a non-empty folder lmcompress did not write.
+    """
+    target = Path(path).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise LMCompressError(f"output {str(target)!r} is a file, not a folder; allowed: a new or empty folder")
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise LMCompressError(
+                f"output {str(target)!r} exists and is not empty; choose a new path or overwrite"
+            )
+        if not is_lmcompress_checkpoint(target):
+            raise LMCompressError(
+                f"output {str(target)!r} is not a checkpoint lmcompress wrote (no {CHECKPOINT_MARKER}); "
+                "overwrite only replaces those: choose a new or empty folder"
+            )
+    return target
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """Files 0666 and folders 0777, less the umask (temporary files are created private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 @contextmanager
 def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``path`` when the block succeeds and vanishes when it fails.
 
+    The finished folder and its files get ordinary permissions (0777 / 0666 less the umask). An existing
+    ``path`` is checked by :func:`check_output_dir` (with ``overwrite``, only a folder lmcompress wrote is
+    replaced).
+
     Raises:
-        LMCompressError: ``path`` exists and is not empty, and ``overwrite`` is False.
+        LMCompressError: see :func:`check_output_dir`.
     """
-    target = Path(path).expanduser().resolve()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise LMCompressError(
-            f"output {str(target)!r} exists and is not empty; choose a new path or overwrite"
-        )
+    target = check_output_dir(path, overwrite=overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
     try:
         yield tmp
+        _ordinary_permissions(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
     finally:
@@ -88,7 +136,8 @@ def save_quantized(
         tokenizer: saved alongside if given.
         dtype: store the non-quantized floating tensors (embeddings, norms, lm_head, biases) in this dtype
             (AutoAWQ and vLLM expect float16); ``None`` keeps the model's. Scales stay float16 either way.
-        overwrite: replace an existing non-empty folder.
+        overwrite: replace an existing non-empty folder, if lmcompress wrote it (it holds
+            :data:`CHECKPOINT_MARKER`, which every saved folder gets).
         extra_files: more text files to write into the folder (name -> content).
 
     Returns:
@@ -120,6 +169,8 @@ def save_quantized(
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        marker = {"writer": "lmcompress", "format": "awq-gemm", "quantization_config": quantization_config_of(model)}
+        (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True, default=str) + "\n")
     return Path(path).expanduser().resolve()
 
 
@@ -153,6 +204,7 @@ def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
         raise ModelFileError(f"checkpoint folder {str(folder)!r} has no .safetensors file")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
+        check_safetensors(f)
         tensors.update(load_file(str(f)))
     return tensors
 

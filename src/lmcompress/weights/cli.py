@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import LMCompressError
+from .config import SUPPORTED_GROUP_SIZES
 
 PROVENANCE_FILE = "lmcompress_quantization.json"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -34,7 +35,7 @@ def add_awq_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     q.add_argument(
         "model", help="embedded model name (smollm2-135m, gemma3-270m), local folder or .gguf file"
     )
-    q.add_argument("out", help="output folder (written atomically; must not exist or be empty)")
+    q.add_argument("out", help="output folder (written atomically; must not exist or be empty, see --overwrite)")
     q.add_argument("--method", choices=("awq", "rtn"), default="awq")
     q.add_argument("--bits", type=int, default=defaults.bits)
     q.add_argument(
@@ -53,7 +54,8 @@ def add_awq_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     q.add_argument("--dtype", choices=(*_DTYPES, "keep"), default="float16",
                    help="stored dtype of the non-quantized tensors (AutoAWQ/vLLM expect float16)")  # fmt: skip
-    q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty OUT, only if it is a checkpoint lmcompress wrote")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=run_quantize)
 
@@ -72,8 +74,10 @@ def add_awq_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 
 def _work_device(arg: str | None) -> str:
+    from ..devices import check_device
+
     if arg:
-        return arg
+        return check_device(arg)
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -81,9 +85,25 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def check_group_size(model: str, group_size: int) -> None:
+    """Fail before loading weights when ``group_size`` does not divide every linear's input width (read from
+    the model's config or GGUF metadata)."""
+    from ..models import linear_input_widths
+
+    widths = linear_input_widths(model)
+    bad = {name: width for name, width in widths.items() if width % group_size}
+    if bad:
+        divisors = [g for g in SUPPORTED_GROUP_SIZES if all(w % g == 0 for w in widths.values())]
+        name, width = next(iter(bad.items()))
+        allowed = ", ".join(map(str, divisors)) if divisors else "none of the supported sizes"
+        raise LMCompressError(
+            f"--group-size={group_size} does not divide {model}'s {name}={width}; allowed for this model: {allowed}"
+        )
+
+
 def run_quantize(args: argparse.Namespace) -> int:
-    from ..models import load_model
-    from .checkpoint import save_quantized
+    from ..models import check_model_source, load_model
+    from .checkpoint import check_output_dir, save_quantized
     from .config import AWQConfig, RTNConfig
     from .quantize import quantize_
 
@@ -97,15 +117,15 @@ def run_quantize(args: argparse.Namespace) -> int:
     else:
         config = RTNConfig(**fmt)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise LMCompressError(
-            f"output {str(out)!r} exists and is not empty; choose a new path or pass --overwrite"
-        )
+    check_output_dir(out, overwrite=args.overwrite)  # before any model loads: nothing is lost on a bad OUT
+    work_device = _work_device(args.device)
+    check_model_source(args.model)
+    check_group_size(args.model, config.group_size)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
     load_seconds = time.perf_counter() - start
     report = quantize_(
-        model, config, tokenizer=tokenizer, device=_work_device(args.device), progress=not args.quiet
+        model, config, tokenizer=tokenizer, device=work_device, progress=not args.quiet
     )
     model.to("cpu")
     dtype = None if args.dtype == "keep" else _DTYPES[args.dtype]
@@ -139,12 +159,24 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_lm, held_out_ids, start_tokens
 
     folder = Path(args.checkpoint)
+    if args.window < 2:
+        raise LMCompressError(
+            f"--window={args.window} is not allowed; it must be an integer >= 2 (tokens per evaluation window)"
+        )
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise LMCompressError(f"--max-tokens={args.max_tokens} is not allowed; it must be an integer >= 1")
+    if not folder.is_dir():
+        raise LMCompressError(f"checkpoint {str(folder)!r} is not a folder; give one written by `awq quantize`")
     reference_name = args.reference
     provenance_path = folder / PROVENANCE_FILE
     if reference_name is None and provenance_path.is_file():
         reference_name = json.loads(provenance_path.read_text()).get("source_model")
     device = _work_device(args.device)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if reference_name is not None:
+        from ..models import check_model_source
+
+        check_model_source(reference_name)
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     model, tokenizer = load_quantized(folder, dtype=dtype, device=device)
     reference = None
     if reference_name is not None:

@@ -26,7 +26,8 @@ class AdaKV(EvictionPolicy):
     Per batch row: every head first keeps its ``floor(alpha_safeguard * k)`` best tokens (at least one when
     ``alpha_safeguard > 0``), ``k`` being the base policy's per-head count; then the ``Hkv * k`` best-scored
     entries of the whole layer are kept (protected tokens of the base count as best). This is kvpress's
-    AdaKVPress, which masks the dropped keys; here they are freed.
+    AdaKVPress, which masks the dropped keys; here they are freed. Equal scores go to the newest positions, so
+    with a windowed base and a budget below its window every head keeps the same newest window tokens.
 
     Attributes:
         base: a score-based policy that gives the scores and the per-head count (its ratio or budget).
@@ -36,6 +37,7 @@ class AdaKV(EvictionPolicy):
     name = "adakv"
     display = "AdaKV"
     is_scorer = False
+    headwise = True
     base: EvictionPolicy | None = None
     alpha_safeguard: float = 0.2
 
@@ -73,5 +75,6 @@ class AdaKV(EvictionPolicy):
         guarded = topk_mask(scores, safe) & torch.isfinite(scores)
         scores = scores.masked_fill(guarded, torch.finfo(scores.dtype).max)
         b, h, n = scores.shape
-        flat = topk_mask(scores.reshape(b, h * n), k.sum(dim=1))
+        # equal scores (the +inf of a windowed base's window) go to the newest positions across all heads
+        flat = topk_mask(scores.reshape(b, h * n), k.sum(dim=1), order=inputs.positions.reshape(b, h * n))
         return flat.view(b, h, n)

@@ -9,6 +9,11 @@ or the cache hooks :meth:`EvictionPolicy.observe` / :meth:`EvictionPolicy.after_
 Kept counts: at ratio ``r`` a head holding ``n`` tokens keeps exactly ``n - floor(r * n)``; with a budget ``b``
 it keeps ``min(n, b)``. (kvpress keeps ``max(1, int(n * (1 - r)))``, one fewer when ``r * n`` is not whole.)
 
+Ties: among tokens with equal scores the newest are kept first (:func:`topk_mask`). Windowed scorers (SnapKV,
+PyramidKV, CAKE, TOVA, and AdaKV or decoding compression around them) give their observation window ``+inf``, so
+a budget smaller than the window keeps the newest window tokens, the last prompt token always: a 300-token
+prompt with a 64-token window at ratio 0.99 keeps positions 297-299.
+
 How a layer drives a policy (see :class:`~lmcompress.kv.layer.CompressedLayer`): after every attention call it
 runs ``policy.observe(layer, query, scaling)`` and, unless compression is paused,
 ``policy.after_forward(layer, query, scaling, module)``. The default ``after_forward`` compresses prefill chunks
@@ -97,15 +102,22 @@ def evicted_count(n: int, ratio: float) -> int:
     return math.floor(ratio * n + 1e-9)
 
 
-def topk_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
-    """Bool mask of the ``k`` highest scores along the last dim.
+def topk_mask(scores: torch.Tensor, k: torch.Tensor | int, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool mask of the ``k`` highest scores along the last dim; ties go to the newest token.
+
+    Ties matter where a policy gives several tokens the same score, above all the ``+inf`` of protected tokens
+    (SnapKV's observation window, sinks, ``protect_recent``): when fewer tokens are kept than are protected, the
+    newest of them are kept (the last token first). ``torch.topk`` alone leaves tie order unspecified (on CPU it
+    took the oldest).
 
     Args:
         scores: ``[..., n]`` float; entries at ``-inf`` are never selected.
         k: an int or an int64 tensor of shape ``scores.shape[:-1]`` (a count per row).
+        order: ``[..., n]`` tie-break key, higher = kept first among equal scores (e.g. token positions when
+            one row mixes the tokens of several heads); default: the index (the newest token is last).
 
     Returns:
-        ``[..., n]`` bool with exactly ``min(k, finite-or-inf entries)`` True per row.
+        ``[..., n]`` bool with exactly ``min(k, entries above -inf)`` True per row.
     """
     n = scores.shape[-1]
     if isinstance(k, int):
@@ -115,10 +127,15 @@ def topk_mask(scores: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if kmax == 0:
         return mask
-    top = scores.topk(kmax, dim=-1)
+    if order is None:  # stable descending sort of the reversed row: equal scores come newest first
+        idx = (n - 1) - scores.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :kmax]
+    else:  # lexicographic (score, order), both descending: sort by order, then stably by score
+        by_order = order.sort(dim=-1, descending=True, stable=True).indices
+        by_score = scores.gather(-1, by_order).sort(dim=-1, descending=True, stable=True).indices
+        idx = by_order.gather(-1, by_score[..., :kmax])
     take = torch.arange(kmax, device=scores.device) < k.unsqueeze(-1)
-    take &= top.values > -math.inf
-    mask.scatter_(-1, top.indices, take)
+    take &= scores.gather(-1, idx) > -math.inf
+    mask.scatter_(-1, idx, take)
     return mask
 
 
@@ -140,6 +157,8 @@ class EvictionPolicy:
     needs_hidden_states: ClassVar[bool] = False
     #: whether this is a per-token scorer that wrappers (AdaKV, decoding compression, threshold) can use.
     is_scorer: ClassVar[bool] = True
+    #: whether heads may keep different numbers of tokens (the layer then stores them ragged).
+    headwise: ClassVar[bool] = False
 
     ratio: float = 0.0
     budget: int | None = None

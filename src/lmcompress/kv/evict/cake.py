@@ -16,6 +16,10 @@ memory held during prefill never exceeds the total budget; otherwise all layers 
 During decoding each layer keeps evicting back to its budget plus window with the newest query's attention
 (pooled, no variance term), as the reference implementation does.
 
+An average layer size below the window (a high ``ratio`` on a short prompt) keeps only the newest ``size``
+window tokens in every layer, the last token always (the reference code has no rule for it); decoding then
+keeps that many newest tokens.
+
 Differences from the reference code (github.com/antgroup/cakekv): budgets are split by proportional water-filling
 with exact integer totals (the reference floors the shares, gives the excess above a layer's length evenly to
 the others and fixes the total on the first layers); a layer is only evicted when its share is below what it
@@ -85,6 +89,8 @@ class CakeState:
         prefs: layer index -> preference score of the current prefill round.
         budgets: layer index -> tokens before the window kept during decoding (set when a round completes).
         total: tokens before the window the round splits across layers.
+        window_keep: window tokens every layer keeps: the window, or the average layer size when that is smaller
+            (then only the newest window tokens stay and nothing before the window).
     """
 
     def __init__(self, policy: CAKE, layers: list[CompressedLayer]) -> None:
@@ -95,19 +101,22 @@ class CakeState:
         self.prefs: dict[int, float] = {}
         self.budgets: dict[int, int] = {}
         self.total = 0
+        self.window_keep = policy.window_size
 
     def start_round(self, n: int) -> None:
         self.prefs = {}
-        self.total = len(self.layers) * max(0, self.policy.layer_size(n) - self.policy.window_size)
+        size = self.policy.layer_size(n)
+        self.window_keep = min(self.policy.window_size, size)
+        self.total = len(self.layers) * max(0, size - self.policy.window_size)
 
     def evict_seen(self) -> dict[int, int]:
         """Split the total over the layers of this round so far and evict each to its share."""
-        w = self.policy.window_size
+        w = self.window_keep
         seen = [layer for layer in self.layers if layer.layer_idx in self.prefs]
         caps = [max(0, layer.held - w) for layer in seen]
         shares = proportional_split([self.prefs[layer.layer_idx] for layer in seen], self.total, caps)
         for layer, share in zip(seen, shares):
-            if share + w < layer.held:
+            if share + w < layer.held:  # ties (the window's +inf) go to the newest tokens
                 inputs_aux = layer.segments[0].aux_view(CAKE_AUX)
                 layer.keep(topk_mask(inputs_aux, share + w))
         return {layer.layer_idx: share for layer, share in zip(seen, shares)}
@@ -198,9 +207,12 @@ class CAKE(EvictionPolicy):
         return pref, F.pad(indicator, (0, w), value=math.inf)
 
     def decode_indicator(self, inputs: ScoreInputs) -> torch.Tensor:
-        """``[B, Hkv, n]``: pooled attention of the newest query, +inf on the window."""
-        w = self.window_size
+        """``[B, Hkv, n]``: pooled attention of the newest query, +inf on the window (all of it when the layer holds
+        no more than the window)."""
         n = inputs.num_tokens
+        w = min(self.window_size, n)
+        if w == n:
+            return torch.full(inputs.keys.shape[:3], math.inf, device=inputs.keys.device)
         attn = window_attention(inputs, 1, self.display)[..., 0, : n - w]  # [B, Hkv, G, n-w]
         return F.pad(pool_tokens(attn, self.kernel_size).mean(dim=2), (0, w), value=math.inf)
 
@@ -237,7 +249,8 @@ class CAKE(EvictionPolicy):
     def _decode(self, state: CakeState, layer: CompressedLayer, query: torch.Tensor, scaling: float,
                 module: torch.nn.Module | None) -> None:
         budget = state.budgets.get(layer.layer_idx)
-        if budget is None or layer.held <= budget + self.window_size:
+        if budget is None or layer.held <= budget + state.window_keep:
             return
+        size = budget + state.window_keep
         inputs = layer.score_inputs(query, scaling, module)
-        layer.keep(topk_mask(self.decode_indicator(inputs), budget + self.window_size), in_place=True)
+        layer.keep(topk_mask(self.decode_indicator(inputs), size), in_place=True)

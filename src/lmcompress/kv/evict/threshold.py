@@ -42,6 +42,7 @@ class ThresholdEviction(EvictionPolicy):
     name = "threshold"
     display = "ThresholdEviction"
     is_scorer = False
+    headwise = True
     base: EvictionPolicy | None = None
     threshold: float | None = None
     window: int = 128

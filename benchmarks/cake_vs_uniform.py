@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from lmcompress._compat import cache_kwargs
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,7 +52,7 @@ def main() -> None:
         if name in ("cake", "pyramidkv"):  # the per-layer split after the prefix
             prefix = text_token_ids(tok, args.source)[: args.context].unsqueeze(0)
             cache = CompressedCache(model, spec)
-            model(prefix, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(prefix, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
             row["held_per_layer"] = cache.held_tokens()
         rows.append(row)
         print(json.dumps(row), flush=True)

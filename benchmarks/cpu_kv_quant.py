@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from lmcompress._compat import cache_kwargs
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -157,14 +159,14 @@ def perplexity(model, tok, config, context: int, evaluate: int, chunk: int) -> d
     cache = make_cache(model, config)
     compressed = isinstance(cache, CompressedCache)
     with scoring_hooks(model, cache) if compressed else _null():
-        out = model(input_ids=window[:, :context], past_key_values=cache, logits_to_keep=1)
+        out = model(input_ids=window[:, :context], **cache_kwargs(cache), logits_to_keep=1)
     held, bf16 = cache_bytes(cache)
     nll = -float(torch.log_softmax(out.logits[0, -1].float(), -1)[window[0, context]])
     count = 1
     with cache.compression_paused() if compressed else _null():
         for s in range(context, span - 1, chunk):
             e = min(s + chunk, span - 1)
-            logp = torch.log_softmax(model(input_ids=window[:, s:e], past_key_values=cache).logits[0].float(), -1)
+            logp = torch.log_softmax(model(input_ids=window[:, s:e], **cache_kwargs(cache)).logits[0].float(), -1)
             targets = window[0, s + 1 : e + 1]
             nll -= float(logp.gather(1, targets[:, None]).sum())
             count += targets.numel()
@@ -205,18 +207,18 @@ def needle(model, tok, config, tokens: int, trials: int) -> dict:
         cache = make_cache(model, config)
         compressed = isinstance(cache, CompressedCache)
         with scoring_hooks(model, cache) if compressed else _null():
-            model(parts.context_ids, past_key_values=cache)
+            model(parts.context_ids, **cache_kwargs(cache))
         ratio_num += uncompressed_bf16_bytes(model, parts.context_ids.shape[1])
         ratio_den += cache_bytes(cache)[1]
         with cache.compression_paused() if compressed else _null():
-            logits = model(parts.question_ids, past_key_values=cache).logits[0, -1]
+            logits = model(parts.question_ids, **cache_kwargs(cache)).logits[0, -1]
         out = []
         tok_id = int(logits.argmax())
         for _ in range(10):
             if tok_id == tok.eos_token_id:
                 break
             out.append(tok_id)
-            tok_id = int(model(torch.tensor([[tok_id]]), past_key_values=cache).logits[0, -1].argmax())
+            tok_id = int(model(torch.tensor([[tok_id]]), **cache_kwargs(cache)).logits[0, -1].argmax())
         found += int(first_number(tok.decode(out)) == key)
     return {"found": found, "trials": trials, "accuracy": found / trials, "ratio": ratio_num / ratio_den}
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from lmcompress._compat import cache_kwargs
+
 RATIOS = (0.25, 0.5, 0.75)
 METHODS = ("knorm", "snapkv", "streaming_llm", "tova", "expected_attention", "pyramidkv", "observed_attention",
            "adakv_snapkv")
@@ -84,7 +86,7 @@ def continuation_logits(model, suffix: torch.Tensor, cache, start: int) -> torch
     rows = []
     for i in range(suffix.shape[1]):
         pos = torch.tensor([[start + i]])
-        rows.append(model(input_ids=suffix[:, i : i + 1], past_key_values=cache, position_ids=pos).logits[0, -1])
+        rows.append(model(input_ids=suffix[:, i : i + 1], **cache_kwargs(cache), position_ids=pos).logits[0, -1])
     return torch.stack(rows)
 
 
@@ -108,7 +110,7 @@ def run_kvpress_side(args: argparse.Namespace) -> None:
         models[impl] = model
         cache = DynamicCache()
         with torch.no_grad():
-            model.model(input_ids=ids, past_key_values=cache)
+            model.model(input_ids=ids, **cache_kwargs(cache))
             full_keys[impl] = [layer.keys[0].clone() for layer in cache.layers]
             base = continuation_logits(model, suffix, cache, n)
         out["runs"][f"baseline_{impl}"] = {"logits": base}
@@ -121,7 +123,7 @@ def run_kvpress_side(args: argparse.Namespace) -> None:
             t0 = time.time()
             with torch.no_grad():
                 with press(model):
-                    model.model(input_ids=ids, past_key_values=cache)
+                    model.model(input_ids=ids, **cache_kwargs(cache))
                 kept, worst = [], 0.0
                 for li, layer in enumerate(cache.layers):
                     heads = []
@@ -162,7 +164,7 @@ def run_our_side(args: argparse.Namespace, ids: torch.Tensor, suffix: torch.Tens
     out: dict = {"runs": {}}
     with torch.no_grad():
         cache = CompressedCache(model, KVSpec())
-        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         out["runs"]["baseline"] = {"logits": continuation_logits(model, suffix, cache, ids.shape[1])}
     for method in args.methods:
         for ratio in args.ratios:
@@ -170,7 +172,7 @@ def run_our_side(args: argparse.Namespace, ids: torch.Tensor, suffix: torch.Tens
             cache = CompressedCache(model, KVSpec(evict=policy))
             t0 = time.time()
             with torch.no_grad():
-                model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
                 # positions of the kept tokens (= their prompt indices); ragged layers are left-padded with -1
                 kept = [[[p for p in layer.positions()[0, h].tolist() if p >= 0] for h in range(layer.num_heads)]
                         for layer in cache.layers]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from lmcompress._compat import cache_kwargs
+
 
 def build_model(tiny: bool, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -74,7 +76,7 @@ def run(model, ctx: int, name: str, policy, new: int, device: str, vocab: int) -
     cache = CompressedCache(model, KVSpec(evict=policy), reserve=new)
     with torch.no_grad():
         t0 = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         sync(device)
         ttft = time.perf_counter() - t0
         kv_bytes = cache.nbytes
@@ -84,7 +86,7 @@ def run(model, ctx: int, name: str, policy, new: int, device: str, vocab: int) -
         times = []
         for _ in range(new):
             t1 = time.perf_counter()
-            out = model(tok, past_key_values=cache, use_cache=True)
+            out = model(tok, **cache_kwargs(cache), use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
             sync(device)
             times.append(time.perf_counter() - t1)

@@ -23,6 +23,7 @@ import time
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.eval.graph_decode import StaticDecoder
 from lmcompress.kv import CompressedCache
 from lmcompress.kv.parse import parse_method
@@ -47,11 +48,11 @@ def _hf_static_compiled(model, ids, new_tokens):
     model.set_attn_implementation("sdpa")
     cache = StaticCache(config=model.config, max_cache_len=ctx + new_tokens + 8)
     t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     torch.cuda.synchronize()
     ttft = time.perf_counter() - t0
     tok = out.logits[:, -1:].argmax(-1)
-    step = torch.compile(lambda t, p: model(t, past_key_values=cache, use_cache=True, position_ids=p).logits,
+    step = torch.compile(lambda t, p: model(t, **cache_kwargs(cache), use_cache=True, position_ids=p).logits,
                          mode="reduce-overhead", fullgraph=False)
     times, pos = [], ctx
     for _ in range(new_tokens):
@@ -84,7 +85,7 @@ def run(model, ctx: int, method: str, new_tokens: int) -> dict:
         else:
             cache = CompressedCache(model, parse_method(name), reserve=new_tokens + 1)
         t0 = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         torch.cuda.synchronize()
         ttft = time.perf_counter() - t0
         kv_bytes = (sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
@@ -103,7 +104,7 @@ def run(model, ctx: int, method: str, new_tokens: int) -> dict:
         else:
             for _ in range(new_tokens):
                 t1 = time.perf_counter()
-                out = model(tok, past_key_values=cache, use_cache=True)
+                out = model(tok, **cache_kwargs(cache), use_cache=True)
                 tok = out.logits[:, -1:].argmax(-1)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t1)

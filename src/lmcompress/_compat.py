@@ -10,10 +10,16 @@ What is used:
 * ``sdpa_attention_forward`` and ``sdpa_mask``: when our attention function sees an ordinary cache (plain
   tensors) it delegates to transformers' own SDPA path, so outputs are identical to ``attn_implementation="sdpa"``.
 * config fields: ``layer_types``, ``sliding_window``, ``num_key_value_heads``, ``head_dim``.
+* the cache keyword: transformers 5.24 renamed ``past_key_values`` to ``cache`` in ``forward``, ``generate`` and
+  the mask builders (the old name warns with a FutureWarning and goes in 5.40); 5.17 knows only the old name.
+  :func:`cache_arg` decides once, from the signature of a model's ``forward``; every call site of ours passes the
+  cache through :func:`cache_kwargs` and reads it back through :func:`output_cache`.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -31,7 +37,10 @@ __all__ = [
     "Cache",
     "CacheLayerMixin",
     "attention_is_registered",
+    "cache_arg",
+    "cache_kwargs",
     "layer_is_sliding",
+    "output_cache",
     "register_attention",
     "sdpa_attention_forward",
     "text_config",
@@ -39,6 +48,27 @@ __all__ = [
 
 ATTN_NAME = "lmcompress"
 TRANSFORMERS_VERSION: str = transformers.__version__
+
+
+@functools.cache
+def cache_arg() -> str:
+    """The keyword under which this transformers takes a KV cache: ``"cache"`` (5.24 and later) or
+    ``"past_key_values"`` (before). Read from the signature of ``LlamaModel.forward`` (every decoder of a release
+    renames together; the deprecation decorator keeps the wrapped signature)."""
+    from transformers import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """``{cache_arg(): cache}``, to pass a cache to ``model(...)`` or ``model.generate(...)`` as
+    ``model(ids, **cache_kwargs(cache))``."""
+    return {cache_arg(): cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model output returns (``output.cache`` from 5.24, ``output.past_key_values`` before)."""
+    return getattr(output, cache_arg(), None)
 
 
 def register_attention(fn: Callable[..., Any]) -> None:

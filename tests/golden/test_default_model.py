@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.eval.tasks import Passkey, Perplexity, RunContext
 from lmcompress.kv import CompressedCache, IntKV, KVSpec, StreamingLLM
 
@@ -28,7 +29,7 @@ def test_fixed_greedy_answer(smollm):
     model, tok = smollm
     ids = chat_ids(tok, "What is 2+3? Reply with the number only.")
     for cache in (None, CompressedCache(model, KVSpec())):
-        out = model.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=cache)
+        out = model.generate(ids, max_new_tokens=10, do_sample=False, **cache_kwargs(cache))
         assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == "2 + 3 = 5"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.eval.tasks import KVError, Perplexity, RunContext
 from lmcompress.kv import CompressedCache, KVSpec
 from lmcompress.kv.quant import KIVI, QAQ
@@ -29,6 +30,6 @@ def test_qaq_mixed_widths_on_real_states(smollm):
     assert res.costs["ratio_bf16"] > 2.5
     cache = CompressedCache(model, spec)
     with torch.no_grad():
-        model(tok("The quick brown fox " * 40, return_tensors="pt").input_ids, past_key_values=cache)
+        model(tok("The quick brown fox " * 40, return_tensors="pt").input_ids, **cache_kwargs(cache))
     widths = cache.layers[10].store.width_histogram()
     assert len(widths["values"]) >= 3 and len(widths["keys"]) >= 2  # tokens really stored at several widths

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.kv import CompressedCache, IntKV, KVSpec, SnapKV, StreamingLLM
 
 pytestmark = pytest.mark.gpu
@@ -33,7 +34,7 @@ def test_allocator_holds_what_nbytes_says(spec, fraction):
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         cache = CompressedCache(model, spec)
-        out = model(ids, past_key_values=cache, logits_to_keep=1)
+        out = model(ids, **cache_kwargs(cache), logits_to_keep=1)
         del out
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated() - before
@@ -50,6 +51,6 @@ def test_decode_on_gpu_matches_cpu():
     for dev in ("cuda", "cpu"):
         m = model.to(dev, torch.float32)
         cache = CompressedCache(m, spec)
-        outs[dev] = m.generate(ids.to(dev), past_key_values=cache, max_new_tokens=8, do_sample=False,
+        outs[dev] = m.generate(ids.to(dev), **cache_kwargs(cache), max_new_tokens=8, do_sample=False,
                                pad_token_id=0).cpu()
     assert torch.equal(outs["cuda"], outs["cpu"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.eval.graph_decode import StaticDecoder
 from lmcompress.kv import CompressedCache, KVSpec, SnapKV, StreamingLLM
 
@@ -29,7 +30,7 @@ def test_graph_replay_matches_eager_static_steps(spec, rolling):
     for use_graph in (False, True):
         cache = CompressedCache(model, spec)
         with torch.no_grad():
-            first = int(model(ids, past_key_values=cache).logits[:, -1].argmax(-1))
+            first = int(model(ids, **cache_kwargs(cache)).logits[:, -1].argmax(-1))
         dec = StaticDecoder(model, cache, 40, rolling=rolling, use_graph=use_graph)
         dec.start(first, 1000)
         tokens[use_graph] = dec.generate(20)

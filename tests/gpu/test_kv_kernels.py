@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
+
 pytestmark = pytest.mark.gpu
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -67,10 +69,10 @@ def test_cache_uses_kernels_on_gpu():
     for flag in ("1", "0"):
         os.environ["LMCOMPRESS_NO_KERNELS"] = flag
         cache = CompressedCache(model, KVSpec(quant=KIVI(bits=2, group_size=32, residual=64)))
-        model(ids[:, :160], past_key_values=cache)
+        model(ids[:, :160], **cache_kwargs(cache))
         assert dispatch.kernel_format(cache.layers[0].store) is not None
         assert dispatch.enabled(ids) == (flag == "0")
-        outs[flag] = torch.cat([model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(160, 200)], 1)
+        outs[flag] = torch.cat([model(ids[:, i : i + 1], **cache_kwargs(cache)).logits for i in range(160, 200)], 1)
     os.environ.pop("LMCOMPRESS_NO_KERNELS")
     torch.set_grad_enabled(True)
     assert float((outs["0"] - outs["1"]).abs().max()) < 2e-2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.errors import LMCompressError
 from lmcompress.kv import CompressedCache, IntKV, KVSpec
 from lmcompress.kv.evict import (
@@ -64,7 +65,7 @@ def test_window_larger_than_prompt_raises_in_a_model():
     for policy in (SnapKV(ratio=0.5, window_size=32), CAKE(budget=40, window_size=32)):
         cache = CompressedCache(model, KVSpec(evict=policy))
         with pytest.raises(LMCompressError, match="window_size=32"), torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, **cache_kwargs(cache), use_cache=True)
 
 
 def test_attention_weights_unavailable_raise():
@@ -79,7 +80,7 @@ def test_attention_weights_unavailable_raise():
     ids = torch.randint(3, 256, (1, 20))
     cache = CompressedCache(model, KVSpec(evict=ThresholdEviction(base=TOVA(), threshold=0.0, window=4)))
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
 
 
 def test_nested_specs_round_trip_and_hash():

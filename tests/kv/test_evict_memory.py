@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.kv import CompressedCache, KVSpec
 from lmcompress.kv.evict import CAKE, AdaKV, Knorm, SnapKV
 
@@ -54,7 +55,7 @@ def test_nbytes_drop_in_proportion():
     for name, policy in SPECS.items():
         cache = CompressedCache(model, KVSpec(evict=policy))
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, **cache_kwargs(cache), use_cache=True)
         held = sum(int(layer.held_per_head().sum()) for layer in cache.layers)
         kv = sum(int(layer.held_per_head().sum()) * kv_entry_bytes(layer) for layer in cache.layers)
         sizes[name] = (cache.nbytes, held, kv)
@@ -90,7 +91,7 @@ ALLOCATOR_SCRIPT = textwrap.dedent("""
     for name, policy in SPECS.items():
         cache = CompressedCache(model, KVSpec(evict=policy))
         with torch.no_grad():
-            logits = model(ids, past_key_values=cache, use_cache=True).logits
+            logits = model(ids, **cache_kwargs(cache), use_cache=True).logits
         del logits
         gc.collect()
         with_cache = rss()
@@ -126,14 +127,14 @@ def test_cuda_allocator_drops_with_eviction():
     model = wide_tiny_llama("cuda")
     ids = torch.randint(0, 128, (1, N), device="cuda")
     with torch.no_grad():  # warm-up: cuBLAS workspaces and other one-time allocations stay for the process
-        model(ids, past_key_values=CompressedCache(model, KVSpec()), use_cache=True)
+        model(ids, **cache_kwargs(CompressedCache(model, KVSpec())), use_cache=True)
     results = {}
     for name, policy in SPECS.items():
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         cache = CompressedCache(model, KVSpec(evict=policy))
         with torch.no_grad():
-            logits = model(ids, past_key_values=cache, use_cache=True).logits
+            logits = model(ids, **cache_kwargs(cache), use_cache=True).logits
         del logits
         torch.cuda.synchronize()
         held = torch.cuda.memory_allocated() - base
@@ -162,7 +163,7 @@ def test_dropping_a_cache_frees_it_without_the_cyclic_gc(name):
     try:
         cache = CompressedCache(model, KVSpec(evict=SPECS[name]))
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, **cache_kwargs(cache), use_cache=True)
         refs = [weakref.ref(cache), *(weakref.ref(layer) for layer in cache.layers)]
         del cache
         assert all(r() is None for r in refs)

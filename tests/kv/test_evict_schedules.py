@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.kv import CompressedCache, KVSpec
 from lmcompress.kv.evict import CAKE, DecodingCompression, Knorm, SnapKV, ThresholdEviction
 from lmcompress.kv.evict.attention_probs import window_attention
@@ -70,7 +71,7 @@ def test_cake_cascading_bounds_prefill_memory_and_fills_the_budget(llama):
         hooks = [layer.self_attn.register_forward_hook(record) for layer in model.model.layers]
         try:
             with torch.no_grad():
-                model(ids, past_key_values=cache, use_cache=True)
+                model(ids, **cache_kwargs(cache), use_cache=True)
         finally:
             for h in hooks:
                 h.remove()
@@ -94,12 +95,12 @@ def test_cake_keeps_evicting_to_budget_while_decoding(llama):
     model, ids = llama
     cache = CompressedCache(model, KVSpec(evict=CAKE(budget=24, window_size=8)))
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **cache_kwargs(cache), use_cache=True)
         held = cache.held_tokens()
         token = out.logits[:, -1:].argmax(-1)
         sizes = []
         for _ in range(5):
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, **cache_kwargs(cache), use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             assert cache.held_tokens() == held
             sizes.append(cache.nbytes)
@@ -113,7 +114,7 @@ def test_cake_with_ratio_uses_the_uniform_total(llama):
     model, ids = llama
     cache = CompressedCache(model, KVSpec(evict=CAKE(ratio=0.75, window_size=8)))
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
     assert sum(cache.held_tokens()) == 4 * (64 - 48)
 
 
@@ -126,11 +127,11 @@ def test_decoding_compression_every_interval(llama):
     cache = CompressedCache(model, KVSpec(evict=policy))
     seen = []
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **cache_kwargs(cache), use_cache=True)
         seen.append(cache.held_tokens()[0])
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(9):
-            out = model(token, past_key_values=cache, use_cache=True)
+            out = model(token, **cache_kwargs(cache), use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             seen.append(cache.held_tokens()[0])
             assert all(layer.held_per_head().unique().numel() == 1 for layer in cache.layers)
@@ -145,10 +146,10 @@ def test_decoding_compression_with_prefill_ratio(llama):
     policy = DecodingCompression(base=Knorm(ratio=0.5), interval=2, target_size=20)
     cache = CompressedCache(model, KVSpec(evict=policy))
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
         assert cache.held_tokens() == [32] * 4
         for _ in range(2):
-            model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+            model(torch.tensor([[5]]), **cache_kwargs(cache), use_cache=True)
     assert cache.held_tokens() == [20] * 4
 
 
@@ -161,7 +162,7 @@ def test_threshold_eviction_during_decoding_matches_key_norms(llama):
     steps = 12
     ref = DynamicCache(config=model.config)
     with torch.no_grad():  # the prompt's keys, computed exactly as in the compressed run (one chunk)
-        model(ids, past_key_values=ref, use_cache=True)
+        model(ids, **cache_kwargs(ref), use_cache=True)
     norms = [layer.keys.norm(dim=-1) for layer in ref.layers]  # [1, Hkv, 64]
     ordered = torch.cat([n.flatten() for n in norms]).sort().values
     mid = ordered.numel() // 2
@@ -171,10 +172,10 @@ def test_threshold_eviction_during_decoding_matches_key_norms(llama):
     n = ids.shape[1]
     pos = torch.arange(n)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
         at_prefill = [layer.held_per_head().clone() for layer in cache.layers]
         for _ in range(steps):
-            model(torch.tensor([[9]]), past_key_values=cache, use_cache=True)
+            model(torch.tensor([[9]]), **cache_kwargs(cache), use_cache=True)
     for layer, norm, before in zip(cache.layers, norms, at_prefill):
         evicted = (pos >= 2) & (-norm < threshold)  # every prompt token has left the window by now
         assert torch.equal(before, n - ((pos < n - steps) & evicted).sum(-1))
@@ -189,10 +190,10 @@ def test_threshold_without_decoding_only_evicts_the_prompt(llama):
     policy = ThresholdEviction(base=Knorm(), threshold=0.0, window=16, decoding=False)  # -norm < 0: all
     cache = CompressedCache(model, KVSpec(evict=policy))
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
         assert cache.held_tokens() == [16] * 4
         for _ in range(20):
-            model(torch.tensor([[7]]), past_key_values=cache, use_cache=True)
+            model(torch.tensor([[7]]), **cache_kwargs(cache), use_cache=True)
     assert cache.held_tokens() == [36] * 4
 
 
@@ -203,7 +204,7 @@ def test_decoding_window_queries_are_buffered_for_query_scorers(llama):
     from lmcompress.errors import LMCompressError
 
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
         with pytest.raises(LMCompressError, match="window_size=4"):
-            model(torch.tensor([[7]]), past_key_values=cache, use_cache=True)
+            model(torch.tensor([[7]]), **cache_kwargs(cache), use_cache=True)
     assert not math.isnan(cache.nbytes)

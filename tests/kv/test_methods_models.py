@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.kv import CompressedCache, KVSpec
 from lmcompress.kv.evict import (
     CAKE,
@@ -100,7 +101,7 @@ def key_norms(model, ids) -> list[torch.Tensor]:
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
     return [layer.keys.float().norm(dim=-1) for layer in cache.layers]
 
 
@@ -151,7 +152,7 @@ def test_method_on_architecture(arch_model, name):
         policy = ThresholdEviction(base=Knorm(), threshold=-float(norms[mid - 1 : mid + 1].mean()), window=8)
     cache = CompressedCache(model, KVSpec(evict=policy))
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **cache_kwargs(cache), use_cache=True)
     assert torch.isfinite(out.logits).all()
     check_counts(name, policy, cache, model, ids)
     if name in ("adakv", "threshold"):  # head-wise methods leave heads of different lengths, stored ragged
@@ -165,7 +166,7 @@ def test_method_on_architecture(arch_model, name):
     token = out.logits[:, -1:].argmax(-1)
     with torch.no_grad():
         for _ in range(3):
-            step = model(token, past_key_values=cache, use_cache=True)
+            step = model(token, **cache_kwargs(cache), use_cache=True)
             token = step.logits[:, -1:].argmax(-1)
     assert torch.isfinite(step.logits).all()
     assert cache.get_seq_length() == N + 3
@@ -188,7 +189,7 @@ def test_ratio_zero_gives_identical_logits(arch_model):
     for policy in scorers(ratio=0.0).values():
         cache = CompressedCache(model, KVSpec(evict=policy))
         with torch.no_grad():
-            logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(ids, **cache_kwargs(cache), use_cache=True).logits[:, -1]
         torch.testing.assert_close(logits, base_logits, rtol=1e-5, atol=1e-5)
 
 
@@ -205,7 +206,7 @@ def test_active_policy_that_evicts_nothing_keeps_logits(arch_model):
     for policy in policies:
         cache = CompressedCache(model, KVSpec(evict=policy))
         with torch.no_grad():
-            logits = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(ids, **cache_kwargs(cache), use_cache=True).logits[:, -1]
         torch.testing.assert_close(logits, base_logits, rtol=1e-5, atol=1e-5, msg=policy.name)
         assert all(layer.eviction_events == 0 for layer in cache.layers)
 
@@ -221,10 +222,10 @@ def test_eviction_composes_with_quantization(name):
     policy = METHODS[name]
     cache = CompressedCache(model, KVSpec(evict=policy, quant=IntKV(bits=4, group_size=16)))
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **cache_kwargs(cache), use_cache=True)
     plain = CompressedCache(model, KVSpec(evict=policy))
     with torch.no_grad():
-        model(ids, past_key_values=plain, use_cache=True)
+        model(ids, **cache_kwargs(plain), use_cache=True)
     for layer, ref in zip(cache.layers, plain.layers):
         assert torch.equal(layer.held_per_head(), ref.held_per_head())  # same kept counts as unquantized
         for seg in layer.segments:
@@ -235,7 +236,7 @@ def test_eviction_composes_with_quantization(name):
         assert layer.nbytes == int(layer.held_per_head().sum()) * per_entry + spare
     token = out.logits[:, -1:].argmax(-1)
     with torch.no_grad():
-        step = model(token, past_key_values=cache, use_cache=True)
+        step = model(token, **cache_kwargs(cache), use_cache=True)
     assert torch.isfinite(step.logits).all()
 
 
@@ -244,7 +245,7 @@ def test_gemma3_sliding_layers_can_be_compressed_explicitly():
     ids = torch.randint(3, 256, (1, N))
     cache = CompressedCache(model, KVSpec(evict=Knorm(ratio=0.5), compress_sliding=True))
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
     # sliding layers evict to 20 and then keep the model's window (15 tokens); the full layer keeps 20
     assert cache.held_tokens() == [15, 15, 15, UNIFORM]
     assert all(layer.evict is not None for layer in cache.layers)

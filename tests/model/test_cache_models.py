@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.kv import CompressedCache, IntKV, KVSpec, SnapKV, StreamingLLM
 from lmcompress.models import TINY_ARCHS as ARCHS
 
@@ -50,7 +51,7 @@ def test_prefill_keeps_exact_counts_and_bytes(tiny_models, arch, name):
     model, spec = tiny_models(arch), SPECS[name]
     cache = CompressedCache(model, spec)
     with torch.no_grad():
-        model(prompt(), past_key_values=cache, use_cache=True)
+        model(prompt(), **cache_kwargs(cache), use_cache=True)
     for layer in cache.layers:
         assert layer.held == expected_held(spec, layer, N_PROMPT), (arch, name, layer.layer_idx)
         assert layer.get_seq_length() == N_PROMPT
@@ -65,7 +66,7 @@ def test_prefill_keeps_exact_counts_and_bytes(tiny_models, arch, name):
 def test_generate_runs_and_decode_appends(tiny_models, arch, name):
     model, spec = tiny_models(arch), SPECS[name]
     cache = CompressedCache(model, spec)
-    out = model.generate(prompt(1), past_key_values=cache, max_new_tokens=6, do_sample=False,
+    out = model.generate(prompt(1), **cache_kwargs(cache), max_new_tokens=6, do_sample=False,
                          min_new_tokens=6, pad_token_id=0)
     assert out.shape == (1, N_PROMPT + 6)
     for layer in cache.layers:
@@ -81,16 +82,16 @@ def test_ratio_zero_is_identical_to_an_uncompressed_run(tiny_models, arch):
     ids = prompt(2)
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
-        ref_logits = model(ids, past_key_values=DynamicCache(config=model.config)).logits
+        ref_logits = model(ids, **cache_kwargs(DynamicCache(config=model.config))).logits
     ref_tokens = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                                past_key_values=DynamicCache(config=model.config))
+                                **cache_kwargs(DynamicCache(config=model.config)))
     for spec in (KVSpec(), KVSpec(evict=SnapKV(ratio=0.0)), KVSpec(evict=StreamingLLM(ratio=0.0))):
         cache = CompressedCache(model, spec)
         with torch.no_grad():
-            logits = model(ids, past_key_values=cache).logits
+            logits = model(ids, **cache_kwargs(cache)).logits
         assert torch.equal(logits, ref_logits)
         tokens = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                                past_key_values=CompressedCache(model, spec))
+                                **cache_kwargs(CompressedCache(model, spec)))
         assert torch.equal(tokens, ref_tokens)
 
 
@@ -99,16 +100,16 @@ def test_hand_written_decode_loop_matches_generate(tiny_models, arch):
     model = tiny_models(arch)
     spec = KVSpec(evict=SnapKV(ratio=0.5, window_size=16), quant=IntKV(bits=8, group_size=16))
     ids = prompt(3)
-    expected = model.generate(ids, past_key_values=CompressedCache(model, spec), max_new_tokens=5,
+    expected = model.generate(ids, **cache_kwargs(CompressedCache(model, spec)), max_new_tokens=5,
                               do_sample=False, pad_token_id=0)[0, N_PROMPT:].tolist()
     cache = CompressedCache(model, spec)
     tokens = []
     with torch.no_grad():
-        logits = model(ids, past_key_values=cache).logits[:, -1]
+        logits = model(ids, **cache_kwargs(cache)).logits[:, -1]
         for _ in range(5):
             nxt = int(logits.argmax(-1))
             tokens.append(nxt)
-            logits = model(torch.tensor([[nxt]]), past_key_values=cache).logits[:, -1]
+            logits = model(torch.tensor([[nxt]]), **cache_kwargs(cache)).logits[:, -1]
     assert tokens == expected
 
 
@@ -118,7 +119,7 @@ def test_packed_attention_matches_dequantized_dense_attention(tiny_models, arch)
     model = tiny_models(arch)
     cache = CompressedCache(model, KVSpec(quant=IntKV(bits=4, group_size=16)))
     with torch.no_grad():
-        model(prompt(4), past_key_values=cache)
+        model(prompt(4), **cache_kwargs(cache))
     layer = next(layer for layer in cache.layers if layer.store is not None)
     assert layer.packed_length == N_PROMPT and layer.fp_length == 0
     k, v = layer.store.dequantize()
@@ -136,12 +137,12 @@ def test_quantization_error_is_bounded_in_logits(tiny_models, arch):
     model = tiny_models(arch)
     ids = prompt(5)
     with torch.no_grad():
-        ref = model(ids, past_key_values=CompressedCache(model, KVSpec())).logits
+        ref = model(ids, **cache_kwargs(CompressedCache(model, KVSpec()))).logits
         errs = {}
         for bits in (8, 4, 2):
             cache = CompressedCache(model, KVSpec(quant=IntKV(bits=bits, group_size=16)))
-            model(ids[:, :-16], past_key_values=cache)
-            out = model(ids[:, -16:], past_key_values=cache).logits  # attends to the packed prefix
+            model(ids[:, :-16], **cache_kwargs(cache))
+            out = model(ids[:, -16:], **cache_kwargs(cache)).logits  # attends to the packed prefix
             errs[bits] = (out - ref[:, -16:]).abs().max().item()
     assert errs[8] < 2e-3 and errs[8] < errs[4] < errs[2]
 
@@ -153,12 +154,12 @@ def test_question_after_compressed_context_sees_the_right_positions(tiny_models)
     spec = KVSpec(evict=StreamingLLM(budget=N_PROMPT - 26, n_sink=4))  # evicts 10 of the first 80 tokens
     cache = CompressedCache(model, spec)
     with torch.no_grad():
-        model(ids[:, :N_PROMPT - 16], past_key_values=cache)
+        model(ids[:, :N_PROMPT - 16], **cache_kwargs(cache))
         with cache.compression_paused():
-            out = model(ids[:, N_PROMPT - 16:], past_key_values=cache).logits
+            out = model(ids[:, N_PROMPT - 16:], **cache_kwargs(cache)).logits
         # the same thing, one token at a time
         cache2 = CompressedCache(model, spec)
-        model(ids[:, :N_PROMPT - 16], past_key_values=cache2)
-        steps = [model(ids[:, i:i + 1], past_key_values=cache2).logits for i in range(N_PROMPT - 16, N_PROMPT)]
+        model(ids[:, :N_PROMPT - 16], **cache_kwargs(cache2))
+        steps = [model(ids[:, i:i + 1], **cache_kwargs(cache2)).logits for i in range(N_PROMPT - 16, N_PROMPT)]
     assert cache.layers[0].held == N_PROMPT - 16 - 10 + 16
     assert (out - torch.cat(steps, dim=1)).abs().max() < 1e-4

@@ -9,6 +9,7 @@ import pytest
 import torch
 from random_ids import ids
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.errors import LMCompressError
 from lmcompress.kv import CompressedCache, KVSpec, SnapKV, StreamingLLM
 from lmcompress.kv.quant import FP8KV, KIVI, QAQ, IntKV, NormalKV, UniformKV
@@ -27,9 +28,9 @@ def run(model, spec: KVSpec, prompt: int = 40, steps: int = 10, chunk: int | Non
     outs = []
     chunk = chunk or prompt
     for s in range(0, prompt, chunk):
-        outs.append(model(tokens[:, s : s + chunk], past_key_values=cache).logits)
+        outs.append(model(tokens[:, s : s + chunk], **cache_kwargs(cache)).logits)
     for i in range(prompt, prompt + steps):
-        outs.append(model(tokens[:, i : i + 1], past_key_values=cache).logits)
+        outs.append(model(tokens[:, i : i + 1], **cache_kwargs(cache)).logits)
     return cache, torch.cat(outs, dim=1)
 
 
@@ -68,9 +69,9 @@ def test_kivi_flushes_its_window_whole(model):
     assert (layer.packed_length, layer.fp_length) == (32, 8)  # largest multiple of R, rest full precision
     tokens = ids(60, seed=1)
     for i in range(7):
-        model(tokens[:, i : i + 1], past_key_values=cache)
+        model(tokens[:, i : i + 1], **cache_kwargs(cache))
     assert (layer.packed_length, layer.fp_length) == (32, 15)
-    model(tokens[:, 7:8], past_key_values=cache)
+    model(tokens[:, 7:8], **cache_kwargs(cache))
     assert (layer.packed_length, layer.fp_length) == (48, 0)  # window full: flushed into the packed store
 
 
@@ -303,9 +304,9 @@ def test_every_eviction_policy_composes_with_quantization(model, cls, kwargs):
     for quant in (IntKV(bits=4, group_size=16), KIVI(bits=2, group_size=16, residual=16), QAQ(group_size=16)):
         cache = CompressedCache(model, KVSpec(evict=cls(**kwargs), quant=quant))
         with scoring_hooks(model, cache):
-            model(tokens[:, :48], past_key_values=cache)
+            model(tokens[:, :48], **cache_kwargs(cache))
             for i in range(48, 52):
-                out = model(tokens[:, i : i + 1], past_key_values=cache).logits
+                out = model(tokens[:, i : i + 1], **cache_kwargs(cache)).logits
         assert torch.isfinite(out).all()
         assert cache.nbytes == tensor_bytes(cache)
         assert any(layer.packed_length > 0 for layer in cache.layers)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from random_ids import ids
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.errors import LMCompressError, ModelFileError
 from lmcompress.eval.kv_bytes import bf16_equivalent_bytes, uncompressed_bf16_bytes
 from lmcompress.eval.tasks import kv_error, multiple_choice
@@ -60,7 +61,7 @@ def test_bf16_equivalent_bytes_halves_float32(model):
     from lmcompress.kv import CompressedCache
 
     cache = CompressedCache(model, KVSpec(quant=KIVI(bits=2, group_size=8, residual=16)))
-    model(ids(40), past_key_values=cache)
+    model(ids(40), **cache_kwargs(cache))
     fp32 = sum(t.numel() * 4 for t in cache.tensors() if t.dtype == torch.float32)
     assert fp32 > 0
     assert bf16_equivalent_bytes(cache.tensors()) == cache.nbytes - fp32 // 2

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.model
 SCRIPT = textwrap.dedent("""
     import json, sys, torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from lmcompress._compat import cache_kwargs
     from lmcompress.eval.perf import rss_bytes
     from lmcompress.kv import CompressedCache, KVSpec, StreamingLLM, IntKV
     torch.manual_seed(0)
@@ -35,7 +36,7 @@ SCRIPT = textwrap.dedent("""
         for name, spec in specs.items():
             before = rss_bytes()
             cache = CompressedCache(model, spec)
-            model(ids, past_key_values=cache, logits_to_keep=1)
+            model(ids, **cache_kwargs(cache), logits_to_keep=1)
             result[name] = {"rss_growth": rss_bytes() - before, "nbytes": cache.nbytes}
             del cache
     print(json.dumps(result))

@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.errors import LMCompressError, ModelFileError, UnknownNameError
 from lmcompress.kv import CompressedCache, KVSpec, scoring_hooks
 from lmcompress.kv.evict.base import EvictionPolicy
@@ -65,12 +66,12 @@ def test_scoring_hooks_hand_hidden_states_to_layers_and_are_removed():
     spec = KVSpec(evict=HiddenNorm(ratio=0.5))
     cache = CompressedCache(model, spec)
     with pytest.raises(LMCompressError, match="needs the attention inputs"), torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(cache))
     cache = CompressedCache(model, spec)
     attn = model.model.layers[0].self_attn
     with scoring_hooks(model, cache), torch.no_grad():
         assert len(attn._forward_pre_hooks) == 1
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(cache))
     assert len(attn._forward_pre_hooks) == 0
     assert cache.held_tokens() == [20] * 4
     assert all(layer.hidden_states is None for layer in cache.layers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.errors import LMCompressError
 from lmcompress.eval.graph_decode import StaticDecoder
 from lmcompress.kv import CompressedCache, IntKV, KVSpec, SnapKV, StreamingLLM
@@ -23,11 +24,11 @@ def test_static_steps_match_dynamic_steps(arch, spec):
     dyn, sta = CompressedCache(model, spec), CompressedCache(model, spec)
     feed = torch.randint(3, 256, (12,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
-        model(PROMPT, past_key_values=dyn)
-        model(PROMPT, past_key_values=sta)
+        model(PROMPT, **cache_kwargs(dyn))
+        model(PROMPT, **cache_kwargs(sta))
         dec = StaticDecoder(model, sta, len(feed))
         for i, tok in enumerate(feed):
-            ref = model(torch.tensor([[tok]]), past_key_values=dyn).logits[:, -1]
+            ref = model(torch.tensor([[tok]]), **cache_kwargs(dyn)).logits[:, -1]
             dec.start(tok, 60 + i)
             dec.run(1)
             assert (dec.logits - ref).abs().max() < 1e-5
@@ -42,7 +43,7 @@ def test_rolling_window_keeps_size_and_sinks():
     model = tiny_model("llama")
     cache = CompressedCache(model, KVSpec(evict=StreamingLLM(budget=24, n_sink=4)))
     with torch.no_grad():
-        first = int(model(PROMPT, past_key_values=cache).logits[:, -1].argmax(-1))
+        first = int(model(PROMPT, **cache_kwargs(cache)).logits[:, -1].argmax(-1))
     before = cache.nbytes
     dec = StaticDecoder(model, cache, 40, rolling=True)
     dec.start(first, 60)
@@ -58,13 +59,13 @@ def test_unsupported_specs_are_refused():
     model = tiny_model("llama")
     cache = CompressedCache(model, KVSpec(quant=IntKV(bits=4, group_size=16)))
     with torch.no_grad():
-        model(PROMPT, past_key_values=cache)
+        model(PROMPT, **cache_kwargs(cache))
     with pytest.raises(LMCompressError, match="static decode cannot run"):
         cache.begin_static(8)
     assert not cache.is_static
     cache = CompressedCache(model, KVSpec(evict=SnapKV(ratio=0.5, window_size=16)))
     with torch.no_grad():
-        model(PROMPT, past_key_values=cache)
+        model(PROMPT, **cache_kwargs(cache))
     with pytest.raises(LMCompressError, match="rolling static decode needs evict=StreamingLLM"):
         cache.begin_static(8, rolling=True)
 

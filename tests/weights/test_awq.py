@@ -168,7 +168,7 @@ def test_capture_records_every_layer_and_restores_them():
     assert hidden.shape == (3, 24, 64)
     with torch.no_grad():
         assert torch.equal(hidden, model.get_input_embeddings()(tokens))
-    assert len(kwargs) == 4 and all("past_key_values" not in k for k in kwargs)
+    assert len(kwargs) == 4 and all("past_key_values" not in k and "cache" not in k for k in kwargs)
     cos_sliding = kwargs[0]["position_embeddings"][0]
     cos_full = kwargs[3]["position_embeddings"][0]
     assert cos_sliding.shape[0] == 1 and not torch.equal(cos_sliding, cos_full)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .._compat import cache_kwargs
 from ..kv.cache import CompressedCache
 
 WARMUP_STEPS = 2
@@ -38,7 +39,7 @@ class StaticDecoder:
         self._eager_steps = 0
 
     def _step(self) -> torch.Tensor:
-        out = self.model(input_ids=self.tok, position_ids=self.pos, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=self.tok, position_ids=self.pos, **cache_kwargs(self.cache), use_cache=True)
         logits = out.logits[:, -1]
         self.tok.copy_(logits.argmax(-1, keepdim=True))
         self.pos.add_(1)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._compat import max_positions
+from .._compat import cache_kwargs, max_positions
 from ..errors import LMCompressError, check_choice
 from ..kv.cache import CompressedCache
 from ..kv.hooks import scoring_hooks
@@ -77,7 +77,7 @@ def check_context_fits(model: torch.nn.Module, n_tokens: int) -> None:
 
 
 def _forward(model, ids: torch.Tensor, cache: CompressedCache) -> torch.Tensor:
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     return out.logits[:, -1]
 
 

@@ -4,7 +4,7 @@ Usage::
 
     model, tok = load_model("smollm2-135m")
     cache = CompressedCache(model, KVSpec(evict=SnapKV(ratio=0.5), quant=IntKV(bits=4)))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
+    out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=32)  # lmcompress._compat.cache_kwargs
     print(cache.nbytes, cache.held_tokens())
 
 Building a cache switches the model to the ``lmcompress`` attention function (see

@@ -106,7 +106,7 @@ def _record(model: nn.Module, input_ids: torch.Tensor, stop_at: int) -> dict[int
     return sink
 
 
-_DROPPED_KWARGS = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
+_DROPPED_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache", "output_attentions")
 
 
 def _clean_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

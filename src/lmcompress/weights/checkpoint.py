@@ -1,4 +1,4 @@
-"""Save and load 4-bit checkpoints in the AutoAWQ GEMM format.
+"""Save and load 4-bit checkpoints in the AutoAWQ GEMM format or the compressed-tensors pack-quantized format.
 
 A saved folder holds ``config.json`` (the model config with ``quantization_config = {"quant_method": "awq",
 "bits": 4, "group_size": g, "zero_point": ..., "version": "gemm", "modules_to_not_convert": null}``, as
@@ -9,6 +9,11 @@ quantized linear, ordinary tensors for the rest), the generation config, if give
 Writing goes to a hidden temporary folder next to the target, renamed into place only when complete, so a
 failed save leaves no half-written output. transformers loads such folders only through the ``autoawq``
 package; :func:`load_quantized` is this project's own loader.
+
+``format="compressed-tensors"`` writes the same weights as llm-compressor's W4A16 "pack-quantized" output
+instead (see :mod:`.compressed_tensors`): transformers loads it with the ``compressed-tensors`` package installed,
+vLLM serves it. :func:`load_quantized` reads both, also when another tool wrote them; a linear stored as a plain
+``.weight`` (an ignored / ``modules_to_not_convert`` module) stays an ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 from .._compat import decoder_layers, detached_hf_quantizer
 from ..errors import LMCompressError, ModelFileError
 from ..model_files import check_safetensors
+from . import compressed_tensors as ct
 from .config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, RTNConfig
 from .linear import WQLinear
 from .mappings import mapping_for
@@ -82,6 +88,10 @@ def _ordinary_permissions(folder: Path) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
+#: ``save_quantized(format=...)`` values
+FORMATS = ("awq", "compressed-tensors")
+
+
 @contextmanager
 def atomic_output_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``path`` when the block succeeds and vanishes when it fails.
@@ -127,8 +137,9 @@ def save_quantized(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    format: str = "awq",
 ) -> Path:
-    """Write a quantized model as an AWQ GEMM checkpoint folder (atomically).
+    """Write a quantized model as an AWQ GEMM or compressed-tensors checkpoint folder (atomically).
 
     Args:
         model: a model after ``quantize_``.
@@ -139,13 +150,23 @@ def save_quantized(
         overwrite: replace an existing non-empty folder, if lmcompress wrote it (it holds
             :data:`CHECKPOINT_MARKER`, which every saved folder gets).
         extra_files: more text files to write into the folder (name -> content).
+        format: ``"awq"`` (AutoAWQ GEMM: ``qweight/qzeros/scales``) or ``"compressed-tensors"`` (W4A16
+            pack-quantized: ``weight_packed/weight_scale/weight_zero_point/weight_shape``; scales float16, or
+            float32 with ``dtype=float32`` / a float32 model kept as is).
 
     Returns:
         the folder's path.
     """
-    quantization_config_of(model)
+    if format not in FORMATS:
+        raise LMCompressError(f"format={format!r} is not supported; allowed: {', '.join(FORMATS)}")
+    qc = quantization_config_of(model)
     if not any(isinstance(m, WQLinear) for m in model.modules()):
         raise LMCompressError("model has a quantization_config but no WQLinear modules; nothing to save")
+    if format == "compressed-tensors":
+        with atomic_output_dir(path, overwrite=overwrite) as tmp:
+            _save_compressed_tensors(model, tmp, qc, dtype)
+            _write_extras(tmp, tokenizer, extra_files, "compressed-tensors pack-quantized", qc)
+        return Path(path).expanduser().resolve()
     state_dict = None
     if dtype is not None:
         state_dict, seen = {}, set()
@@ -165,13 +186,77 @@ def save_quantized(
                 if key in data:
                     data[key] = name
             config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        marker = {"writer": "lmcompress", "format": "awq-gemm", "quantization_config": quantization_config_of(model)}
-        (tmp / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True, default=str) + "\n")
+        _write_extras(tmp, tokenizer, extra_files, "awq-gemm", qc)
     return Path(path).expanduser().resolve()
+
+
+def _write_extras(folder: Path, tokenizer: Any, extra_files: dict[str, str] | None, fmt: str,
+                  qc: dict[str, Any]) -> None:
+    """The tokenizer, extra text files and the lmcompress marker (:data:`CHECKPOINT_MARKER`) of a saved folder."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text)
+    marker = {"writer": "lmcompress", "format": fmt, "quantization_config": qc}
+    (folder / CHECKPOINT_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _save_compressed_tensors(model: nn.Module, folder: Path, qc: dict[str, Any], dtype: torch.dtype | None) -> None:
+    """config.json (with the compressed-tensors quantization_config), generation config, model.safetensors."""
+    from safetensors.torch import save_file
+
+    packed = {name: m for name, m in model.named_modules() if isinstance(m, WQLinear)}
+    plain_linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    model_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    out_dtype = dtype or model_dtype
+    scale_dtype = torch.float32 if out_dtype == torch.float32 else torch.float16
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in model.state_dict().items():
+        module_name = key.rpartition(".")[0]
+        if module_name in packed:
+            continue
+        if value.numel() and value.data_ptr() in seen:  # a tied copy (lm_head = embeddings): the tie restores it
+            continue
+        seen.add(value.data_ptr())
+        tensors[key] = value.to(out_dtype) if value.is_floating_point() else value
+    for name, m in packed.items():
+        for suffix, t in ct.gemm_to_ct(m.qweight, m.qzeros, m.scales, zero_point=bool(qc.get("zero_point", True)),
+                                       scale_dtype=scale_dtype).items():  # fmt: skip
+            tensors[f"{name}.{suffix}"] = t
+        if m.bias is not None:
+            tensors[f"{name}.bias"] = m.bias.to(out_dtype)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})  # fmt: skip
+    config = model.config.to_dict()
+    config["quantization_config"] = ct.ct_quantization_config(
+        int(qc["group_size"]), bool(qc.get("zero_point", True)), plain_linears
+    )
+    name = str(out_dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = name
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(folder)
+
+
+def checkpoint_format(path: str | Path) -> str | None:
+    """A one-line description of a quantized checkpoint folder's weight format (e.g.
+    ``"compressed-tensors pack-quantized w4 g64 asym"``), or None for anything that is not one we read."""
+    config_path = Path(path).expanduser() / "config.json"
+    if not config_path.is_file():
+        return None
+    qc = json.loads(config_path.read_text()).get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") not in ("awq", ct.QUANT_METHOD):
+        return None
+    try:
+        _, fmt = _read_quant_config(Path(path).expanduser())
+    except LMCompressError:
+        return None
+    sym = "asym" if fmt["zero_point"] else "sym"
+    return f"{fmt['format']} w{fmt['bits']} g{fmt['group_size']} {sym}"
 
 
 def _read_quant_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -180,8 +265,14 @@ def _read_quant_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ModelFileError(f"checkpoint folder {str(folder)!r} has no config.json")
     data = json.loads(config_path.read_text())
     qc = data.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == ct.QUANT_METHOD:
+        fmt = ct.parse_ct_config(qc, str(config_path))
+        return data, {**fmt, "format": "compressed-tensors pack-quantized"}
     if not isinstance(qc, dict) or qc.get("quant_method") != "awq":
-        raise LMCompressError(f"{config_path} has no AWQ quantization_config (quant_method 'awq')")
+        raise LMCompressError(
+            f"{config_path} has no supported quantization_config; allowed quant_method: 'awq' (AutoAWQ GEMM) "
+            f"or '{ct.QUANT_METHOD}' (W4A16 pack-quantized)"
+        )
     bits = qc.get("bits", qc.get("w_bit"))
     group = qc.get("group_size", qc.get("q_group_size"))
     version = str(qc.get("version", "gemm")).lower()
@@ -193,7 +284,8 @@ def _read_quant_config(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     if version != "gemm":
         raise LMCompressError(f"checkpoint version={version!r} is not supported; allowed: gemm")
-    return data, {"bits": bits, "group_size": group, "zero_point": bool(qc.get("zero_point", True))}
+    fmt = {"bits": bits, "group_size": group, "zero_point": bool(qc.get("zero_point", True))}
+    return data, {**fmt, "format": "awq-gemm", "ignore": list(qc.get("modules_to_not_convert") or [])}
 
 
 def _load_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -234,7 +326,8 @@ def load_quantized(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, Any]:
-    """Rebuild a model saved by :func:`save_quantized` (or any AWQ GEMM checkpoint of a supported architecture).
+    """Rebuild a model saved by :func:`save_quantized`, or any AWQ GEMM or compressed-tensors W4A16
+    pack-quantized checkpoint of a supported architecture (AutoAWQ's, llm-compressor's).
 
     Args:
         path: the checkpoint folder.
@@ -245,7 +338,8 @@ def load_quantized(
         ``(model, tokenizer)``, the tokenizer ``None`` if the folder has none.
 
     Raises:
-        LMCompressError: the config is not an AWQ GEMM config, or its tensors disagree with it.
+        LMCompressError: the config is not an AWQ GEMM or supported compressed-tensors config (the message names
+            the scheme and what is supported), or its tensors disagree with it.
         ModelFileError: missing files.
     """
     from accelerate import init_empty_weights
@@ -267,6 +361,14 @@ def load_quantized(
             if not isinstance(linear, nn.Linear):
                 continue
             full = f"{prefix}.{name}"
+            if f"{full}.weight" in tensors and f"{full}.qweight" not in tensors:
+                continue  # stored unquantized (ignored / modules_to_not_convert): stays an nn.Linear
+            if fmt["format"].startswith("compressed-tensors"):
+                converted = ct.ct_to_gemm(tensors, full, linear.in_features, linear.out_features, group,
+                                          fmt["zero_point"])  # fmt: skip
+                for suffix in ct.SUFFIXES:
+                    tensors.pop(f"{full}.{suffix}", None)
+                tensors.update({f"{full}.{k}": v for k, v in converted.items()})
             _check_packed(full, tensors, linear, group)
             bias_key = f"{full}.bias"
             packed = WQLinear(
@@ -293,7 +395,9 @@ def load_quantized(
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise LMCompressError(f"checkpoint left parameters unset: {', '.join(still_meta[:5])}")
-    model.config.quantization_config = RTNConfig(**fmt).quantization_config()
+    model.config.quantization_config = RTNConfig(
+        bits=fmt["bits"], group_size=group, zero_point=fmt["zero_point"]
+    ).quantization_config()
     if dtype is not None:
         model.to(dtype)
     model.to(device).eval()

@@ -47,6 +47,7 @@ def add_awq_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     q.add_argument("--calib-seq-len", type=int, default=defaults.calib_seq_len)
     q.add_argument("--calib-batch", type=int, default=defaults.calib_batch)
     q.add_argument("--seed", type=int, default=defaults.seed)
+    q.add_argument("--n-grid", type=int, default=defaults.n_grid, help="points of the scale grid")
     q.add_argument("--duo-scaling", action="store_true", help="AutoAWQ's weight-and-activation scales")
     q.add_argument("--no-clip", dest="clip", action="store_false", help="skip the clip search")
     q.add_argument(
@@ -54,6 +55,9 @@ def add_awq_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     )
     q.add_argument("--dtype", choices=(*_DTYPES, "keep"), default="float16",
                    help="stored dtype of the non-quantized tensors (AutoAWQ/vLLM expect float16)")  # fmt: skip
+    q.add_argument("--format", choices=("awq", "compressed-tensors"), default="awq",
+                   help="awq: AutoAWQ GEMM (lmcompress, vLLM); compressed-tensors: W4A16 pack-quantized "
+                   "(transformers with the compressed-tensors package, vLLM, llm-compressor's format)")  # fmt: skip
     q.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty OUT, only if it is a checkpoint lmcompress wrote")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -112,7 +116,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         config = AWQConfig(
             **fmt, calib_source=args.calib_source, calib_samples=args.calib_samples,
             calib_seq_len=args.calib_seq_len, calib_batch=args.calib_batch, seed=args.seed,
-            duo_scaling=args.duo_scaling, clip=args.clip,
+            duo_scaling=args.duo_scaling, clip=args.clip, n_grid=args.n_grid,
         )  # fmt: skip
     else:
         config = RTNConfig(**fmt)
@@ -142,7 +146,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     }
     save_quantized(
         model, out, tokenizer=tokenizer, dtype=dtype, overwrite=args.overwrite,
-        extra_files={PROVENANCE_FILE: json.dumps(provenance, indent=2) + "\n"},
+        extra_files={PROVENANCE_FILE: json.dumps(provenance, indent=2) + "\n"}, format=args.format,
     )  # fmt: skip
     print(
         f"{config.method}: {report.layers} layers, {report.linears} linears in {report.seconds:.1f} s "

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..._compat import attention_modules
+from ..._compat import attention_modules, cache_kwargs
 from ...errors import LMCompressError, check_choice, check_positive_int
 from ...kv.cache import CompressedCache
 from ...kv.hooks import scoring_hooks
@@ -85,9 +85,9 @@ def kv_error_sample(model: torch.nn.Module, spec: KVSpec, ids: torch.Tensor, con
     """Metrics for one sequence ``ids: [1, n]``: context ``ids[:, :context]``, continuation the rest."""
     ref_cache = CompressedCache(model, KVSpec())
     cache = CompressedCache(model, spec)
-    model(ids[:, :context], past_key_values=ref_cache)
+    model(ids[:, :context], **cache_kwargs(ref_cache))
     with scoring_hooks(model, cache):
-        model(ids[:, :context], past_key_values=cache)
+        model(ids[:, :context], **cache_kwargs(cache))
     layers = []
     for ref_layer, layer in zip(ref_cache.layers, cache.layers):
         pairs = list(kv_pairs(ref_layer, layer))
@@ -98,10 +98,10 @@ def kv_error_sample(model: torch.nn.Module, spec: KVSpec, ids: torch.Tensor, con
                        "value_rel": v_rel, "held": layer.held})
     nbytes, nbytes_bf16 = cache.nbytes, bf16_equivalent_bytes(cache.tensors())
     with capture_attention_outputs(model) as ref_out:
-        ref_logits = model(ids[:, context:], past_key_values=ref_cache).logits.float()
+        ref_logits = model(ids[:, context:], **cache_kwargs(ref_cache)).logits.float()
         ref_out = dict(ref_out)
     with capture_attention_outputs(model) as out, cache.compression_paused():
-        logits = model(ids[:, context:], past_key_values=cache).logits.float()
+        logits = model(ids[:, context:], **cache_kwargs(cache)).logits.float()
         out = dict(out)
     for entry in layers:
         a_ref, a = ref_out[entry["layer"]].float(), out[entry["layer"]].float()

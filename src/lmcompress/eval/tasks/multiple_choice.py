@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..._compat import cache_kwargs
 from ...errors import LMCompressError, ModelFileError, check_positive_int
 from ...kv.cache import CompressedCache
 from ...kv.hooks import scoring_hooks
@@ -115,7 +116,7 @@ def choice_log_likelihoods(
     cache = make_cache(model)
     compressed = isinstance(cache, CompressedCache)
     with scoring_hooks(model, cache) if compressed else contextlib.nullcontext():
-        last = model(prompt_ids, past_key_values=cache, logits_to_keep=1).logits[0, -1].float()
+        last = model(prompt_ids, **cache_kwargs(cache), logits_to_keep=1).logits[0, -1].float()
     prompt_bytes = measure(cache)
     first = F.log_softmax(last, -1)
     sums, means = [], []
@@ -125,7 +126,7 @@ def choice_log_likelihoods(
             branch = copy.deepcopy(cache)
             with branch.compression_paused() if compressed else contextlib.nullcontext():
                 ids = torch.tensor([choice[:-1]], device=prompt_ids.device)
-                logits = model(ids, past_key_values=branch).logits[0].float()
+                logits = model(ids, **cache_kwargs(branch)).logits[0].float()
             target = torch.tensor(choice[1:], device=logits.device).unsqueeze(1)
             total += float(F.log_softmax(logits, -1).gather(1, target).sum())
         sums.append(total)

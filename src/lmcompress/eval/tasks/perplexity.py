@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..._compat import cache_kwargs
 from ...errors import LMCompressError, check_choice, check_positive_int
 from ...kv.cache import CompressedCache
 from ...kv.hooks import scoring_hooks
@@ -79,7 +80,7 @@ class Perplexity(Task):
             with PeakMemory(device) as mem:
                 clock.reset()
                 with scoring_hooks(model, cache):
-                    out = model(input_ids=window[:, : self.context_tokens], past_key_values=cache,
+                    out = model(input_ids=window[:, : self.context_tokens], **cache_kwargs(cache),
                                 use_cache=True, logits_to_keep=1)
                 ttft.append(clock.elapsed())
                 kv_bytes.append(cache.nbytes)
@@ -89,7 +90,7 @@ class Perplexity(Task):
                 with cache.compression_paused():
                     for s in range(self.context_tokens, span - 1, self.chunk):
                         e = min(s + self.chunk, span - 1)
-                        out = model(input_ids=window[:, s:e], past_key_values=cache, use_cache=True)
+                        out = model(input_ids=window[:, s:e], **cache_kwargs(cache), use_cache=True)
                         logp = torch.log_softmax(out.logits[0].float(), dim=-1)
                         targets = window[0, s + 1 : e + 1]
                         nll_sum -= float(logp.gather(1, targets[:, None]).sum())

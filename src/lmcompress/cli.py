@@ -195,7 +195,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         records = store.all()
     paths = write_outputs(records, args.out)
     print(markdown_table(summarize(records)))
-    print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    print("\n" + paths["leaderboard"].read_text())
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}, {paths['leaderboard']}, {paths['html']}")
     return 0
 
 

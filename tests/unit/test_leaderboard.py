@@ -12,7 +12,12 @@ import pytest
 from lmcompress.cli import main
 from lmcompress.kv import KVSpec, SnapKV, StreamingLLM
 from lmcompress.kv.quant import KIVI
-from lmcompress.runner.leaderboard import leaderboard_rows, markdown_leaderboard, needle_cells, write_leaderboard
+from lmcompress.runner.leaderboard import (
+    leaderboard_rows,
+    markdown_leaderboard,
+    needle_cells,
+    write_leaderboard,
+)
 from lmcompress.runner.store import ResultStore
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -116,7 +116,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(markdown_table(summarize(records)))
     print("\nNeedle grids (accuracy per length: depths in order):\n" + grid_text(
         __import__("lmcompress.runner.report", fromlist=["needle_grid"]).needle_grid(records)))
-    print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']} (store: {store_path})")
+    print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']}, {paths['leaderboard']}, "
+          f"{paths['html']} (store: {store_path})")
     return 0
 
 

@@ -29,6 +29,21 @@ from .kv import (
 )
 from .models import DEFAULT_MODEL, load_model
 
+
+def pipeline(model, tokenizer=None, spec=None, *, decode: str = "auto"):
+    """Compress a context once, answer questions about it: see :mod:`lmcompress.eval.context_pipeline`."""
+    from .eval.context_pipeline import pipeline as build
+
+    return build(model, tokenizer, spec, decode=decode)
+
+
+def register_pipeline() -> str:
+    """Register ``transformers.pipeline("lmcompress-text-generation", ...)``: see
+    :mod:`lmcompress.eval.hf_pipeline`. Returns the task name."""
+    from .eval.hf_pipeline import register_pipeline as register
+
+    return register()
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -53,6 +68,8 @@ __all__ = [
     "ThresholdEviction",
     "__version__",
     "load_model",
+    "pipeline",
     "prepare_model",
+    "register_pipeline",
     "scoring_hooks",
 ]

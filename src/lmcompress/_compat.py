@@ -162,6 +162,32 @@ def rotary_cos_sin(rotary: torch.nn.Module, config: Any, layer_idx: int, positio
     return cos[0].float(), sin[0].float()
 
 
+# ----------------------------------------------------------------------------------------------- pipelines
+
+
+def pipeline_base_class() -> type:
+    """transformers' ``Pipeline`` base class (imported on first use: ``transformers.pipelines`` is heavy)."""
+    from transformers import Pipeline
+
+    return Pipeline
+
+
+def register_pipeline_task(task: str, pipeline_class: type) -> None:
+    """Register ``pipeline_class`` as the custom ``transformers.pipeline(task, ...)`` for causal LMs (idempotent:
+    registering the same task again replaces the entry)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=pipeline_class, pt_model=AutoModelForCausalLM)
+
+
+def pipeline_tasks() -> list[str]:
+    """Task names ``transformers.pipeline`` accepts, custom ones included."""
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    return list(PIPELINE_REGISTRY.get_supported_tasks())
+
+
 # ----------------------------------------------------------------------------------------------- decoder layers
 
 

@@ -100,6 +100,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     runs = build_grid(args)  # validates every parameter before anything runs
     check_bench_inputs(args)
+    if getattr(args, "prefill_cache_mb", 1) < 1:
+        raise LMCompressError(f"--prefill-cache-mb={args.prefill_cache_mb} is not allowed; it must be >= 1")
     limit = known_max_positions(args.model)
     answer_room = max(getattr(r.task, "max_new_tokens", 0) for r in runs)
     longest = max(getattr(r.task, "length", 0) for r in runs)
@@ -130,11 +132,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if todo and isinstance(executor, InlineExecutor):
             loader(args.model)  # fail fast on a missing model or a too-long context
         records = executor.run(runs, store)
+    stats = getattr(executor, "prefill_stats", None)
+    if stats and stats["replayed"]:
+        print(f"shared prefill: {stats['recorded']} prompts prefilled uncompressed, {stats['replayed']} replays "
+              f"({stats['record_s']:.1f} s recording)", file=sys.stderr)
     paths = write_outputs(records, out)
     print(markdown_table(summarize(records)))
     print("\nNeedle grids (accuracy per length: depths in order):\n" + grid_text(
         __import__("lmcompress.runner.report", fromlist=["needle_grid"]).needle_grid(records)))
-    print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']} (store: {store_path})")
+    print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']}, {paths['leaderboard']}, "
+          f"{paths['html']} (store: {store_path})")
     return 0
 
 
@@ -161,7 +168,8 @@ def make_executor(args: argparse.Namespace, dtype, loader):
     dtype_name = str(dtype).removeprefix("torch.")
     if args.executor == "inline":
         return InlineExecutor(args.device, dtype, progress=not args.quiet, loader=loader,
-                              reuse_stale=args.reuse_stale)
+                              reuse_stale=args.reuse_stale, share_prefill=getattr(args, "shared_prefill", True),
+                              prefill_cache_bytes=int(getattr(args, "prefill_cache_mb", 4096)) << 20)
     if args.executor == "local":
         devices = [d.strip() for d in (args.devices or args.device).split(",") if d.strip()]
         return LocalExecutor(devices, dtype_name, progress=not args.quiet, reuse_stale=args.reuse_stale)
@@ -231,7 +239,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         rec["stale"] = rec["code_version"] != code_version()
     paths = write_outputs(records, args.out)
     print(markdown_table(summarize(records)))
-    print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    print("\n" + paths["leaderboard"].read_text())
+    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}, {paths['leaderboard']}, {paths['html']}")
     return 0
 
 
@@ -254,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode", default="auto", choices=("auto", "eager", "static"),
                    help="decode path: auto (static slots + CUDA graph on CUDA where possible), eager, static")
     b.add_argument("--no-ppl", dest="ppl", action="store_false", help="skip the perplexity run")
+    b.add_argument("--no-shared-prefill", dest="shared_prefill", action="store_false",
+                   help="prefill every run itself (default: one uncompressed prefill per prompt shared by all "
+                        "methods, exact for answers; use this flag to measure TTFT and peak memory)")
+    b.add_argument("--prefill-cache-mb", type=int, default=4096,
+                   help="memory bound of the shared prefill recordings (default 4096)")
     b.add_argument("--ppl-context", type=int, default=1536, help="compressed prefix tokens (default 1536)")
     b.add_argument("--ppl-eval", type=int, default=512, help="scored continuation tokens (default 512)")
     b.add_argument("--out", default="out/bench", help="output folder (default out/bench)")

@@ -50,21 +50,21 @@ def test_keys_are_stable_and_distinct():
 
 
 def test_killed_grid_keeps_finished_runs_and_rerun_skips_them(tmp_path):
-    CALLS.clear()
+    CALLS.clear()  # (spec-major order: shared prefills reorder a grid task by task, tested elsewhere)
     path = tmp_path / "store.sqlite"
     with ResultStore(path) as store, pytest.raises(KeyboardInterrupt):
-        InlineExecutor(progress=False, loader=loader, warmup=False).run(grid(fail_at=0.9), store)
+        InlineExecutor(progress=False, loader=loader, warmup=False, share_prefill=False).run(grid(fail_at=0.9), store)
     with ResultStore(path) as store:
         assert len(store) == 2  # the two runs before the kill
     CALLS.clear()
     with ResultStore(path) as store:
-        records = InlineExecutor(progress=False, loader=loader, warmup=False).run(grid(), store)
+        records = InlineExecutor(progress=False, loader=loader, warmup=False, share_prefill=False).run(grid(), store)
         assert len(store) == 6
     assert CALLS == ["none:0.9", "snapkv(ratio=0.5):0.1", "snapkv(ratio=0.5):0.5", "snapkv(ratio=0.5):0.9"]
     assert [r["spec"]["task"]["params"]["depth"] for r in records] == [0.1, 0.5, 0.9] * 2
     CALLS.clear()
     with ResultStore(path) as store:
-        InlineExecutor(progress=False, loader=loader, warmup=False).run(grid(), store)
+        InlineExecutor(progress=False, loader=loader, warmup=False, share_prefill=False).run(grid(), store)
     assert CALLS == []
 
 
@@ -80,3 +80,11 @@ def test_report_outputs(tmp_path):
     paths = write_outputs(records, tmp_path / "out")
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert '"summary"' in paths["json"].read_text()
+
+
+def test_shared_prefill_runs_a_grid_task_by_task(tmp_path):
+    CALLS.clear()
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        records = InlineExecutor(progress=False, loader=loader).run(grid(), store)
+    assert [f"{label}:{d}" for d in (0.1, 0.5, 0.9) for label in ("none", "snapkv(ratio=0.5)")] == CALLS
+    assert [r["spec"]["task"]["params"]["depth"] for r in records] == [0.1, 0.5, 0.9] * 2  # stored order kept

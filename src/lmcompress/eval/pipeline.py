@@ -81,6 +81,67 @@ def _forward(model, ids: torch.Tensor, cache: CompressedCache) -> torch.Tensor:
     return out.logits[:, -1]
 
 
+def default_eos(model: torch.nn.Module, tokenizer=None) -> list[int]:
+    """Stop tokens: the tokenizer's EOS, else the model's generation config's."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos = tokenizer.eos_token_id
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+def prefill(model: torch.nn.Module, ids: torch.Tensor, cache: CompressedCache) -> torch.Tensor:
+    """One prefill chunk ``ids: [1, n]`` into ``cache`` (compression applies); returns ``[1, vocab]`` logits of
+    the last token. Inside :func:`lmcompress.eval.shared_prefill.sharing_prefills` the chunk is replayed from
+    a recorded uncompressed prefill instead of run (same cache state, see that module)."""
+    from .shared_prefill import active_prefills
+
+    shared = active_prefills()
+    if shared is not None:
+        logits = shared.replay(model, ids, cache)
+        if logits is not None:
+            return logits
+    with scoring_hooks(model, cache):
+        return _forward(model, ids, cache)
+
+
+def continue_greedy(model: torch.nn.Module, cache: CompressedCache, question_ids: torch.Tensor | None,
+                    first_logits: torch.Tensor | None, *, max_new_tokens: int, eos_token_ids: list[int],
+                    decode: str, clock: Stopwatch) -> tuple[list[int], int, float, int, list[int], float]:
+    """Append ``question_ids`` with compression paused (if given), then decode greedily.
+
+    Returns ``(tokens, decode_steps, ttft_s, kv_bytes_after_prompt, held_after_prompt, decode_s)``; ``ttft_s``
+    is the clock's reading at the first token (the caller started it before the prefill).
+    """
+    device = next(model.parameters()).device
+    if question_ids is not None:
+        with scoring_hooks(model, cache), cache.compression_paused():
+            first_logits = _forward(model, question_ids, cache)
+    kv_bytes, held = cache.nbytes, cache.held_tokens()
+    next_id = int(first_logits.argmax(-1))
+    ttft = clock.elapsed()
+    clock.reset()
+    tokens: list[int] = []
+    steps = 0  # decode forwards, each producing one token
+    decoder = _static_decoder(model, cache, max_new_tokens, decode, device)
+    if decoder is not None:
+        decoder.start(next_id, cache.get_seq_length())
+    while next_id not in eos_token_ids:
+        tokens.append(next_id)
+        if len(tokens) >= max_new_tokens:
+            break
+        if decoder is not None:
+            decoder.run(1)
+            next_id = int(decoder.tok)
+        else:
+            logits = _forward(model, torch.tensor([[next_id]], device=device), cache)
+            next_id = int(logits.argmax(-1))
+        steps += 1
+    decode_s = clock.elapsed()
+    if decoder is not None:
+        decoder.close()
+    return tokens, steps, ttft, kv_bytes, held, decode_s
+
+
 @torch.inference_mode()
 def answer(
     model: torch.nn.Module,
@@ -113,45 +174,21 @@ def answer(
     n_prompt = context_ids.shape[1] + question_ids.shape[1]
     check_context_fits(model, n_prompt + max_new_tokens)
     if eos_token_ids is None:
-        eos = getattr(model.generation_config, "eos_token_id", None)
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
-            eos = tokenizer.eos_token_id
-        eos_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        eos_token_ids = default_eos(model, tokenizer)
     reserve = max_new_tokens + (0 if query_aware else question_ids.shape[1])
     cache = CompressedCache(model, spec, reserve=reserve)
     clock = Stopwatch(device)
-    tokens: list[int] = []
     with PeakMemory(device) as mem:
         clock.reset()
-        with scoring_hooks(model, cache):
-            if query_aware:
-                logits = _forward(model, torch.cat([context_ids, question_ids], dim=1), cache)
-            else:
-                _forward(model, context_ids, cache)
-                with cache.compression_paused():
-                    logits = _forward(model, question_ids, cache)
-        kv_bytes, held = cache.nbytes, cache.held_tokens()
-        next_id = int(logits.argmax(-1))
-        ttft = clock.elapsed()
-        clock.reset()
-        steps = 0  # decode forwards, each producing one token
-        decoder = _static_decoder(model, cache, max_new_tokens, decode, device)
-        if decoder is not None:
-            decoder.start(next_id, cache.get_seq_length())
-        while next_id not in eos_token_ids:
-            tokens.append(next_id)
-            if len(tokens) >= max_new_tokens:
-                break
-            if decoder is not None:
-                decoder.run(1)
-                next_id = int(decoder.tok)
-            else:
-                logits = _forward(model, torch.tensor([[next_id]], device=device), cache)
-                next_id = int(logits.argmax(-1))
-            steps += 1
-        decode_s = clock.elapsed()
-        if decoder is not None:
-            decoder.close()
+        if query_aware:
+            logits = prefill(model, torch.cat([context_ids, question_ids], dim=1), cache)
+            rest = None
+        else:
+            prefill(model, context_ids, cache)
+            logits, rest = None, question_ids
+        tokens, steps, ttft, kv_bytes, held, decode_s = continue_greedy(
+            model, cache, rest, logits, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+            decode=decode, clock=clock)
     return Generation(
         token_ids=tokens,
         text=tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else "",

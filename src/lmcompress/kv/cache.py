@@ -101,6 +101,31 @@ class CompressedCache(Cache):
         return [layer.held_per_head() for layer in self.layers]
 
     # ------------------------------------------------------------------------------------ control
+    def copy(self) -> CompressedCache:
+        """An independent copy of the cache's state (every layer's storage, policy state and the state shared
+        across layers), for answering several questions from one compressed context: the copy holds its own
+        tensors (as many bytes again as :attr:`nbytes`); the model's rotary table, the spec and its (frozen)
+        policies and quantizers are shared, not copied.
+
+        Raises:
+            LMCompressError: the cache is in static decode mode (call :meth:`end_static` first).
+        """
+        import copy
+
+        from ..errors import LMCompressError
+
+        if self.is_static:
+            raise LMCompressError("a cache in static decode mode cannot be copied; call end_static() first")
+        memo: dict[int, object] = {id(self.spec): self.spec}
+        for layer in self.layers:
+            for shared in (layer.rope, layer.evict, layer.quant):
+                if shared is not None:
+                    memo[id(shared)] = shared
+            for transient in (layer._inputs_cache, layer.hidden_states, layer.recorder):
+                if transient is not None:  # scoring inputs hold the attention module: never copied
+                    memo[id(transient)] = None
+        return copy.deepcopy(self, memo)
+
     # ------------------------------------------------------------------------------------ static decode
     def begin_static(self, new_tokens: int, *, rolling: bool = False) -> None:
         """Switch every layer to fixed-shape decode storage (:mod:`lmcompress.kv.static`), so decode steps can

@@ -14,10 +14,11 @@ from .cache import CompressedCache
 
 
 @contextmanager
-def scoring_hooks(model: torch.nn.Module, cache: CompressedCache) -> Iterator[None]:
+def scoring_hooks(model: torch.nn.Module, cache: CompressedCache, *, always: bool = False) -> Iterator[None]:
     """Within this block, every attention module's ``hidden_states`` input ``[B, q, hidden]`` is handed to
-    ``cache.layers[module.layer_idx].hidden_states`` before the module runs."""
-    needs = any(
+    ``cache.layers[module.layer_idx].hidden_states`` before the module runs (only where a layer's policy needs
+    hidden states, or ``always``)."""
+    needs = always or any(
         layer.evict is not None and layer.evict.needs_hidden_states for layer in cache.layers
     )
     handles = []

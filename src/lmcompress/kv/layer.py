@@ -98,6 +98,9 @@ class CompressedLayer(CacheLayerMixin):
         self._inputs_cache: tuple[int, ScoreInputs] | None = None
         #: fixed-shape decode storage while the cache is in static mode (see kv/static.py), else None.
         self.static: StaticSlots | None = None
+        #: ``fn(layer, query, attention_mask, scaling, module)`` called before each compression step, or None
+        #: (the shared-prefill recorder, :mod:`lmcompress.eval.shared_prefill`).
+        self.recorder: Any = None
 
     # ------------------------------------------------------------------------------------ cache layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -300,6 +303,8 @@ class CompressedLayer(CacheLayerMixin):
         """Let the policy observe and compress, trim sliding windows, commit to packed storage."""
         if self.static is not None:
             return
+        if self.recorder is not None:
+            self.recorder(self, query, attention_mask, scaling, module)
         q = query.shape[2]
         if self.evict is not None:
             if q > 1 and attention_mask is not None and self.held == q and not self.is_sliding:

@@ -1,6 +1,9 @@
 """Executors run a list of ``RunSpec`` against a ``ResultStore``, skipping runs already stored.
 
-``InlineExecutor`` runs in this process, loading each model once. Fan-out over local devices or a Ray cluster
+``InlineExecutor`` runs in this process, loading each model once. By default it runs a grid task by task and
+shares prefills (:mod:`lmcompress.eval.shared_prefill`): every method of the grid compresses from one recorded
+uncompressed prefill per prompt, which gives the same answers and kept tokens as separate prefills; results so
+produced carry ``costs["prefill"] = "shared"`` since their TTFT and peak memory do not cover a real prefill. Fan-out over local devices or a Ray cluster
 (``lmcompress.runner.parallel``) keeps the same contract: every finished run is written to the store as soon as
 it ends. All of them key runs by ``RunSpec.key(dtype, device)``, claim a cell before computing it
 (:class:`~lmcompress.runner.claims.Claimer`: runners sharing a store compute each cell once), recompute a
@@ -11,6 +14,7 @@ it ends. All of them key runs by ``RunSpec.key(dtype, device)``, claim a cell be
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -60,31 +64,44 @@ class InlineExecutor:
     reuse_stale: keep rows computed by another code version (marked ``stale``) instead of recomputing them.
     warmup: warm each freshly loaded model up before its first measured cell (needs a transformers model).
     claim_timeout_s / heartbeat_s: see :class:`~lmcompress.runner.claims.Claimer`.
+    share_prefill: share one uncompressed prefill per prompt across the grid's methods (exact; see above).
+    prefill_cache_bytes: bound on the recorded prefills kept at once (least recently used dropped).
     """
 
     def __init__(self, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
                  loader: Loader | None = None, *, reuse_stale: bool = False, warmup: bool = True,
-                 claim_timeout_s: float = 60.0, heartbeat_s: float = 5.0) -> None:
+                 claim_timeout_s: float = 60.0, heartbeat_s: float = 5.0, share_prefill: bool = True,
+                 prefill_cache_bytes: int = 4 << 30) -> None:
         self.device = device
         self.dtype = dtype
         self.progress = progress
         self.loader = loader or (lambda name: load_model(name, dtype=self.dtype, device=self.device))
         self.reuse_stale, self.warmup = reuse_stale, warmup
         self.claim_timeout_s, self.heartbeat_s = claim_timeout_s, heartbeat_s
+        self.share_prefill = share_prefill
+        self.prefill_cache_bytes = prefill_cache_bytes
+        #: after :meth:`run`: prefills recorded and replays served (0, 0 when not sharing).
+        self.prefill_stats: dict[str, float] = {"recorded": 0, "replayed": 0, "record_s": 0.0}
 
     def run(self, runs: Sequence[RunSpec], store: ResultStore) -> list[dict[str, Any]]:
         """Run what is missing (or stale) in ``store``; return the stored records of all ``runs``, in order."""
         from tqdm.auto import tqdm
 
+        from ..eval.shared_prefill import sharing_prefills
+
         prepare_measurement(self.device)
         keys = [r.key(self.dtype, self.device) for r in runs]
         pending = pending_cells(runs, keys)
+        if self.share_prefill:  # every method of one task back to back (same prompts), one load per model
+            pending.sort(key=lambda rk: (rk[0].model, rk[0].task.label()))
         loaded: dict[str, tuple[torch.nn.Module, Any]] = {}
         bar = tqdm(total=len(runs), disable=not self.progress, desc="runs", unit="run", dynamic_ncols=True)
         claimer: Claimer[RunSpec] = Claimer(store, reuse_stale=self.reuse_stale, timeout_s=self.claim_timeout_s,
                                             heartbeat_s=self.heartbeat_s)
+        sharing = sharing_prefills(self.prefill_cache_bytes) if self.share_prefill else contextlib.nullcontext()
         try:
-            with claimer:
+            with claimer, sharing as shared:
+                group = None
                 while (cell := claimer.next_cell(pending, on_done=lambda _k: bar.update(1), wait=True)) is not None:
                     run, key = cell
                     if run.model not in loaded:
@@ -94,16 +111,25 @@ class InlineExecutor:
                         if self.warmup:
                             warm_up_for(loaded[run.model][0], run)
                     model, tokenizer = loaded[run.model]
+                    if shared is not None and group != (run.model, run.task.label()):
+                        shared.clear()  # another task: other prompts
+                        group = (run.model, run.task.label())
                     bar.set_postfix_str(f"{run.kv.label()} {run.task.label()}"[:80])
+                    replayed = shared.replayed if shared is not None else 0
                     started = time.time()
-                    result = run.task.run(RunContext(model, tokenizer, run.kv, run.model))
+                    result = run.task.run(RunContext(model, tokenizer, run.kv, run.model)).to_dict()
+                    if shared is not None and shared.replayed > replayed:
+                        result["costs"]["prefill"] = "shared"
                     spec = run.to_dict()
-                    store.put(key, spec, result.to_dict(),
+                    store.put(key, spec, result,
                               provenance=provenance.provenance(spec, self.dtype, self.device,
                                                                claimer.code_version).to_dict(),
                               device=str(self.device), started_at=started, duration_s=time.time() - started,
                               owner=claimer.owner)
                     bar.update(1)
+                if shared is not None:
+                    self.prefill_stats = {"recorded": shared.recorded, "replayed": shared.replayed,
+                                          "record_s": shared.record_seconds}
         finally:
             bar.close()
         return finished_records(store, keys, claimer.code_version)

@@ -163,7 +163,8 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 def write_outputs(records: list[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
-    """Write ``results.json``, ``report.md`` and ``kv_tradeoff.png`` into ``out_dir``."""
+    """Write ``results.json``, ``report.md``, ``kv_tradeoff.png`` and the leaderboard (``leaderboard.md``,
+    ``index.html``, ``img/*.png``: :mod:`lmcompress.runner.leaderboard`) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(records)
@@ -174,4 +175,8 @@ def write_outputs(records: list[dict[str, Any]], out_dir: str | Path) -> dict[st
     paths["markdown"].write_text(markdown_table(rows) + "\n\nNeedle grids (accuracy):\n\n```\n"
                                  + grid_text(grid) + "\n```\n")
     plot(rows, paths["plot"])
+    from .leaderboard import write_leaderboard
+
+    board = write_leaderboard(records, out)  # any task: method x ratio x task table, plots, heatmaps, HTML
+    paths["leaderboard"], paths["html"] = board["markdown"], board["html"]
     return paths

@@ -97,11 +97,26 @@ class CakeState:
         self.policy = policy
         # weak proxies: the layers hold this state, so strong references would make a cycle that keeps the
         # whole cache's storage alive after the cache is dropped (until the cyclic GC runs)
-        self.layers = [weakref.proxy(layer) for layer in sorted(layers, key=lambda layer: layer.layer_idx)]
+        ordered = sorted(layers, key=lambda layer: layer.layer_idx)
+        self._refs = [weakref.ref(layer) for layer in ordered]
+        self.layers = [weakref.proxy(layer) for layer in ordered]
         self.prefs: dict[int, float] = {}
         self.budgets: dict[int, int] = {}
         self.total = 0
         self.window_keep = policy.window_size
+
+    def __deepcopy__(self, memo: dict) -> CakeState:
+        """A copy managing the deep copies of its layers (a copied cache gets budgets over its own layers)."""
+        import copy
+
+        new = CakeState.__new__(CakeState)
+        memo[id(self)] = new
+        new.policy = self.policy
+        new.prefs, new.budgets, new.total = dict(self.prefs), dict(self.budgets), self.total
+        layers = [copy.deepcopy(ref(), memo) for ref in self._refs]
+        new._refs = [weakref.ref(layer) for layer in layers]
+        new.layers = [weakref.proxy(layer) for layer in layers]
+        return new
 
     def start_round(self, n: int) -> None:
         self.prefs = {}

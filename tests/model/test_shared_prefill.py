@@ -1,0 +1,171 @@
+"""Shared prefill: a recorded uncompressed prefill replayed into each method's cache gives the state, kept sets
+and answers of a real prefill, for every registered eviction method and KV quantizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from random_ids import ids
+
+from lmcompress.eval.pipeline import answer, prefill
+from lmcompress.eval.shared_prefill import sharing_prefills
+from lmcompress.kv import (
+    CAKE,
+    H2O,
+    TOVA,
+    AdaKV,
+    CompressedCache,
+    DecodingCompression,
+    ExpectedAttention,
+    KeyDiff,
+    Knorm,
+    KVSpec,
+    ObservedAttention,
+    PyramidKV,
+    Random,
+    SnapKV,
+    StreamingLLM,
+    ThresholdEviction,
+)
+from lmcompress.kv.quant import KIVI, IntKV
+from lmcompress.registry import EVICTION_METHODS, KV_QUANTIZERS
+
+pytestmark = pytest.mark.model
+
+W = 8  # scoring windows sized for the 100-token test prompts
+EVICTION = {
+    "adakv": AdaKV(base=SnapKV(ratio=0.6, window_size=W)),
+    "cake": CAKE(ratio=0.5, window_size=W),
+    "decoding": DecodingCompression(base=Knorm(), interval=4, target_size=48),
+    "expected_attention": ExpectedAttention(ratio=0.5, n_future_positions=16, n_sink=2),
+    "h2o": H2O(ratio=0.5),
+    "keydiff": KeyDiff(ratio=0.5),
+    "knorm": Knorm(ratio=0.5),
+    "observed_attention": ObservedAttention(ratio=0.5),
+    "pyramidkv": PyramidKV(ratio=0.5, window_size=W),
+    "random": Random(ratio=0.5, seed=3),
+    "snapkv": SnapKV(ratio=0.5, window_size=W),
+    "streaming_llm": StreamingLLM(ratio=0.5),
+    "threshold": ThresholdEviction(base=Knorm(), threshold=0.5, window=16),
+    "tova": TOVA(ratio=0.5),
+}
+
+
+def _quantizer(name: str):
+    cls = KV_QUANTIZERS.get(name)
+    if name == "kivi":
+        return KIVI(bits=2, residual=32, group_size=16)
+    if name == "int":
+        return IntKV(bits=4, group_size=16)
+    return cls(group_size=16)
+
+
+def all_specs() -> dict[str, KVSpec]:
+    specs = {f"evict:{n}": KVSpec(evict=p) for n, p in EVICTION.items()}
+    specs.update({f"quant:{n}": KVSpec(quant=_quantizer(n)) for n in KV_QUANTIZERS.names()})
+    specs["snapkv+kivi"] = KVSpec(evict=SnapKV(ratio=0.5, window_size=W), quant=_quantizer("kivi"))
+    return specs
+
+
+def test_every_registered_method_is_covered():
+    assert set(EVICTION) == set(EVICTION_METHODS.names()), "add new eviction methods to this test"
+
+
+def _segment_tensors(seg) -> list[torch.Tensor]:
+    """The valid contents of a segment (spare capacity is uninitialised memory): packed tokens dequantized,
+    full-precision tokens, positions and per-token policy values."""
+    out = list(seg.store.dequantize()) if seg.packed_length else []
+    for buf in (seg.fp_k, seg.fp_v, seg.pos, *seg.aux.values()):
+        if buf is not None:
+            out.append(buf.view().clone())
+    return out
+
+
+def _state(cache: CompressedCache) -> list:
+    """Per layer: held per head, kept positions, bytes and every segment's contents."""
+    return [(layer.held_per_head().tolist(), layer.positions().tolist(), layer.nbytes,
+             [t for seg in layer.segments for t in _segment_tensors(seg)]) for layer in cache.layers]
+
+
+def _assert_same_state(a: CompressedCache, b: CompressedCache) -> None:
+    for (held_a, pos_a, bytes_a, ta), (held_b, pos_b, bytes_b, tb) in zip(_state(a), _state(b)):
+        assert held_a == held_b
+        assert pos_a == pos_b
+        assert bytes_a == bytes_b
+        assert len(ta) == len(tb)
+        for x, y in zip(ta, tb):
+            assert x.shape == y.shape and torch.equal(x, y)
+
+
+CONTEXT = ids(100, seed=11)
+QUESTION = ids(6, seed=12)
+
+
+@pytest.mark.parametrize("name", list(all_specs()))
+@pytest.mark.parametrize("query_aware", [False, True])
+def test_shared_prefill_is_exact(model, name, query_aware):
+    spec = all_specs()[name]
+    prompt = torch.cat([CONTEXT, QUESTION], dim=1) if query_aware else CONTEXT
+    with torch.inference_mode():
+        real = CompressedCache(model, spec, reserve=8)
+        real_logits = prefill(model, prompt, real)
+        with sharing_prefills() as shared:
+            for _ in range(2):  # the first call records, the second replays the stored recording
+                replayed = CompressedCache(model, spec, reserve=8)
+                logits = prefill(model, prompt, replayed)
+                assert torch.equal(logits, real_logits)
+                _assert_same_state(real, replayed)
+        assert (shared.recorded, shared.replayed) == (1, 2)
+    unshared = answer(model, CONTEXT, QUESTION, spec, max_new_tokens=6, query_aware=query_aware, eos_token_ids=[])
+    with sharing_prefills() as shared:
+        one = answer(model, CONTEXT, QUESTION, spec, max_new_tokens=6, query_aware=query_aware, eos_token_ids=[])
+        two = answer(model, CONTEXT, QUESTION, spec, max_new_tokens=6, query_aware=query_aware, eos_token_ids=[])
+        assert shared.recorded == 1 and shared.replayed == 2
+    assert one.token_ids == two.token_ids == unshared.token_ids
+    assert one.held_tokens == unshared.held_tokens and one.kv_bytes == unshared.kv_bytes
+
+
+def test_eviction_happened(model):
+    """The exactness test compares caches that were really compressed (not two identical full caches)."""
+    cache = CompressedCache(model, all_specs()["evict:adakv"])
+    with torch.inference_mode(), sharing_prefills():
+        prefill(model, CONTEXT, cache)
+    assert max(cache.held_tokens()) < CONTEXT.shape[1]
+    assert any(layer.ragged for layer in cache.layers)
+
+
+def test_non_first_chunks_run_normally(model):
+    spec = KVSpec(evict=SnapKV(ratio=0.5, window_size=W))
+    with torch.inference_mode(), sharing_prefills() as shared:
+        cache = CompressedCache(model, spec)
+        prefill(model, CONTEXT, cache)
+        prefill(model, ids(12, seed=5), cache)  # a second chunk attends over compressed tokens: not replayed
+        assert (shared.recorded, shared.replayed) == (1, 1)
+    with torch.inference_mode():
+        ref = CompressedCache(model, spec)
+        prefill(model, CONTEXT, ref)
+        prefill(model, ids(12, seed=5), ref)
+    _assert_same_state(ref, cache)
+
+
+def test_store_is_bounded(model):
+    with torch.inference_mode(), sharing_prefills(max_bytes=1) as shared:
+        prefill(model, CONTEXT, CompressedCache(model, KVSpec(evict=Knorm(ratio=0.5))))
+        assert shared.nbytes == 0
+        prefill(model, CONTEXT, CompressedCache(model, KVSpec(evict=Knorm(ratio=0.5))))
+        assert shared.recorded == 2
+
+
+@pytest.mark.parametrize("name", ["evict:snapkv", "evict:cake", "quant:kivi"])
+def test_shared_prefill_is_exact_with_sliding_window_layers(tiny_models, name):
+    """Gemma 3 (sliding-window layers trimmed after attention, their own RoPE) replays exactly too."""
+    gemma = tiny_models("gemma3")
+    spec = all_specs()[name]
+    with torch.inference_mode():
+        real = CompressedCache(gemma, spec)
+        real_logits = prefill(gemma, CONTEXT, real)
+        with sharing_prefills():
+            replayed = CompressedCache(gemma, spec)
+            assert torch.equal(prefill(gemma, CONTEXT, replayed), real_logits)
+    assert any(layer.is_sliding for layer in real.layers)
+    _assert_same_state(real, replayed)

@@ -61,12 +61,15 @@ def encode_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def frame_ids(tokenizer, context_ids: list[int], question_ids: list[int], answer_prefix: str = "") -> Prompt:
-    """Wrap already-tokenized context and question in the chat frame (or BOS) and append ``answer_prefix``."""
-    before, after = chat_frame(tokenizer)
+def frame_ids(tokenizer, context_ids: list[int], question_ids: list[int], answer_prefix: str = "",
+              chat: bool = True) -> Prompt:
+    """Wrap already-tokenized context and question in the chat frame (or BOS) and append ``answer_prefix``;
+    ``chat=False`` frames as for a base model even when the tokenizer has a chat template."""
+    chat = chat and uses_chat(tokenizer)
+    before, after = chat_frame(tokenizer) if chat else ("", "")
     head = encode_ids(tokenizer, before) if before else []
     bos = getattr(tokenizer, "bos_token_id", None)
-    if not uses_chat(tokenizer) and bos is not None and (not context_ids or context_ids[0] != bos):
+    if not chat and bos is not None and (not context_ids or context_ids[0] != bos):
         head = [bos]
     tail = encode_ids(tokenizer, after + answer_prefix) if (after or answer_prefix) else []
     ctx = torch.tensor([head + context_ids], dtype=torch.long)

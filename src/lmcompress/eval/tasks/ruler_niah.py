@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from ...errors import LMCompressError, check_choice, check_positive_int
 from ...registry import TASKS
 from .ruler_base import RulerSample, RulerTask
-from .ruler_data import HAYSTACK_TYPES, NEEDLE_TYPES, NOISE, essay_words, essay_with_inserts, lines_with_inserts
+from .ruler_data import (
+    HAYSTACK_TYPES,
+    NEEDLE_TYPES,
+    NOISE,
+    essay_with_inserts,
+    essay_words,
+    lines_with_inserts,
+)
 from .ruler_data import random_value as _value
 
 NEEDLE = "One of the special magic {type_v} for {key} is: {value}."

@@ -49,6 +49,10 @@ class RulerQA(RulerTask):
 
     path: str = ""
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.read()  # a missing or malformed file fails before anything runs
+
     def read(self) -> list[RulerSample]:
         records = read_jsonl(self.path, {"input": str, "outputs": list}, f"RULER {self.name}", limit=self.samples)
         out = []

@@ -22,3 +22,9 @@ def tokenizer(request):
 @pytest.fixture
 def base_tokenizer():
     return ByteTokenizer()
+
+
+@pytest.fixture
+def model(tiny_models):
+    """The session's tiny random Llama (4096 positions, vocabulary 256)."""
+    return tiny_models("llama")

@@ -46,7 +46,7 @@ def vt_text(rng: random.Random, n_noise: int, num_chains: int, num_hops: int, na
     """``(context, value, answer variables)`` of one variable-tracking haystack of ``n_noise`` noise lines."""
     variables, lines = chains(rng, num_chains, num_hops, name_len)
     value = lines[0][0].split("=")[-1].strip()
-    sentences = [NOISE] * n_noise
+    sentences = [NOISE] * max(n_noise, num_hops + 1)  # room for every line of a chain
     for chain in lines:
         positions = sorted(rng.sample(range(len(sentences)), len(chain)))
         for j, (pos, line) in enumerate(zip(positions, chain)):
@@ -91,7 +91,7 @@ class VariableTracking(RulerTask):
             example = (HEAD + ctx + QUESTION.format(query=value)
                        + ANSWER_PREFIX.format(num_v=hops + 1, query=value) + " " + " ".join(outputs) + "\n")
             head = example + "\n" + HEAD
-        context, value, outputs = vt_text(rng, max(size, self.num_hops + 1), self.num_chains, self.num_hops, 5)
+        context, value, outputs = vt_text(rng, size, self.num_chains, self.num_hops, 5)
         return RulerSample(
             context=head + context,
             question=QUESTION.format(query=value),

@@ -121,7 +121,7 @@ def test_middle_truncate_keeps_both_ends_and_the_question():
 def test_longbench_file_problems_are_named(tmp_path):
     rec = _record("hotpotqa", "c", "q", ["a"])
     del rec["all_classes"]
-    with pytest.raises(LMCompressError, match="line 1 of .* lacks field 'all_classes'"):
+    with pytest.raises(LMCompressError, match=r"line 1 of .* lacks field 'all_classes'"):
         LongBench(path=_longbench_file(tmp_path, [rec]))
     with pytest.raises(LMCompressError, match="dataset='dureader' is not supported"):
         LongBench(path=_longbench_file(tmp_path, [_record("dureader", "c", "q", ["a"])]))
@@ -143,5 +143,5 @@ def test_needle_grid_cells_and_matrix(model, base_tokenizer):
         assert c["accuracy"] == sum(hits) / 2
     assert needle_matrix(res.to_dict()) == matrix == needle_matrix({"result": res.to_dict()})
     assert auto_lengths(4096, 10) == (1024, 2048, 4086)
-    with pytest.raises(LMCompressError, match="depth=1.5 is out of range"):
+    with pytest.raises(LMCompressError, match=r"depth=1\.5 is out of range"):
         NeedleGrid(depths=(0.5, 1.5))

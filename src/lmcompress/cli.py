@@ -93,10 +93,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     longest = longest_run.max_sequence_tokens()
     if limit and longest > limit:
         answer_room = getattr(longest_run, "max_new_tokens", 0)
-        what = (f"--lengths up to {longest - answer_room} tokens plus {answer_room} answer tokens"
-                if longest_run.name == "passkey" else f"task {longest_run.label()} needs {longest} tokens, which would")
+        if longest_run.name == "passkey":
+            raise LMCompressError(
+                f"--lengths up to {longest - answer_room} tokens plus {answer_room} answer tokens exceed "
+                f"{args.model}'s {limit} positions; allowed: lengths <= {limit - answer_room}"
+            )
         raise LMCompressError(
-            f"{what} exceed {args.model}'s {limit} positions; allowed: at most {limit} tokens in all"
+            f"task {longest_run.name} needs {longest} tokens, which would exceed {args.model}'s {limit} positions; "
+            f"allowed: at most {limit} tokens (length, prompt and answer)"
         )
     out = Path(args.out)
     store_path = Path(args.store) if args.store else out / "results.sqlite"

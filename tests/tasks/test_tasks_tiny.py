@@ -145,3 +145,13 @@ def test_needle_grid_cells_and_matrix(model, base_tokenizer):
     assert auto_lengths(4096, 10) == (1024, 2048, 4086)
     with pytest.raises(LMCompressError, match=r"depth=1\.5 is out of range"):
         NeedleGrid(depths=(0.5, 1.5))
+
+
+def test_user_files_are_pinned_by_content(tmp_path):
+    path = _longbench_file(tmp_path, [_record("hotpotqa", "c", "q", ["a"])])
+    task = LongBench(path=path)
+    assert len(task.sha256) == 16 and LongBench(**task.params()) == task  # a stored run rebuilds
+    _longbench_file(tmp_path, [_record("hotpotqa", "c", "q", ["b"])])
+    assert LongBench(path=path).sha256 != task.sha256  # new content, new result key
+    with pytest.raises(LMCompressError, match="changed since it was recorded"):
+        LongBench(**task.params())

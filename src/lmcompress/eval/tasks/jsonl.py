@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -52,3 +53,17 @@ def read_jsonl(path: str, required: dict[str, type | tuple[type, ...]], what: st
     if not records:
         raise LMCompressError(f"{what} file {path!r} is empty; allowed: a file with at least one record")
     return records
+
+
+def pin_file(task, path: str, digest: str) -> None:
+    """Fill a frozen task's ``sha256`` field with ``path``'s digest (so the result-store key changes with the
+    file's content), or check a given one.
+
+    Raises:
+        LMCompressError: the file's content differs from the recorded ``digest``.
+    """
+    actual = hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()[:16]
+    if digest and digest != actual:
+        raise LMCompressError(f"{path} changed since it was recorded (sha256 {actual}, recorded {digest}); allowed: "
+                              f"the recorded file, or sha256='' to take the file as it is now")
+    object.__setattr__(task, "sha256", actual)

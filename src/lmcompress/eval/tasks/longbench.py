@@ -22,7 +22,7 @@ from ...errors import LMCompressError, check_choice, check_positive_int
 from ...registry import TASKS
 from ..pipeline import DECODE_MODES, check_context_fits
 from .base import RunContext, Task, TaskResult
-from .jsonl import read_jsonl
+from .jsonl import pin_file, read_jsonl
 from .longbench_config import DATASETS, MAX_NEW_TOKENS, NO_CHAT, PROMPTS
 from .longbench_metrics import score
 from .prompting import (
@@ -93,6 +93,7 @@ class LongBench(Task):
         chat: ``auto`` (LongBench's rule) or ``never``.
         query_aware: compress context and question together.
         decode: ``auto``, ``eager`` or ``static``.
+        sha256: the file's digest (filled in from the file; part of the result-store key).
     """
 
     name = "longbench"
@@ -105,6 +106,7 @@ class LongBench(Task):
     chat: str = "auto"
     query_aware: bool = False
     decode: str = "auto"
+    sha256: str = ""
 
     def __post_init__(self) -> None:
         check_positive_int("samples", self.samples, allow_zero=True)
@@ -113,6 +115,7 @@ class LongBench(Task):
         check_choice("chat", self.chat, ("auto", "never"))
         check_choice("decode", self.decode, DECODE_MODES)
         read_longbench(self.path, self.samples or None)  # a bad file fails before anything runs
+        pin_file(self, self.path, self.sha256)
 
     def max_sequence_tokens(self) -> int:
         return self.max_length + (self.max_new_tokens or max(MAX_NEW_TOKENS.values()))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ...errors import LMCompressError
 from ...registry import TASKS
 from .base import RunContext
-from .jsonl import read_jsonl
+from .jsonl import pin_file, read_jsonl
 from .prompting import Prompt, need_tokenizer
 from .ruler_base import RulerSample, RulerTask
 
@@ -41,6 +41,7 @@ class RulerQA(RulerTask):
         path: the jsonl file.
         samples: the first ``samples`` records are answered.
         length: the length the file was generated for; a record longer than it is an error.
+        sha256: the file's digest (filled in from the file; part of the result-store key).
     """
 
     name = "qa_1"
@@ -48,10 +49,12 @@ class RulerQA(RulerTask):
     max_new_tokens: int = 32
 
     path: str = ""
+    sha256: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.read()  # a missing or malformed file fails before anything runs
+        pin_file(self, self.path, self.sha256)
 
     def read(self) -> list[RulerSample]:
         records = read_jsonl(self.path, {"input": str, "outputs": list}, f"RULER {self.name}", limit=self.samples)

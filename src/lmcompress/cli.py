@@ -62,14 +62,24 @@ def build_grid(args: argparse.Namespace):
             f"--ratios={args.ratios} has no effect: no method in --methods={args.methods} takes the sweep's ratio; "
             "allowed: an eviction method without its own ratio/budget (e.g. snapkv, snapkv+int4), or drop --ratios"
         )
-    tasks = [
-        Passkey(length=length, depth=depth, samples=args.samples, query_aware=args.query_aware,
-                decode=args.decode)
-        for length in _ints(args.lengths, "lengths")
-        for depth in _floats(args.depths, "depths")
-    ]
-    if args.ppl:
-        tasks.append(Perplexity(context_tokens=args.ppl_context, eval_tokens=args.ppl_eval))
+
+    def default_tasks() -> list:
+        tasks = [
+            Passkey(length=length, depth=depth, samples=args.samples, query_aware=args.query_aware,
+                    decode=args.decode)
+            for length in _ints(args.lengths, "lengths")
+            for depth in _floats(args.depths, "depths")
+        ]
+        if args.ppl:
+            tasks.append(Perplexity(context_tokens=args.ppl_context, eval_tokens=args.ppl_eval))
+        return tasks
+
+    if getattr(args, "tasks", None):
+        from .cli_tasks import build_tasks
+
+        tasks = build_tasks(args.tasks, {"query_aware": args.query_aware, "decode": args.decode}, default_tasks)
+    else:
+        tasks = default_tasks()
     return [RunSpec(args.model, spec, task) for spec in specs for task in tasks]
 
 
@@ -90,6 +100,7 @@ def check_bench_inputs(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
+    from .cli_tasks import longest_sequence, task_table
     from .eval.perf import precise_cpu_memory
     from .eval.pipeline import check_context_fits
     from .models import known_max_positions, load_model
@@ -103,12 +114,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if getattr(args, "prefill_cache_mb", 1) < 1:
         raise LMCompressError(f"--prefill-cache-mb={args.prefill_cache_mb} is not allowed; it must be >= 1")
     limit = known_max_positions(args.model)
-    answer_room = max(getattr(r.task, "max_new_tokens", 0) for r in runs)
-    longest = max(getattr(r.task, "length", 0) for r in runs)
-    if limit and longest + answer_room > limit:
+    longest_run = max(runs, key=lambda r: r.task.max_sequence_tokens()).task
+    longest = longest_run.max_sequence_tokens()
+    if limit and longest > limit:
+        answer_room = getattr(longest_run, "max_new_tokens", 0)
+        if longest_run.name == "passkey":
+            raise LMCompressError(
+                f"--lengths up to {longest - answer_room} tokens plus {answer_room} answer tokens exceed "
+                f"{args.model}'s {limit} positions; allowed: lengths <= {limit - answer_room}"
+            )
         raise LMCompressError(
-            f"--lengths up to {longest} tokens plus {answer_room} answer tokens exceed {args.model}'s "
-            f"{limit} positions; allowed: lengths <= {limit - answer_room}"
+            f"task {longest_run.name} needs {longest} tokens, which would exceed {args.model}'s {limit} positions; "
+            f"allowed: at most {limit} tokens (length, prompt and answer)"
         )
     out = check_output_dir(args.out)  # a bad --out fails before any model loads or any run is computed
     store_path = Path(args.store) if args.store else out / "results.sqlite"
@@ -124,8 +141,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         def loader(name: str):
             if name not in loaded:
                 loaded[name] = load_model(name, dtype=dtype, device=args.device, quiet=True)
-                longest = max(getattr(r.task, "length", 0) for r in runs)
-                check_context_fits(loaded[name][0], longest + getattr(runs[0].task, "max_new_tokens", 0))
+                check_context_fits(loaded[name][0], longest_sequence(r.task for r in runs))
             return loaded[name]
 
         executor = make_executor(args, dtype, loader)
@@ -138,6 +154,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"({stats['record_s']:.1f} s recording)", file=sys.stderr)
     paths = write_outputs(records, out)
     print(markdown_table(summarize(records)))
+    if any(r["spec"]["task"]["name"] not in ("passkey", "perplexity") for r in records):
+        print("\nTasks:\n" + task_table(records))
     print("\nNeedle grids (accuracy per length: depths in order):\n" + grid_text(
         __import__("lmcompress.runner.report", fromlist=["needle_grid"]).needle_grid(records)))
     print(f"\nwrote {paths['json']}, {paths['markdown']}, {paths['plot']}, {paths['leaderboard']}, "
@@ -262,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--query-aware", action="store_true", help="compress context and question together")
     b.add_argument("--decode", default="auto", choices=("auto", "eager", "static"),
                    help="decode path: auto (static slots + CUDA graph on CUDA where possible), eager, static")
+    b.add_argument("--tasks", default=None,
+                   help="tasks instead of the pass-key grid + perplexity: NAME[:k=v,...],... ('default' adds "
+                        "those; see `lmcompress tasks`)")
     b.add_argument("--no-ppl", dest="ppl", action="store_false", help="skip the perplexity run")
     b.add_argument("--no-shared-prefill", dest="shared_prefill", action="store_false",
                    help="prefill every run itself (default: one uncompressed prefill per prompt shared by all "
@@ -296,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="out/report")
     r.set_defaults(func=cmd_report)
 
+    from .cli_tasks import add_tasks_subcommand
     from .weights.cli import add_awq_subcommands
+
+    add_tasks_subcommand(sub)
 
     add_awq_subcommands(sub)
     return parser

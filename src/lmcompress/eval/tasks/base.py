@@ -46,12 +46,21 @@ class Task:
     #: the metric a report sorts and plots by, and whether higher is better.
     primary_metric: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True
+    #: a suite the task belongs to (e.g. ``"ruler"``; reports may average a group's primary metrics), or "".
+    group: ClassVar[str] = ""
+    #: the primary metric's chance level where one is known (e.g. 0.0 for string match), else None.
+    chance: ClassVar[float | None] = None
 
     def params(self) -> dict[str, Any]:
         return asdict(self)
 
     def run(self, ctx: RunContext) -> TaskResult:
         raise NotImplementedError
+
+    def max_sequence_tokens(self) -> int:
+        """The longest sequence (prompt + answer room) a run needs, known before the model loads (0: unknown
+        until the run, e.g. lengths derived from the model)."""
+        return int(getattr(self, "length", 0) or 0) + int(getattr(self, "max_new_tokens", 0) or 0)
 
     def label(self) -> str:
         return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.params().items())})"

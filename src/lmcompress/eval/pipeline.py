@@ -121,7 +121,7 @@ def answer(
     tokens: list[int] = []
     with PeakMemory(device) as mem:
         clock.reset()
-        with scoring_hooks(model, cache):
+        with scoring_hooks(model, cache, tokenizer):
             if query_aware:
                 logits = _forward(model, torch.cat([context_ids, question_ids], dim=1), cache)
             else:

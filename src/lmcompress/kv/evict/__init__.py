@@ -14,6 +14,7 @@ from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .keydiff import KeyDiff
 from .knorm import Knorm
+from .kvzip import KVzip, KVzipPlus
 from .observed_attention import ObservedAttention
 from .pyramidkv import PyramidKV
 from .random import Random
@@ -30,6 +31,8 @@ __all__ = [
     "DecodingCompression",
     "EvictionPolicy",
     "ExpectedAttention",
+    "KVzip",
+    "KVzipPlus",
     "KeyDiff",
     "Knorm",
     "ObservedAttention",

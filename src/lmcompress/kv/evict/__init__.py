@@ -9,6 +9,8 @@ from attention preferences, cascading).
 from .adakv import AdaKV
 from .base import EvictionPolicy, ScoreInputs
 from .cake import CAKE
+from .critical_adakv import CriticalAdaKV
+from .critical_kv import CriticalKV
 from .decoding import DecodingCompression
 from .expected_attention import ExpectedAttention
 from .h2o import H2O
@@ -28,6 +30,8 @@ __all__ = [
     "H2O",
     "TOVA",
     "AdaKV",
+    "CriticalAdaKV",
+    "CriticalKV",
     "DecodingCompression",
     "EvictionPolicy",
     "ExpectedAttention",

@@ -57,12 +57,12 @@ class CriticalAdaKV(EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_scorer(self.name, self.base)
-        check_wrapper_sizes(self)
         if isinstance(self.alpha_safeguard, bool) or not isinstance(self.alpha_safeguard, (int, float)):
             raise LMCompressError(f"alpha_safeguard={self.alpha_safeguard!r} is not a number; allowed: [0, 1]")
         check_range("alpha_safeguard", float(self.alpha_safeguard), 0.0, 1.0, high_open=False)
         check_critical_params(self.display, self.epsilon, self.first_stage_ratio)
+        require_scorer(self.name, self.base)
+        check_wrapper_sizes(self)
 
     @property
     def is_noop(self) -> bool:

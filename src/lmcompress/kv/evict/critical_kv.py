@@ -75,9 +75,9 @@ class CriticalKV(EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_critical_params(self.display, self.epsilon, self.first_stage_ratio)
         require_scorer(self.name, self.base)
         check_wrapper_sizes(self)
-        check_critical_params(self.display, self.epsilon, self.first_stage_ratio)
 
     @property
     def is_noop(self) -> bool:

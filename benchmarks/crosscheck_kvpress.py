@@ -54,21 +54,53 @@ METHOD_CLASSES = {
     "pyramidkv_w8_beta4": ("PyramidKVPress", "PyramidKV", {"window_size": 8, "beta": 4}),
 }
 
+# ---------------------------------------------------------------------------------- h11a: KVzip, CriticalKV
+# KVzip(+) and CriticalAdaKV only mask in kvpress: our kept set is compared with the complement of its
+# masked_key_indices. "criticalkv_<base>" / "criticaladakv_<base>" wrap a base method of METHOD_CLASSES.
+METHOD_CLASSES.update({
+    "kvzip": ("KVzipPress", "KVzip", {}),
+    "kvzip_plus": ("KVzipPress", "KVzipPlus", {}),
+    "expected_attention_novnorm": ("ExpectedAttentionPress", "ExpectedAttention", {"use_vnorm": False}),
+})
+#: keyword arguments one side only takes (kvpress's KVzip+ is a flag; our KVzip needs the chat-template prefix
+#: length that kvpress derives from the tokenizer: it does not reconstruct those leading tokens).
+KVPRESS_ONLY_KWARGS = {"kvzip_plus": {"kvzip_plus_normalization": True}}
+OURS_ONLY_KWARGS = {"kvzip": {"prefix_tokens": "chat_prefix"}, "kvzip_plus": {"prefix_tokens": "chat_prefix"}}
+WRAPPERS = {"adakv_": ("AdaKVPress", "AdaKV"), "criticalkv_": ("CriticalKVPress", "CriticalKV"),
+            "criticaladakv_": ("CriticalAdaKVPress", "CriticalAdaKV")}
+#: methods whose kvpress press masks instead of compressing (kept set = complement of masked_key_indices).
+MASKED = ("adakv_", "criticaladakv_", "kvzip")
+
+
+def chat_prefix_tokens(tok) -> int:
+    """Tokens of the chat template before a user message (kvpress's KVzip ``prefix_length``)."""
+    if getattr(tok, "chat_template", None) is None:
+        return 0
+    marker = "\n" + "#" * 13
+    text = tok.apply_chat_template([{"role": "user", "content": "dummy context" + marker}],
+                                   add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    prefix = text.split(marker)[0].split("dummy context")[0]
+    return len(tok.encode(prefix, add_special_tokens=False))
+# ------------------------------------------------------------------------------- end of h11a block
+
 
 def _method_entry(method: str):
-    base = method.removeprefix("adakv_")
+    """``((press, policy, kwargs), wrapper prefix or "")``."""
+    prefix = next((p for p in WRAPPERS if method.startswith(p)), "")
+    base = method.removeprefix(prefix)
     if base not in METHOD_CLASSES:
-        allowed = ", ".join([*METHOD_CLASSES, *(f"adakv_{m}" for m in METHOD_CLASSES)])
+        allowed = ", ".join([*METHOD_CLASSES, *(f"{p}{m}" for p in WRAPPERS for m in METHOD_CLASSES)])
         raise ValueError(f"method {method!r} is unknown; allowed: {allowed}")
-    return METHOD_CLASSES[base], method != base
+    return METHOD_CLASSES[base], prefix
 
 
 def kvpress_press(method: str, ratio: float):
     import kvpress
 
-    (press_name, _, kwargs), adaptive = _method_entry(method)
-    press = getattr(kvpress, press_name)(compression_ratio=ratio, **kwargs)
-    return kvpress.AdaKVPress(press=press) if adaptive else press
+    (press_name, _, kwargs), wrapper = _method_entry(method)
+    base = method.removeprefix(wrapper)
+    press = getattr(kvpress, press_name)(compression_ratio=ratio, **kwargs, **KVPRESS_ONLY_KWARGS.get(base, {}))
+    return getattr(kvpress, WRAPPERS[wrapper][0])(press=press) if wrapper else press
 
 
 def match_rows(kept: torch.Tensor, full: torch.Tensor) -> tuple[list[int], float]:
@@ -127,7 +159,7 @@ def run_kvpress_side(args: argparse.Namespace) -> None:
                 kept, worst = [], 0.0
                 for li, layer in enumerate(cache.layers):
                     heads = []
-                    if method.startswith("adakv"):
+                    if method.startswith(MASKED):
                         masked = model.model.layers[li].self_attn.masked_key_indices
                         for h in range(layer.keys.shape[1]):
                             drop = set(masked[2][(masked[0] == 0) & (masked[1] == h)].tolist())
@@ -148,19 +180,22 @@ def run_kvpress_side(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- our side
 
 
-def our_policy(method: str, ratio: float):
+def our_policy(method: str, ratio: float, tok=None):
     from lmcompress.kv import evict
 
-    (_, policy_name, kwargs), adaptive = _method_entry(method)
-    policy = getattr(evict, policy_name)(ratio=ratio, **kwargs)
-    return evict.AdaKV(base=policy) if adaptive else policy
+    (_, policy_name, kwargs), wrapper = _method_entry(method)
+    extra = dict(OURS_ONLY_KWARGS.get(method.removeprefix(wrapper), {}))
+    if extra.get("prefix_tokens") == "chat_prefix":
+        extra["prefix_tokens"] = chat_prefix_tokens(tok)
+    policy = getattr(evict, policy_name)(ratio=ratio, **kwargs, **extra)
+    return getattr(evict, WRAPPERS[wrapper][1])(base=policy) if wrapper else policy
 
 
 def run_our_side(args: argparse.Namespace, ids: torch.Tensor, suffix: torch.Tensor) -> dict:
-    from lmcompress.kv import CompressedCache, KVSpec
+    from lmcompress.kv import CompressedCache, KVSpec, scoring_hooks
     from lmcompress.models import load_model
 
-    model, _ = load_model(args.model)
+    model, tok = load_model(args.model)
     out: dict = {"runs": {}}
     with torch.no_grad():
         cache = CompressedCache(model, KVSpec())
@@ -168,11 +203,12 @@ def run_our_side(args: argparse.Namespace, ids: torch.Tensor, suffix: torch.Tens
         out["runs"]["baseline"] = {"logits": continuation_logits(model, suffix, cache, ids.shape[1])}
     for method in args.methods:
         for ratio in args.ratios:
-            policy = our_policy(method, ratio)
+            policy = our_policy(method, ratio, tok)
             cache = CompressedCache(model, KVSpec(evict=policy))
             t0 = time.time()
             with torch.no_grad():
-                model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+                with scoring_hooks(model, cache, tok):  # KVzip's reconstruction pass runs from its hook
+                    model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
                 # positions of the kept tokens (= their prompt indices); ragged layers are left-padded with -1
                 kept = [[[p for p in layer.positions()[0, h].tolist() if p >= 0] for h in range(layer.num_heads)]
                         for layer in cache.layers]

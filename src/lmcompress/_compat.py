@@ -136,6 +136,16 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
+def output_projection_weight(module: torch.nn.Module) -> torch.Tensor:
+    """``[hidden, Hq * D]`` weight of an attention module's output projection (``o_proj`` in every supported
+    architecture; dequantized for AWQ projections, which have no ``weight``)."""
+    proj = getattr(module, "o_proj", None) if module is not None else None
+    if proj is None:
+        raise TypeError(f"{type(module).__name__} has no o_proj output projection")
+    weight = getattr(proj, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else proj.dequantize()
+
+
 def rotary_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
     """The decoder's shared rotary-embedding module (``model.model.rotary_emb`` in every supported
     architecture), or None if the model has none."""

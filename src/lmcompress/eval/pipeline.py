@@ -89,9 +89,10 @@ def default_eos(model: torch.nn.Module, tokenizer=None) -> list[int]:
     return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
 
-def prefill(model: torch.nn.Module, ids: torch.Tensor, cache: CompressedCache) -> torch.Tensor:
+def prefill(model: torch.nn.Module, ids: torch.Tensor, cache: CompressedCache, tokenizer: Any = None
+            ) -> torch.Tensor:
     """One prefill chunk ``ids: [1, n]`` into ``cache`` (compression applies); returns ``[1, vocab]`` logits of
-    the last token. Inside :func:`lmcompress.eval.shared_prefill.sharing_prefills` the chunk is replayed from
+    the last token (``tokenizer`` goes to policies that run the model again, e.g. KVzip's repeat prompt). Inside :func:`lmcompress.eval.shared_prefill.sharing_prefills` the chunk is replayed from
     a recorded uncompressed prefill instead of run (same cache state, see that module)."""
     from .shared_prefill import active_prefills
 
@@ -100,7 +101,7 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, cache: CompressedCache) -
         logits = shared.replay(model, ids, cache)
         if logits is not None:
             return logits
-    with scoring_hooks(model, cache):
+    with scoring_hooks(model, cache, tokenizer):
         return _forward(model, ids, cache)
 
 
@@ -181,10 +182,10 @@ def answer(
     with PeakMemory(device) as mem:
         clock.reset()
         if query_aware:
-            logits = prefill(model, torch.cat([context_ids, question_ids], dim=1), cache)
+            logits = prefill(model, torch.cat([context_ids, question_ids], dim=1), cache, tokenizer)
             rest = None
         else:
-            prefill(model, context_ids, cache)
+            prefill(model, context_ids, cache, tokenizer)
             logits, rest = None, question_ids
         tokens, steps, ttft, kv_bytes, held, decode_s = continue_greedy(
             model, cache, rest, logits, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,

@@ -14,8 +14,10 @@ layer methods with the same tensors in the same order: the cache ends in the sta
 including state shared across layers (CAKE's cascading budgets are recomputed from the same per-layer inputs
 in the same order) and sliding-window trimming.
 
-What qualifies: every registered eviction method and quantizer (query-agnostic and query-aware), since none
-of them changes what the *current* chunk's layers compute. What does not: a prefill in several chunks (later
+What qualifies: every registered eviction method and quantizer (query-agnostic and query-aware) that scores
+from the chunk itself, since none of them changes what the *current* chunk's layers compute. What does not:
+policies that run the model again after the prefill (``after_model_forward``: KVzip's reconstruction pass,
+which a replay would skip; such prefills run normally), a prefill in several chunks (later
 chunks attend over the compressed earlier ones; the pipeline never does this, and a replay is only attempted
 on an empty cache), a batch of several prompts, and tasks that do not go through ``answer``/``prefill``
 (perplexity, kv_error and multiple_choice run their own forwards and are simply not shared). What a shared run
@@ -87,6 +89,12 @@ class PrefillRecord:
         return total
 
 
+def _runs_model(cache: CompressedCache) -> bool:
+    """Whether a policy runs the model again after the prefill (``after_model_forward``, e.g. KVzip's context
+    reconstruction): its scores come from that extra pass, which a replay does not make, so it never shares."""
+    return any(layer.evict is not None and hasattr(layer.evict, "after_model_forward") for layer in cache.layers)
+
+
 def _needs_hidden(cache: CompressedCache) -> bool:
     return any(layer.evict is not None and layer.evict.needs_hidden_states for layer in cache.layers)
 
@@ -156,7 +164,7 @@ class SharedPrefills:
     def replay(self, model: torch.nn.Module, ids: torch.Tensor, cache: CompressedCache) -> torch.Tensor | None:
         """Replay ``ids: [1, n]`` into ``cache`` from a recording (made now if missing); None where the chunk
         does not qualify (not the first chunk of an empty cache, a batch, static mode): run it normally then."""
-        if ids.shape[0] != 1 or cache.get_seq_length() != 0 or cache.is_static:
+        if ids.shape[0] != 1 or cache.get_seq_length() != 0 or cache.is_static or _runs_model(cache):
             return None
         hidden = _needs_hidden(cache)
         key = self._key(model, ids)

@@ -1,11 +1,16 @@
-"""Scoring hooks: forward pre-hooks that hand each attention module's input hidden states to its cache layer,
-for eviction policies that score from hidden states (``needs_hidden_states``). Installed and removed by a
-context manager; nothing stays attached to the model."""
+"""Scoring hooks, installed and removed by a context manager (nothing stays attached to the model):
+
+* forward pre-hooks that hand each attention module's input hidden states to its cache layer, for eviction
+  policies that score from hidden states (``needs_hidden_states``);
+* a forward hook on the model that calls ``policy.after_model_forward(model, cache, input_ids, tokenizer)``
+  after each forward, for policies that score by running the model again (KVzip's context reconstruction).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -14,10 +19,12 @@ from .cache import CompressedCache
 
 
 @contextmanager
-def scoring_hooks(model: torch.nn.Module, cache: CompressedCache, *, always: bool = False) -> Iterator[None]:
+def scoring_hooks(model: torch.nn.Module, cache: CompressedCache, tokenizer: Any = None, *,
+                  always: bool = False) -> Iterator[None]:
     """Within this block, every attention module's ``hidden_states`` input ``[B, q, hidden]`` is handed to
     ``cache.layers[module.layer_idx].hidden_states`` before the module runs (only where a layer's policy needs
-    hidden states, or ``always``)."""
+    hidden states, or ``always``), and policies with a model pass run it after each forward of ``model``
+    (``tokenizer`` is handed to them, e.g. for KVzip's repeat prompt)."""
     needs = always or any(
         layer.evict is not None and layer.evict.needs_hidden_states for layer in cache.layers
     )
@@ -32,10 +39,24 @@ def scoring_hooks(model: torch.nn.Module, cache: CompressedCache, *, always: boo
                 return None
 
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    passes = {id(layer.evict): layer.evict for layer in cache.layers
+              if layer.evict is not None and hasattr(layer.evict, "after_model_forward")}
+    if passes:
+        def model_hook(mod, args, kwargs, output):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            for policy in passes.values():
+                policy.after_model_forward(model, cache, ids, tokenizer)
+            return None
+
+        handles.append(model.register_forward_hook(model_hook, with_kwargs=True))
+        for policy in passes.values():
+            policy.set_hooked(cache, True)
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        for policy in passes.values():
+            policy.set_hooked(cache, False)
         for layer in cache.layers:
             layer.hidden_states = None

@@ -424,6 +424,14 @@ class CompressedLayer(CacheLayerMixin):
         for seg in self.segments:  # kept packed tokens come back in full precision: store them packed again
             seg.commit()
 
+    def drop_newest(self, q: int) -> None:
+        """Forget the newest ``q`` tokens of every head (not yet committed), as if they had never been fed:
+        ``seen`` goes back by ``q`` (KVzip's repeat prompt is scored and then dropped this way)."""
+        for seg in self.segments:
+            seg.drop_newest(q)
+        self.seen -= q
+        self._inputs_cache = None
+
     # ------------------------------------------------------------------------------------ static mode
     def begin_static(self, new_tokens: int, ring_start: int | None) -> None:
         """Switch to fixed-shape decode storage (see :mod:`lmcompress.kv.static`).

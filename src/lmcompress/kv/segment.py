@@ -274,6 +274,16 @@ class KVSegment:
         self.aux = {}
         return out
 
+    def drop_newest(self, q: int) -> None:
+        """Forget the newest ``q`` tokens, which must still be in full precision (not yet committed); the
+        buffers keep their capacity (counted in ``nbytes``) for the tokens that follow."""
+        if q > self.fp_length:
+            raise RuntimeError(f"cannot drop {q} tokens: only {self.fp_length} are uncommitted")
+        for buf in (self.fp_k, self.fp_v, self.pos, *self.aux.values()):
+            if buf is not None:
+                buf.length -= q
+        self.last_position -= q
+
     def trim_front(self, keep_last: int) -> None:
         """Keep only the newest ``keep_last`` tokens (sliding windows)."""
         if self.held <= keep_last:

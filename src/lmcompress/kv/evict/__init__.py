@@ -9,11 +9,14 @@ from attention preferences, cascading).
 from .adakv import AdaKV
 from .base import EvictionPolicy, ScoreInputs
 from .cake import CAKE
+from .critical_adakv import CriticalAdaKV
+from .critical_kv import CriticalKV
 from .decoding import DecodingCompression
 from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .keydiff import KeyDiff
 from .knorm import Knorm
+from .kvzip import KVzip, KVzipPlus
 from .observed_attention import ObservedAttention
 from .pyramidkv import PyramidKV
 from .random import Random
@@ -27,9 +30,13 @@ __all__ = [
     "H2O",
     "TOVA",
     "AdaKV",
+    "CriticalAdaKV",
+    "CriticalKV",
     "DecodingCompression",
     "EvictionPolicy",
     "ExpectedAttention",
+    "KVzip",
+    "KVzipPlus",
     "KeyDiff",
     "Knorm",
     "ObservedAttention",

@@ -1,0 +1,96 @@
+"""Issue-11 methods of helper h11a (KVzip, KVzip+, CriticalKV, CriticalAdaKV) on every tiny architecture,
+alone and with KIVI-2: exact kept counts after the prompt, bytes = the kept entries' storage, a hand-written
+greedy loop that matches ``generate()`` on the same spec, all inside ``scoring_hooks``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lmcompress.kv import CompressedCache, KVSpec, scoring_hooks
+from lmcompress.kv.evict import CriticalAdaKV, CriticalKV, KVzip, KVzipPlus, SnapKV
+from lmcompress.kv.quant import KIVI
+from lmcompress.models import tiny_model
+
+pytestmark = pytest.mark.model
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3")
+N = 40
+RATIO = 0.5
+UNIFORM = N - math.floor(RATIO * N)
+STEPS = 3
+
+
+def methods() -> dict:
+    return {
+        "kvzip": KVzip(ratio=RATIO, chunk_size=16, prompt_ids=(5, 6, 7)),
+        "kvzip_plus": KVzipPlus(ratio=RATIO, chunk_size=16, prompt_ids=(5, 6, 7)),
+        "kvzip_layerwise": KVzip(ratio=RATIO, layerwise=True, chunk_size=64, prompt_ids=(9,)),
+        "criticalkv": CriticalKV(base=SnapKV(ratio=RATIO, window_size=4)),
+        "criticaladakv": CriticalAdaKV(base=SnapKV(ratio=RATIO, window_size=4)),
+    }
+
+
+QUANTS = {"fp": None, "kivi2": KIVI(bits=2, group_size=16, residual=16)}
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_model(request):
+    model = tiny_model(request.param)
+    torch.manual_seed(0)
+    return request.param, model, torch.randint(3, 256, (1, N))
+
+
+def check_counts(name: str, layers: list) -> None:
+    counts = [layer.held_per_head() for layer in layers]
+    heads = sum(c.numel() for c in counts)
+    total = sum(int(c.sum()) for c in counts)
+    if name == "criticalkv":
+        assert all(c.unique().tolist() == [UNIFORM] for c in counts)
+    elif name == "criticaladakv":
+        for c in counts:
+            assert int(c.sum()) == c.numel() * UNIFORM and int(c.min()) >= math.floor(0.2 * UNIFORM)
+    elif name == "kvzip_layerwise":
+        for c in counts:
+            assert int(c.sum()) == c.numel() * N - math.floor(RATIO * c.numel() * N)
+    else:
+        assert total == heads * N - math.floor(RATIO * heads * N)
+
+
+@pytest.mark.parametrize("quant", list(QUANTS))
+@pytest.mark.parametrize("name", list(methods()))
+def test_method_on_architecture(arch_model, name, quant):
+    arch, model, ids = arch_model
+    spec = KVSpec(evict=methods()[name], quant=QUANTS[quant])
+    cache = CompressedCache(model, spec)
+    tokens = []
+    with torch.no_grad(), scoring_hooks(model, cache):
+        out = model(ids, past_key_values=cache, use_cache=True)
+        layers = [layer for layer in cache.layers if layer.evict is not None]
+        check_counts(name, layers)
+        assert cache.get_seq_length() == N
+        assert cache.nbytes == sum(t.numel() * t.element_size() for t in cache.tensors())
+        if quant == "fp":  # K + V (fp32) + int32 position per kept entry, nothing else
+            for layer in layers:
+                assert layer.nbytes == int(layer.held_per_head().sum()) * (2 * layer.head_dim * 4 + 4)
+        else:
+            # held packed, apart from KIVI's full-precision residual (< residual + one group per head)
+            assert any(seg.packed_length > 0 for layer in layers for seg in layer.segments)
+            assert all(seg.fp_length < 16 + 16 for layer in layers for seg in layer.segments)
+        before = [layer.held_per_head().clone() for layer in layers]
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(STEPS):
+            tokens.append(int(token))
+            step = model(token, past_key_values=cache, use_cache=True)
+            token = step.logits[:, -1:].argmax(-1)
+        tokens.append(int(token))
+    assert torch.isfinite(step.logits).all()
+    for layer, prev in zip(layers, before):
+        assert torch.equal(layer.held_per_head(), prev + STEPS)
+    fresh = CompressedCache(model, spec)
+    with torch.no_grad(), scoring_hooks(model, fresh):
+        gen = model.generate(ids, past_key_values=fresh, max_new_tokens=STEPS + 1, do_sample=False,
+                             pad_token_id=0)
+    assert gen[0, N:].tolist() == tokens, (arch, name, quant)

@@ -9,6 +9,7 @@ together, so query-based scores see the question. TTFT covers everything up to t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 

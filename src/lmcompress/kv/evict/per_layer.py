@@ -3,6 +3,7 @@ evicts the fraction ``ratios[l]`` of its tokens, scored by the base policy."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,7 +52,7 @@ class PerLayerCompression(EvictionPolicy):
     layer is compressed). kvpress's version works only with flash attention and keeps ``int(n * (1 - r))``.
 
     Attributes:
-        base: a score-based policy; its own ratio/budget must stay unset.
+        base: a score-based policy; its own ratio is replaced by ``ratios`` (set to 0), a budget is refused.
         ratios: one eviction ratio per decoder layer, each in [0, 1) (a tuple, or ``"0.2/0.5/..."``).
     """
 
@@ -64,12 +65,13 @@ class PerLayerCompression(EvictionPolicy):
         super().__post_init__()
         require_scorer(self.name, self.base)
         check_wrapper_sizes(self)
-        if self.base.ratio or self.base.budget is not None:
+        if self.base.budget is not None:
             raise LMCompressError(
-                f"per_layer takes its sizes from ratios; leave the base's ratio/budget unset "
-                f"(got ratio={self.base.ratio}, budget={self.base.budget})"
+                f"per_layer takes its sizes from ratios; the base cannot have a budget (got {self.base.budget})"
             )
         object.__setattr__(self, "ratios", parse_ratios(self.ratios))
+        if self.base.ratio:  # e.g. a sweep's ratio given to the base by the CLI: the per-layer ratios replace it
+            object.__setattr__(self, "base", dataclasses.replace(self.base, ratio=0.0))
 
     @property
     def is_noop(self) -> bool:

@@ -22,6 +22,8 @@ PRESSES = {
     "key_rerotation": {"base"},
     "ratio_decoding": {"base", "interval", "target_ratio"},
     "prefill_decoding": {"prefill", "decoding"},
+    "compactor": {"sink_size_start", "sink_size_end", "chunk_size", "sketch_dimension", "blending"},
+    "cap": {"tau", "n_future_positions", "n_sink", "epsilon"},
 }
 
 

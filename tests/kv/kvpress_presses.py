@@ -8,6 +8,8 @@ import math
 from lmcompress.kv.evict import (
     CUR,
     AdaKV,
+    CapPress,
+    Compactor,
     BlockPress,
     ChunkKV,
     ChunkPress,
@@ -49,6 +51,8 @@ def presses(num_layers: int, ratio: float = 0.5) -> dict:
         "leverage": LeverageScore(ratio=ratio, sketch_dimension=8),
         "non_causal_attn": NonCausalAttn(ratio=ratio, chunk_size=16),
         "key_rerotation": KeyRerotation(base=Knorm(ratio=ratio)),
+        "compactor": Compactor(ratio=ratio, chunk_size=16, sketch_dimension=8),
+        "cap": CapPress(ratio=ratio),
         "ratio_decoding": CompressionRatioDecoding(base=Knorm(), interval=2, target_ratio=0.5),
         "prefill_decoding": PrefillDecoding(prefill=SnapKV(ratio=ratio, window_size=W),
                                             decoding=DecodingCompression(base=Knorm(), interval=2, target_size=20)),

@@ -12,8 +12,10 @@ from lmcompress.errors import LMCompressError
 from lmcompress.kv.evict import (
     CUR,
     BlockPress,
+    CapPress,
     ChunkKV,
     ChunkPress,
+    Compactor,
     ComposedPolicy,
     CompressionRatioDecoding,
     DecodingCompression,
@@ -211,12 +213,15 @@ def test_cur_scores_match_the_formula():
 
 # ------------------------------------------------------------------------------------------------ LeverageScore
 class NoRope:
-    """A rotary table that applies no rotation (pre-RoPE = post-RoPE keys)."""
+    """A rotary table that applies no rotation (pre-RoPE = post-RoPE states)."""
 
     available = True
 
     def unrotate(self, x, positions, layer_idx):
         return x.float()
+
+    def mean_rotation(self, positions, layer_idx, head_dim, device):
+        return torch.eye(head_dim)
 
 
 def test_leverage_scores_find_the_outlier_and_match_the_projection():
@@ -258,6 +263,41 @@ def test_non_causal_attention_matches_a_direct_loop():
     torch.testing.assert_close(scores, (pooled - pooled.mean()) / pooled.std())
     with pytest.raises(LMCompressError, match="needs the queries of every cached token"):
         NonCausalAttn(ratio=0.5).score(inputs_from(keys, values, queries[:, :, -3:]))
+
+
+# ------------------------------------------------------------------------------------------------ Compactor, CapPress
+def test_compactor_blends_leverage_and_non_causal_attention_between_protected_ends():
+    gen = torch.Generator().manual_seed(8)
+    keys, values = torch.randn(1, 2, 40, 8, generator=gen), torch.randn(1, 2, 40, 8, generator=gen)
+    queries = torch.randn(1, 4, 40, 8, generator=gen)
+    inputs = inputs_from(keys, values, queries)
+    inputs.rope = NoRope()
+    scores = Compactor(ratio=0.5, sink_size_start=3, sink_size_end=2, chunk_size=8, sketch_dimension=8).score(inputs)
+    middle = inputs_from(keys[:, :, 3:38], values[:, :, 3:38], queries[:, :, 3:38])
+    middle.rope = NoRope()
+    expected = 0.5 * LeverageScore(sketch_dimension=8).score(middle) + NonCausalAttn(chunk_size=8).score(middle)
+    torch.testing.assert_close(scores[:, :, 3:38], expected)
+    assert torch.isinf(scores[:, :, :3]).all() and torch.isinf(scores[:, :, 38:]).all()
+
+
+def test_cap_scores_match_the_formula():
+    gen = torch.Generator().manual_seed(9)
+    hq, hkv, n, d, sink = 2, 1, 12, 4, 2
+    keys, values = torch.randn(1, hkv, n, d, generator=gen), torch.randn(1, hkv, n, d, generator=gen)
+    queries = torch.randn(1, hq, n, d, generator=gen)
+    inputs = inputs_from(keys, values, queries)
+    inputs.rope = NoRope()
+    scores = CapPress(ratio=0.5, n_sink=sink, tau=2.0).score(inputs)
+    k, v = keys[0, 0, sink:], values[0, 0, sink:]
+    per_head = []
+    for g in range(hq):
+        anchor = queries[0, g, sink:].mean(0)
+        cos = (k / k.norm(dim=-1, keepdim=True)) @ (anchor / anchor.norm())
+        w = torch.exp(2.0 * cos - (2.0 * cos).max())
+        cap = torch.eye(d) + sum((w[i] + 1e-6) * torch.outer(v[i], v[i]) for i in range(n - sink))
+        per_head.append(w * torch.stack([v[i] @ torch.linalg.solve(cap, v[i]) for i in range(n - sink)]))
+    torch.testing.assert_close(scores[0, 0, sink:], torch.stack(per_head).mean(0), rtol=1e-4, atol=1e-6)
+    assert torch.isinf(scores[0, 0, :sink]).all()
 
 
 # ------------------------------------------------------------------------------------------------ KeyRerotation
@@ -327,6 +367,8 @@ def test_prefill_decoding_errors():
     (lambda: CUR(local_window_size=0), "local_window_size=0 is not allowed"),
     (lambda: LeverageScore(sketch_dimension=0), "sketch_dimension=0 is not allowed"),
     (lambda: NonCausalAttn(chunk_size=0), "chunk_size=0 is not allowed"),
+    (lambda: Compactor(blending="x"), "blending='x' must be a finite number or none"),
+    (lambda: CapPress(tau=float("nan")), "tau=nan must be a finite number >= 0"),
     (lambda: KeyRerotation(base=Knorm(ratio=0.5), ratio=0.5), "leave ratio/budget unset"),
 ])
 def test_bad_parameters_raise_clear_errors(build, needle):

@@ -5,7 +5,7 @@ TOVA, ExpectedAttention, H2O, ObservedAttention. Wrappers and schedules: AdaKV (
 DecodingCompression (compress every N generated tokens), ThresholdEviction (DMS-style), and CAKE (layer budgets
 from attention preferences, cascading).
 
-kvpress 0.5.5's other presses: scorers LagKV, LeverageScore, CUR, NonCausalAttn; wrappers ChunkKV (whole chunks),
+kvpress 0.5.5's other presses: scorers LagKV, LeverageScore, CUR, NonCausalAttn, Compactor, CapPress; wrappers ChunkKV (whole chunks),
 BlockPress and ChunkPress (score parts of the prompt), PerLayerCompression (a ratio per layer), ComposedPolicy
 (policies in sequence), KeyRerotation (kept keys at contiguous positions), CompressionRatioDecoding and
 PrefillDecoding (decoding-time variants).
@@ -15,8 +15,10 @@ from .adakv import AdaKV
 from .base import EvictionPolicy, ScoreInputs
 from .block import BlockPress
 from .cake import CAKE
+from .cap import CapPress
 from .chunk import ChunkPress
 from .chunkkv import ChunkKV
+from .compactor import Compactor
 from .composed import ComposedPolicy
 from .cur import CUR
 from .decoding import DecodingCompression
@@ -46,8 +48,10 @@ __all__ = [
     "TOVA",
     "AdaKV",
     "BlockPress",
+    "CapPress",
     "ChunkKV",
     "ChunkPress",
+    "Compactor",
     "ComposedPolicy",
     "CompressionRatioDecoding",
     "DecodingCompression",

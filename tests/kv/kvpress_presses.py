@@ -8,11 +8,11 @@ import math
 from lmcompress.kv.evict import (
     CUR,
     AdaKV,
-    CapPress,
-    Compactor,
     BlockPress,
+    CapPress,
     ChunkKV,
     ChunkPress,
+    Compactor,
     ComposedPolicy,
     CompressionRatioDecoding,
     DecodingCompression,

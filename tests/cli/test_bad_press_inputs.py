@@ -24,6 +24,8 @@ PRESSES = {
     "prefill_decoding": {"prefill", "decoding"},
     "compactor": {"sink_size_start", "sink_size_end", "chunk_size", "sketch_dimension", "blending"},
     "cap": {"tau", "n_future_positions", "n_sink", "epsilon"},
+    "entropy_chunkkv": {"base", "chunk_length", "low_entropy_chunk_length"},
+    "finch": {"window_size", "chunk_length", "normalize_scores", "rerotate_keys"},
 }
 
 
@@ -37,6 +39,10 @@ PRESSES = {
     ("per_layer:base=knorm,ratios=0.2/1.5", "ratios entry=1.5 is out of range; allowed: [0.0, 1.0)"),
     ("per_layer:base=knorm,ratios=0.2/abc", "ratios entry 'abc' is not a number"),
     ("lagkv:lag_size=0", "lag_size=0 is not allowed"),
+    ("finch", "finch needs window_size"),
+    ("finch:window_size=0", "window_size=0 is not allowed"),
+    ("entropy_chunkkv:base=knorm,chunk_length=4,low_entropy_chunk_length=4",
+     "low_entropy_chunk_length=4 must be < chunk_length=4"),
     ("lagkv:cross_scoring=maybe", "cross_scoring='maybe' must be true or false"),
     ("cur:leverage_type=foo", "leverage_type='foo' is not supported; allowed: key, value, kv_avg, kv_product"),
     ("leverage:sketch_dimension=0", "sketch_dimension=0 is not allowed"),

@@ -16,6 +16,8 @@ from lmcompress.kv.evict import (
     ComposedPolicy,
     CompressionRatioDecoding,
     DecodingCompression,
+    EntropyGatedChunkKV,
+    Finch,
     KeyDiff,
     KeyRerotation,
     Knorm,
@@ -53,6 +55,9 @@ def presses(num_layers: int, ratio: float = 0.5) -> dict:
         "key_rerotation": KeyRerotation(base=Knorm(ratio=ratio)),
         "compactor": Compactor(ratio=ratio, chunk_size=16, sketch_dimension=8),
         "cap": CapPress(ratio=ratio),
+        "entropy_chunkkv": EntropyGatedChunkKV(base=Knorm(ratio=ratio), chunk_length=8, low_entropy_chunk_length=3),
+        "finch": Finch(ratio=ratio, window_size=W),
+        "finch_chunked": Finch(ratio=ratio, window_size=W, chunk_length=16, rerotate_keys=False),
         "ratio_decoding": CompressionRatioDecoding(base=Knorm(), interval=2, target_ratio=0.5),
         "prefill_decoding": PrefillDecoding(prefill=SnapKV(ratio=ratio, window_size=W),
                                             decoding=DecodingCompression(base=Knorm(), interval=2, target_size=20)),
@@ -70,6 +75,8 @@ def prefill_count(name: str, policy, n: int, layer_idx: int, num_layers: int) ->
         chunks = math.ceil(n / 8)
         assert n % 8 == 0
         return kept(chunks, r) * 8
+    if name == "finch_chunked":
+        return sum(kept(min(s + 16, n) - s, r) for s in range(0, n, 16))
     if name == "chunk_snapkv":
         return sum(kept(e - s, r) for s, e in policy.chunks(n))
     if name == "per_layer_knorm":

@@ -4,6 +4,7 @@ direct re-computations, and clear errors for bad parameters."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -19,6 +20,9 @@ from lmcompress.kv.evict import (
     ComposedPolicy,
     CompressionRatioDecoding,
     DecodingCompression,
+    EntropyGatedChunkKV,
+    EvictionPolicy,
+    Finch,
     KeyDiff,
     KeyRerotation,
     Knorm,
@@ -75,6 +79,27 @@ def test_chunkkv_short_input_falls_back_to_base():
     keys = keys_with_norms([[3, 1, 2, 4]])
     mask = ChunkKV(base=Knorm(ratio=0.5), chunk_length=8).keep_mask(inputs_from(keys))
     assert kept_indices(mask) == [[1, 2]]
+
+
+@dataclass(frozen=True)
+class FirstChannel(EvictionPolicy):
+    """Test scorer: score(j) = k_j[0] (non-negative scores, where the entropy gate is meaningful)."""
+
+    name = "first_channel_test"
+
+    def score(self, inputs):
+        return inputs.keys[..., 0].float()
+
+
+def test_entropy_gated_chunkkv_trims_spiky_important_chunks():
+    # chunks of 4: spiky and best (mean 2.075), flat (2), nearly flat (1.15), flat and worst (0.5)
+    first = [[8, 0.1, 0.1, 0.1, 2, 2, 2, 2, 1.0, 1.1, 1.2, 1.3, 0.5, 0.5, 0.5, 0.5]]
+    inputs = inputs_from(keys_with_norms(first))
+    gated = EntropyGatedChunkKV(base=FirstChannel(ratio=0.5), chunk_length=4, low_entropy_chunk_length=1)
+    # budget 8: chunk 0 is high-scoring and spiky -> its best token only; chunk 1 whole; chunk 2's best 3
+    assert kept_indices(gated.keep_mask(inputs)) == [[0, 4, 5, 6, 7, 9, 10, 11]]
+    plain = ChunkKV(base=FirstChannel(ratio=0.5), chunk_length=4)
+    assert kept_indices(plain.keep_mask(inputs)) == [[0, 1, 2, 3, 4, 5, 6, 7]]
 
 
 # ------------------------------------------------------------------------------------------------ BlockPress
@@ -298,6 +323,28 @@ def test_cap_scores_match_the_formula():
         per_head.append(w * torch.stack([v[i] @ torch.linalg.solve(cap, v[i]) for i in range(n - sink)]))
     torch.testing.assert_close(scores[0, 0, sink:], torch.stack(per_head).mean(0), rtol=1e-4, atol=1e-6)
     assert torch.isinf(scores[0, 0, :sink]).all()
+
+
+# ------------------------------------------------------------------------------------------------ Finch
+def test_finch_scores_are_count_normalised_window_attention():
+    gen = torch.Generator().manual_seed(10)
+    hq, hkv, n, d, w = 2, 1, 10, 4, 3
+    keys = torch.randn(1, hkv, n, d, generator=gen)
+    queries = torch.randn(1, hq, n, d, generator=gen)
+    inputs = inputs_from(keys, None, queries)
+    scores = Finch(ratio=0.5, window_size=w).score(inputs)
+    expected = torch.zeros(n - w)
+    for g in range(hq):
+        for i in range(w):
+            row = n - w + i
+            logits = (queries[0, g, row] @ keys[0, 0, : row + 1].T) * inputs.scaling
+            expected += logits.softmax(-1)[: n - w] * row / (w * hq)
+    torch.testing.assert_close(scores[0, 0, : n - w], expected)
+    assert torch.isinf(scores[0, 0, n - w :]).all()
+    with pytest.raises(LMCompressError, match="finch needs window_size"):
+        Finch(ratio=0.5)
+    with pytest.raises(LMCompressError, match="must exceed window_size / \\(1 - ratio\\)"):
+        Finch(ratio=0.5, window_size=8, chunk_length=16)
 
 
 # ------------------------------------------------------------------------------------------------ KeyRerotation

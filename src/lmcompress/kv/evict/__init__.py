@@ -5,9 +5,9 @@ TOVA, ExpectedAttention, H2O, ObservedAttention. Wrappers and schedules: AdaKV (
 DecodingCompression (compress every N generated tokens), ThresholdEviction (DMS-style), and CAKE (layer budgets
 from attention preferences, cascading).
 
-kvpress 0.5.5's other presses: scorers LagKV, LeverageScore, CUR, NonCausalAttn, Compactor, CapPress; wrappers ChunkKV (whole chunks),
+kvpress 0.5.5's other presses: scorers LagKV, LeverageScore, CUR, NonCausalAttn, Compactor, CapPress; wrappers ChunkKV (whole chunks) and EntropyGatedChunkKV,
 BlockPress and ChunkPress (score parts of the prompt), PerLayerCompression (a ratio per layer), ComposedPolicy
-(policies in sequence), KeyRerotation (kept keys at contiguous positions), CompressionRatioDecoding and
+(policies in sequence), Finch (question-aware, re-rotated), KeyRerotation (kept keys at contiguous positions), CompressionRatioDecoding and
 PrefillDecoding (decoding-time variants).
 """
 
@@ -22,7 +22,9 @@ from .compactor import Compactor
 from .composed import ComposedPolicy
 from .cur import CUR
 from .decoding import DecodingCompression
+from .entropy_chunkkv import EntropyGatedChunkKV
 from .expected_attention import ExpectedAttention
+from .finch import Finch
 from .h2o import H2O
 from .key_rerotation import KeyRerotation
 from .keydiff import KeyDiff
@@ -55,8 +57,10 @@ __all__ = [
     "ComposedPolicy",
     "CompressionRatioDecoding",
     "DecodingCompression",
+    "EntropyGatedChunkKV",
     "EvictionPolicy",
     "ExpectedAttention",
+    "Finch",
     "KeyDiff",
     "KeyRerotation",
     "Knorm",

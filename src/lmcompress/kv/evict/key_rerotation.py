@@ -66,17 +66,22 @@ class KeyRerotation(EvictionPolicy):
         if layer.ragged:
             raise LMCompressError("key_rerotation needs the same tokens in every head (not a ragged layer)")
         inputs = layer.score_inputs(query, scaling, module)
-        rope = inputs.rope
-        if rope is None or not rope.available:
-            raise LMCompressError("key_rerotation needs the model's rotary embedding; build the cache with "
-                                  "CompressedCache(model, ...)")
-        index = self.base.select(inputs)  # [B, Hkv, k] ascending
-        b, h, k = index.shape
-        if k == inputs.num_tokens:
-            return
-        pre = rope.unrotate(inputs.keys, inputs.positions[0, 0].long(), layer.layer_idx)  # [B, Hkv, n, D]
-        pre = pre.gather(2, index.unsqueeze(-1).expand(b, h, k, pre.shape[-1]))
-        target = torch.arange(layer.seen - k, layer.seen, device=pre.device)
-        keys = rope.rotate(pre, target, layer.layer_idx)
-        layer.keep(index)
-        layer.rewrite_keys(keys, target.expand(b, h, k))
+        keep_rerotated(layer, inputs, self.base.select(inputs))
+
+
+def keep_rerotated(layer: CompressedLayer, inputs, index: torch.Tensor) -> None:
+    """Keep the tokens at ``index: [B, Hkv, k]`` (ascending, uniform layout) with their keys re-rotated to
+    positions ``seen - k .. seen - 1``."""
+    rope = inputs.rope
+    if rope is None or not rope.available:
+        raise LMCompressError("key re-rotation needs the model's rotary embedding; build the cache with "
+                              "CompressedCache(model, ...)")
+    b, h, k = index.shape
+    if k == inputs.num_tokens:
+        return
+    pre = rope.unrotate(inputs.keys, inputs.positions[0, 0].long(), layer.layer_idx)  # [B, Hkv, n, D]
+    pre = pre.gather(2, index.unsqueeze(-1).expand(b, h, k, pre.shape[-1]))
+    target = torch.arange(layer.seen - k, layer.seen, device=pre.device)
+    keys = rope.rotate(pre, target, layer.layer_idx)
+    layer.keep(index)
+    layer.rewrite_keys(keys, target.expand(b, h, k))

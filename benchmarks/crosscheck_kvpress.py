@@ -84,6 +84,47 @@ def chat_prefix_tokens(tok) -> int:
 # ------------------------------------------------------------------------------- end of h11a block
 
 
+# ---- issue 11, part b (h11b): kvpress wrappers and the other scorers. Each entry builds the press / our policy
+# at a ratio from the kvpress / lmcompress.kv.evict module; "match" says how kvpress's kept keys are matched back
+# ("norm": by key norm, for re-rotated keys), "start" where kvpress's continuation starts ("held": at the
+# compressed length, as its pipeline does after key re-rotation).
+def _layer_ratios(r: float, num_layers: int = 30) -> list[float]:
+    return [r if i % 2 == 0 else r / 2 for i in range(num_layers)]
+
+
+H11B_PRESSES = {
+    "chunkkv_knorm": (lambda kp, r: kp.ChunkKVPress(press=kp.KnormPress(compression_ratio=r), chunk_length=16),
+                      lambda ev, r: ev.ChunkKV(base=ev.Knorm(ratio=r), chunk_length=16), {}),
+    "chunkkv_snapkv": (lambda kp, r: kp.ChunkKVPress(press=kp.SnapKVPress(compression_ratio=r), chunk_length=16),
+                       lambda ev, r: ev.ChunkKV(base=ev.SnapKV(ratio=r), chunk_length=16), {}),
+    "block_keydiff": (lambda kp, r: kp.BlockPress(press=kp.KeyDiffPress(compression_ratio=r), block_size=128),
+                      lambda ev, r: ev.BlockPress(base=ev.KeyDiff(ratio=r), block_size=128), {}),
+    "chunk_keydiff": (lambda kp, r: kp.ChunkPress(press=kp.KeyDiffPress(compression_ratio=r), chunk_length=128),
+                      lambda ev, r: ev.ChunkPress(base=ev.KeyDiff(ratio=r), chunk_length=128), {}),
+    "per_layer_snapkv": (lambda kp, r: kp.PerLayerCompressionPress(press=kp.SnapKVPress(),
+                                                                   compression_ratios=_layer_ratios(r)),
+                         lambda ev, r: ev.PerLayerCompression(base=ev.SnapKV(), ratios=tuple(_layer_ratios(r))), {}),
+    "composed_snapkv_knorm": (
+        lambda kp, r: kp.ComposedPress([kp.SnapKVPress(compression_ratio=r), kp.KnormPress(compression_ratio=r)]),
+        lambda ev, r: ev.ComposedPolicy(policies=(ev.SnapKV(ratio=r), ev.Knorm(ratio=r))), {}),
+    "lagkv": (lambda kp, r: kp.LagKVPress(compression_ratio=r),
+              lambda ev, r: ev.LagKV(ratio=r), {}),
+    "cur": (lambda kp, r: kp.CURPress(compression_ratio=r), lambda ev, r: ev.CUR(ratio=r), {}),
+    "non_causal_attn": (lambda kp, r: kp.NonCausalAttnPress(compression_ratio=r),
+                        lambda ev, r: ev.NonCausalAttn(ratio=r), {}),
+    "key_rerotation_knorm": (lambda kp, r: kp.KeyRerotationPress(press=kp.KnormPress(compression_ratio=r)),
+                             lambda ev, r: ev.KeyRerotation(base=ev.Knorm(ratio=r)),
+                             {"match": "norm", "start": "held"}),
+}
+
+
+def match_norms(kept: torch.Tensor, full: torch.Tensor) -> tuple[list[int], float]:
+    """Like :func:`match_rows` but by L2 norm (RoPE re-rotation changes a key but not its norm)."""
+    dist = (kept.double().norm(dim=-1)[:, None] - full.double().norm(dim=-1)[None, :]).abs()
+    best = dist.min(dim=1)
+    return sorted(best.indices.tolist()), float(best.values.max()) if kept.shape[0] else 0.0
+# ---- end of the h11b block
+
 def _method_entry(method: str):
     """``((press, policy, kwargs), wrapper prefix or "")``."""
     prefix = next((p for p in WRAPPERS if method.startswith(p)), "")
@@ -97,6 +138,8 @@ def _method_entry(method: str):
 def kvpress_press(method: str, ratio: float):
     import kvpress
 
+    if method in H11B_PRESSES:
+        return H11B_PRESSES[method][0](kvpress, ratio)
     (press_name, _, kwargs), wrapper = _method_entry(method)
     base = method.removeprefix(wrapper)
     press = getattr(kvpress, press_name)(compression_ratio=ratio, **kwargs, **KVPRESS_ONLY_KWARGS.get(base, {}))
@@ -165,12 +208,15 @@ def run_kvpress_side(args: argparse.Namespace) -> None:
                             drop = set(masked[2][(masked[0] == 0) & (masked[1] == h)].tolist())
                             heads.append([j for j in range(n) if j not in drop])
                     else:
+                        by_norm = H11B_PRESSES.get(method, (None, None, {}))[2].get("match") == "norm"
                         for h in range(layer.keys.shape[1]):
-                            idx, dist = match_rows(layer.keys[0, h], full_keys[impl][li][h])
+                            idx, dist = (match_norms if by_norm else match_rows)(layer.keys[0, h],
+                                                                                 full_keys[impl][li][h])
                             heads.append(idx)
                             worst = max(worst, dist)
                     kept.append(heads)
-                logits = continuation_logits(model, suffix, cache, n)
+                held_start = H11B_PRESSES.get(method, (None, None, {}))[2].get("start") == "held"
+                logits = continuation_logits(model, suffix, cache, cache.get_seq_length() if held_start else n)
             out["runs"][f"{method}@{ratio}"] = {"kept": kept, "logits": logits, "match_dist": worst,
                                                 "impl": impl, "seconds": time.time() - t0}
             print(f"kvpress {method} {ratio}: {time.time() - t0:.1f}s, match distance {worst:.2e}", flush=True)
@@ -183,6 +229,8 @@ def run_kvpress_side(args: argparse.Namespace) -> None:
 def our_policy(method: str, ratio: float, tok=None):
     from lmcompress.kv import evict
 
+    if method in H11B_PRESSES:
+        return H11B_PRESSES[method][1](evict, ratio)
     (_, policy_name, kwargs), wrapper = _method_entry(method)
     extra = dict(OURS_ONLY_KWARGS.get(method.removeprefix(wrapper), {}))
     if extra.get("prefix_tokens") == "chat_prefix":
@@ -200,6 +248,7 @@ def run_our_side(args: argparse.Namespace, ids: torch.Tensor, suffix: torch.Tens
     with torch.no_grad():
         cache = CompressedCache(model, KVSpec())
         model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+        full_keys = [layer.segments[0].all_tokens()[0][0].clone() for layer in cache.layers]
         out["runs"]["baseline"] = {"logits": continuation_logits(model, suffix, cache, ids.shape[1])}
     for method in args.methods:
         for ratio in args.ratios:
@@ -212,6 +261,9 @@ def run_our_side(args: argparse.Namespace, ids: torch.Tensor, suffix: torch.Tens
                 # positions of the kept tokens (= their prompt indices); ragged layers are left-padded with -1
                 kept = [[[p for p in layer.positions()[0, h].tolist() if p >= 0] for h in range(layer.num_heads)]
                         for layer in cache.layers]
+                if H11B_PRESSES.get(method, (None, None, {}))[2].get("match") == "norm":  # re-rotated: positions moved
+                    kept = [[match_norms(layer.segments[0].all_tokens()[0][0, h], full_keys[li][h])[0]
+                             for h in range(layer.num_heads)] for li, layer in enumerate(cache.layers)]
                 logits = continuation_logits(model, suffix, cache, ids.shape[1])
             out["runs"][f"{method}@{ratio}"] = {"kept": kept, "logits": logits, "seconds": time.time() - t0}
             print(f"lmcompress {method} {ratio}: {time.time() - t0:.1f}s", flush=True)

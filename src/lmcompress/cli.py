@@ -41,13 +41,13 @@ def _ints(text: str, name: str) -> list[int]:
 def build_grid(args: argparse.Namespace):
     """The bench's run list: every KV spec x (pass-key cells + perplexity)."""
     from .eval.tasks import Passkey, Perplexity
-    from .kv.parse import _part, has_eviction, parse_method
+    from .kv.parse import _part, has_eviction, parse_method, split_methods
     from .runner.spec import RunSpec
 
     ratios = _floats(DEFAULT_RATIOS if args.ratios is None else args.ratios, "ratios")
     specs = []
     swept = False
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for method in split_methods(args.methods):
         explicit = {"ratio", "budget", "base.ratio", "base.budget"}
         sweep = has_eviction(method) and not any(explicit & set(_part(raw)[1]) for raw in method.split("+"))
         if sweep:

@@ -432,6 +432,16 @@ class CompressedLayer(CacheLayerMixin):
         self.seen -= q
         self._inputs_cache = None
 
+    def rewrite_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> None:
+        """Uniform layout only: replace every held key by ``keys: [B, Hkv, held, D]`` and the positions by
+        ``positions: [B, Hkv, held]`` (values stay); the tokens are committed to packed storage again."""
+        if self.ragged or self.static is not None:
+            raise LMCompressError("rewriting keys needs the uniform dynamic layout (same tokens in every head)")
+        self._inputs_cache = None
+        seg = self.segments[0]
+        seg.rewrite_keys(keys, positions)
+        seg.commit()
+
     # ------------------------------------------------------------------------------------ static mode
     def begin_static(self, new_tokens: int, ring_start: int | None) -> None:
         """Switch to fixed-shape decode storage (see :mod:`lmcompress.kv.static`).

@@ -106,6 +106,21 @@ def parse_method(text: str, ratio: float | None = None, budget: int | None = Non
     return KVSpec(evict=evict, quant=quant)
 
 
+def split_methods(text: str) -> list[str]:
+    """A comma-separated list of method strings -> the method strings. A piece of the form ``key=value`` (no
+    ``:``) continues the previous method's arguments, so ``chunkkv:base=knorm,chunk_length=8,snapkv`` is two
+    methods."""
+    out: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if out and "=" in piece and ":" not in piece.split("=", 1)[0]:
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
 def has_eviction(text: str) -> bool:
     """Whether a method string contains an eviction part (so a ratio sweep applies)."""
     return any(_part(raw)[0] in EVICTION_METHODS for raw in text.split("+") if raw.strip())

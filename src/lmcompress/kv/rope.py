@@ -56,6 +56,15 @@ class RopeTable:
         back = (rot * cos - rotate_half(rot) * sin) / norm2
         return torch.cat((back, rest), dim=-1)
 
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        """Apply RoPE: ``x: [..., P, D]`` pre-RoPE states -> the states at ``positions: [P]`` (float32); the
+        inverse of :meth:`unrotate`."""
+        cos, sin = self.cos_sin(positions, layer_idx, x.device)
+        r = cos.shape[-1]
+        x = x.float()
+        rot, rest = x[..., :r], x[..., r:]
+        return torch.cat((rot * cos + rotate_half(rot) * sin, rest), dim=-1)
+
     def mean_rotation(self, positions: torch.Tensor, layer_idx: int, head_dim: int, device: torch.device
                       ) -> torch.Tensor:
         """``[D, D]`` float32: the average over ``positions`` of the matrix that applies RoPE at a position

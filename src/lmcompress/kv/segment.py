@@ -233,6 +233,19 @@ class KVSegment:
         for buf in self.aux.values():
             buf.gather(index, headroom=self.reserve)
 
+    def rewrite_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> None:
+        """Replace every held key by ``keys: [B, H, held, D]`` and its position by ``positions: [B, H, held]``;
+        values stay (packed ones come back in full precision until the next :meth:`commit`). For key
+        re-rotation."""
+        _, values = self.all_tokens()
+        if self.store is not None:
+            index = torch.arange(self.held, device=keys.device).expand(*keys.shape[:2], self.held)
+            self.store = self.store.emptied(index)
+        self._replace_fp(keys.to(self.dtype).contiguous(), values.contiguous())
+        if self.pos is not None:
+            self.pos.replace(positions.to(torch.int32).contiguous(), headroom=self.reserve)
+        self.last_position = int(positions[0, 0, -1])
+
     def _replace_fp(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         if self.fp_k is None:
             self.fp_k = TokenBuffer(keys, headroom=self._fp_headroom())

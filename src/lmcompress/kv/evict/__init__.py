@@ -4,22 +4,43 @@ Score-based (usable alone or inside the wrappers): Random, StreamingLLM, Knorm, 
 TOVA, ExpectedAttention, H2O, ObservedAttention. Wrappers and schedules: AdaKV (head-adaptive budgets),
 DecodingCompression (compress every N generated tokens), ThresholdEviction (DMS-style), and CAKE (layer budgets
 from attention preferences, cascading).
+
+kvpress 0.5.5's other presses: scorers LagKV, LeverageScore, CUR, NonCausalAttn, Compactor, CapPress; wrappers ChunkKV (whole chunks) and EntropyGatedChunkKV,
+BlockPress and ChunkPress (score parts of the prompt), PerLayerCompression (a ratio per layer), ComposedPolicy
+(policies in sequence), Finch (question-aware, re-rotated), KeyRerotation (kept keys at contiguous positions), CompressionRatioDecoding and
+PrefillDecoding (decoding-time variants).
 """
 
 from .adakv import AdaKV
 from .base import EvictionPolicy, ScoreInputs
+from .block import BlockPress
 from .cake import CAKE
 from .critical_adakv import CriticalAdaKV
 from .critical_kv import CriticalKV
+from .cap import CapPress
+from .chunk import ChunkPress
+from .chunkkv import ChunkKV
+from .compactor import Compactor
+from .composed import ComposedPolicy
+from .cur import CUR
 from .decoding import DecodingCompression
+from .entropy_chunkkv import EntropyGatedChunkKV
 from .expected_attention import ExpectedAttention
+from .finch import Finch
 from .h2o import H2O
+from .key_rerotation import KeyRerotation
 from .keydiff import KeyDiff
 from .knorm import Knorm
 from .kvzip import KVzip, KVzipPlus
+from .lagkv import LagKV
+from .leverage import LeverageScore
+from .non_causal import NonCausalAttn
 from .observed_attention import ObservedAttention
+from .per_layer import PerLayerCompression
+from .prefill_decoding import PrefillDecoding
 from .pyramidkv import PyramidKV
 from .random import Random
+from .ratio_decoding import CompressionRatioDecoding
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .threshold import ThresholdEviction
@@ -27,19 +48,35 @@ from .tova import TOVA
 
 __all__ = [
     "CAKE",
+    "CUR",
     "H2O",
     "TOVA",
     "AdaKV",
     "CriticalAdaKV",
     "CriticalKV",
+    "BlockPress",
+    "CapPress",
+    "ChunkKV",
+    "ChunkPress",
+    "Compactor",
+    "ComposedPolicy",
+    "CompressionRatioDecoding",
     "DecodingCompression",
+    "EntropyGatedChunkKV",
     "EvictionPolicy",
     "ExpectedAttention",
     "KVzip",
     "KVzipPlus",
+    "Finch",
     "KeyDiff",
+    "KeyRerotation",
     "Knorm",
+    "LagKV",
+    "LeverageScore",
+    "NonCausalAttn",
     "ObservedAttention",
+    "PerLayerCompression",
+    "PrefillDecoding",
     "PyramidKV",
     "Random",
     "ScoreInputs",

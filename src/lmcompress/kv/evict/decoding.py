@@ -113,9 +113,14 @@ class DecodingCompression(EvictionPolicy):
         if state.steps < self.interval:
             return
         state.steps = 0
-        if layer.held > self.target_size:
+        target = self.target_for(layer)
+        if layer.held > target:
             inputs = layer.score_inputs(state.queries, scaling, module)
             # a few tokens over the target: keep the capacity for the next ones; far over (a long prompt): free
-            in_place = layer.held - self.target_size <= self.interval
-            layer.keep(self.base.with_budget(self.target_size).keep_mask(inputs), in_place=in_place)
+            in_place = layer.held - target <= self.interval
+            layer.keep(self.base.with_budget(target).keep_mask(inputs), in_place=in_place)
         state.clear()
+
+    def target_for(self, layer: CompressedLayer) -> int:
+        """Tokens per head a compression of ``layer`` keeps (``target_size``)."""
+        return self.target_size

@@ -5,6 +5,9 @@ cache in static mode (:meth:`~lmcompress.kv.cache.CompressedCache.begin_static`)
 shapes and no host reads, so it is captured once and replayed. The next token and its position live in device
 buffers that the step itself updates. The first steps run eagerly on a side stream (they also warm up kernels
 before capture) and are real decoding steps.
+
+Batches of ``B`` rows decode together (every row at the same position: prompts of equal length, no padding):
+the token and position buffers are ``[B, 1]``.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ class StaticDecoder:
         self.device = next(model.parameters()).device
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph
         cache.begin_static(max_new_tokens, rolling=rolling)
-        self.tok = torch.zeros((1, 1), dtype=torch.long, device=self.device)
-        self.pos = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self.batch = max(1, getattr(cache.layers[0], "batch_size", 1) or 1)
+        self.tok = torch.zeros((self.batch, 1), dtype=torch.long, device=self.device)
+        self.pos = torch.zeros((self.batch, 1), dtype=torch.long, device=self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self._eager_steps = 0
@@ -64,9 +68,13 @@ class StaticDecoder:
         self.graph = graph
 
     @torch.inference_mode()
-    def start(self, token: int, position: int) -> None:
-        """Set the token to feed next and its logical position."""
-        self.tok.fill_(token)
+    def start(self, token: int | torch.Tensor, position: int) -> None:
+        """Set the token to feed next (an int, or ``[B]`` / ``[B, 1]`` tokens, one per row) and its logical
+        position (the same for every row)."""
+        if isinstance(token, torch.Tensor):
+            self.tok.copy_(token.reshape(self.batch, 1))
+        else:
+            self.tok.fill_(token)
         self.pos.fill_(position)
 
     @torch.inference_mode()
@@ -83,7 +91,11 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def generate(self, steps: int, eos_token_ids: list[int] | tuple[int, ...] = ()) -> list[int]:
-        """Greedy tokens of up to ``steps`` decode steps (stops after an EOS token, which is not returned)."""
+        """Greedy tokens of up to ``steps`` decode steps (stops after an EOS token, which is not returned);
+        batch 1 only (:meth:`generate_batch` for more rows)."""
+        if self.batch != 1:
+            raise ValueError(f"generate() decodes one row; this decoder holds batch={self.batch}: "
+                             "use generate_batch()")
         tokens = []
         for _ in range(steps):
             self.run(1)
@@ -92,6 +104,15 @@ class StaticDecoder:
                 break
             tokens.append(token)
         return tokens
+
+    @torch.inference_mode()
+    def generate_batch(self, steps: int) -> torch.Tensor:
+        """``[B, steps]`` greedy tokens of every row (no EOS handling)."""
+        out = torch.empty((self.batch, steps), dtype=torch.long, device=self.device)
+        for i in range(steps):
+            self.run(1)
+            out[:, i] = self.tok[:, 0]
+        return out
 
     def close(self) -> None:
         """Return the cache to its dynamic layout (``seen`` and held tokens include the decoded ones)."""

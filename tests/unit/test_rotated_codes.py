@@ -134,3 +134,13 @@ def test_rotated_store_counts_its_sign_vectors() -> None:
     parts = sum(b.nbytes for b in (*store._k.values(), *store._v.values()))
     assert store.nbytes == parts + 2 * 64  # one int8 sign vector for keys, one for values
     assert store.nbytes == sum(t.numel() * t.element_size() for t in store.tensors())
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_float_unpack_equals_integer_unpack(bits: int) -> None:
+    from lmcompress.kv.quant.packing import pack, unpack, unpack_float
+
+    codes = torch.randint(0, 1 << bits, (2, 3, 7, 64))
+    packed = pack(codes, bits)
+    assert torch.equal(unpack_float(packed, bits, 64), unpack(packed, bits, 64).float())
+    assert torch.equal(unpack_float(packed, bits, 64), codes.float())

@@ -51,7 +51,7 @@ from lmcompress.errors import LMCompressError  # noqa: E402
 from lmcompress.eval.kv_bytes import bf16_equivalent_bytes, uncompressed_bf16_bytes  # noqa: E402
 from lmcompress.eval.tasks import KVError, RunContext  # noqa: E402
 from lmcompress.kv import CompressedCache, KVSpec, SnapKV, scoring_hooks  # noqa: E402
-from lmcompress.kv.quant import FP8KV, KIVI, QAQ, NormalKV, UniformKV  # noqa: E402
+from lmcompress.kv.quant import FP8KV, KIVI, QAQ, IntKV, NormalKV, Rotated, TurboKV, UniformKV  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- configurations
@@ -89,6 +89,7 @@ def grid(name: str) -> dict[str, object]:
     g["fp8"] = KVSpec(quant=FP8KV())
     for b in bits:
         g[f"kivi-{b}"] = KVSpec(quant=KIVI(bits=b))
+    g.update(rotated_grid())
     for label, q in qaq_grid().items():
         g[label] = KVSpec(quant=q)
     if name in ("needle", "kverr"):  # eviction of one long prefill (chunked perplexity would evict every chunk)
@@ -101,6 +102,25 @@ def grid(name: str) -> dict[str, object]:
     if name == "mc":  # short prompts: KIVI's window would hold them whole; a 32-token window quantizes them
         for b in (4, 2):
             g[f"kivi-{b}-R32"] = KVSpec(quant=KIVI(bits=b, residual=32))
+    return g
+
+
+def rotated_grid() -> dict[str, KVSpec]:
+    """Rotated codes (issue 15): TurboQuant-style Lloyd-Max (``turbo-K/V``: key/value bits, ``-g32``: a scale per
+    32 channels, ``-R128``: KIVI's 128-token full-precision window) and rotation around existing codecs."""
+    g: dict[str, KVSpec] = {}
+    for kb, vb in ((2, 2), (2, 3), (3, 3), (4, 4)):
+        g[f"turbo-{kb}/{vb}"] = KVSpec(quant=TurboKV(key_bits=kb, value_bits=vb))
+        g[f"turbo-{kb}/{vb}-R128"] = KVSpec(quant=TurboKV(key_bits=kb, value_bits=vb, residual=128))
+    g["turbo-2/2-g32"] = KVSpec(quant=TurboKV(key_bits=2, value_bits=2, group_size=32))
+    g["turbo-2/2-g32-R128"] = KVSpec(quant=TurboKV(key_bits=2, value_bits=2, group_size=32, residual=128))
+    g["int-2"] = KVSpec(quant=IntKV(bits=2))
+    g["rot-int-2"] = KVSpec(quant=Rotated(base=IntKV(bits=2)))
+    g["rot-uniform-2"] = KVSpec(quant=Rotated(base=UniformKV(bits=2, group_size=32)))
+    g["rot-uniform-3"] = KVSpec(quant=Rotated(base=UniformKV(bits=3, group_size=32)))
+    g["rot-v-kivi-2"] = KVSpec(quant=Rotated(base=KIVI(bits=2), keys=False))
+    g["rot-kivi-2"] = KVSpec(quant=Rotated(base=KIVI(bits=2)))
+    g["rot-v-kivi-3"] = KVSpec(quant=Rotated(base=KIVI(bits=3), keys=False))
     return g
 
 

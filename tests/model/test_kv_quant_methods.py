@@ -12,7 +12,7 @@ from random_ids import ids
 from lmcompress._compat import cache_kwargs
 from lmcompress.errors import LMCompressError
 from lmcompress.kv import CompressedCache, KVSpec, SnapKV, StreamingLLM
-from lmcompress.kv.quant import FP8KV, KIVI, QAQ, IntKV, NormalKV, UniformKV
+from lmcompress.kv.quant import FP8KV, KIVI, QAQ, IntKV, NormalKV, Rotated, TurboKV, UniformKV
 from lmcompress.kv.quant.observation import AttentionObservation, lse_over, window_probabilities
 from lmcompress.kv.quant.qaq import bits_for_error, key_sigma, value_sigma
 from lmcompress.kv.quant.store import PackedStore
@@ -39,7 +39,7 @@ def tensor_bytes(cache) -> int:
 
 
 def test_methods_are_registered():
-    for name in ("int", "uniform", "normal", "fp8", "kivi", "qaq"):
+    for name in ("int", "uniform", "normal", "fp8", "kivi", "qaq", "turbo", "rotated"):
         assert name in KV_QUANTIZERS
 
 
@@ -47,6 +47,8 @@ def test_methods_are_registered():
     IntKV(bits=8, group_size=16), UniformKV(key_bits=8, value_bits=8, key_granularity="channel", group_size=8),
     NormalKV(key_bits=8, value_bits=8),
     FP8KV(group_size=16), KIVI(bits=8, group_size=8, residual=16), QAQ(min_bits=8, group_size=16, outliers=0),
+    TurboKV(bits=8), Rotated(base=IntKV(bits=8, group_size=16)),
+    Rotated(base=KIVI(bits=8, group_size=8, residual=16), keys=False),
 ])
 def test_eight_bit_methods_match_full_precision(model, quant):
     _, ref = run(model, KVSpec())
@@ -57,7 +59,8 @@ def test_eight_bit_methods_match_full_precision(model, quant):
 
 
 def test_spec_round_trips_every_method():
-    for quant in (UniformKV(key_bits=2, value_bits=4, outliers=0.02), NormalKV(key_bits=3, value_bits=3), FP8KV(), KIVI(bits=4), QAQ(key_error=0.01)):
+    for quant in (UniformKV(key_bits=2, value_bits=4, outliers=0.02), NormalKV(key_bits=3, value_bits=3), FP8KV(), KIVI(bits=4), QAQ(key_error=0.01),
+                  TurboKV(key_bits=2, value_bits=3, residual=16), Rotated(base=KIVI(bits=2), keys=False)):
         spec = KVSpec(quant=quant)
         assert KVSpec.from_dict(spec.to_dict()) == spec
 
@@ -119,7 +122,8 @@ def test_snapkv_composes_with_kivi(model):
 
 
 @pytest.mark.parametrize("evict", [StreamingLLM(ratio=0.5, protect_sinks=4), SnapKV(ratio=0.5, window_size=8)])
-@pytest.mark.parametrize("quant", [IntKV(bits=4, group_size=16), QAQ(group_size=16), NormalKV(4, 4)])
+@pytest.mark.parametrize("quant", [IntKV(bits=4, group_size=16), QAQ(group_size=16), NormalKV(4, 4), TurboKV(bits=2),
+                                   Rotated(base=UniformKV(bits=3, group_size=8))])
 def test_eviction_composes_with_quantization(model, evict, quant):
     cache, out = run(model, KVSpec(evict=evict, quant=quant), prompt=64, steps=4)
     assert cache.held_tokens() == [36] * 4

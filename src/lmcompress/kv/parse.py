@@ -6,7 +6,8 @@ its bit width (``int4`` = ``int:bits=4``). Eviction parts take the sweep's ratio
 Wrappers (``adakv``, ``decoding``, ``threshold``) name their scorer with ``base=NAME`` and pass it arguments as
 ``base.KEY=VALUE``; the sweep's ratio then goes to the base.
 Examples: ``snapkv``, ``streaming_llm:n_sink=8``, ``int4``, ``snapkv+int:bits=2,group_size=32``,
-``adakv:base=snapkv``, ``decoding:base=knorm,interval=64,target_size=512``.
+``adakv:base=snapkv``, ``decoding:base=knorm,interval=64,target_size=512``. The quantizer wrapper ``rotated``
+takes its base the same way: ``rotated:base=kivi2,keys=false``, ``rotated:base=int,base.bits=2``.
 """
 
 from __future__ import annotations
@@ -54,6 +55,25 @@ def _build(cls, kwargs: dict[str, Any], text: str):
         raise LMCompressError(f"bad arguments in {text!r} ({exc}); allowed: {allowed}") from None
 
 
+def _quant_base(kwargs: dict[str, Any], raw: str) -> dict[str, Any]:
+    """A quantizer wrapper's ``base=NAME`` (with ``base.KEY=VALUE`` arguments, ``base=int4`` shorthand) built."""
+    base_name = kwargs.pop("base", None)
+    base_kwargs = {k.removeprefix("base."): kwargs.pop(k) for k in list(kwargs) if k.startswith("base.")}
+    if base_name is None:
+        if base_kwargs:
+            raise LMCompressError(f"{raw!r} passes base.* arguments but names no base=; allowed: base=NAME")
+        return kwargs
+    name = str(base_name).lower()
+    match = re.fullmatch(r"([a-z_]+?)(\d+)", name)
+    if name not in KV_QUANTIZERS and match and match.group(1) in KV_QUANTIZERS:
+        name, base_kwargs = match.group(1), {"bits": int(match.group(2)), **base_kwargs}
+    if name not in KV_QUANTIZERS:
+        raise LMCompressError(
+            f"base={base_name!r} in {raw!r} is not a KV quantizer; allowed: {', '.join(KV_QUANTIZERS.names())}"
+        )
+    return {**kwargs, "base": _build(KV_QUANTIZERS.get(name), base_kwargs, raw)}
+
+
 def parse_method(text: str, ratio: float | None = None, budget: int | None = None) -> KVSpec:
     """``text`` -> ``KVSpec``; ``ratio``/``budget`` apply to the eviction part unless it sets its own."""
     text = text.strip()
@@ -97,7 +117,7 @@ def parse_method(text: str, ratio: float | None = None, budget: int | None = Non
         if name in KV_QUANTIZERS:
             if quant is not None:
                 raise LMCompressError(f"{text!r} names two KV quantizers; allowed: at most one")
-            quant = _build(KV_QUANTIZERS.get(name), kwargs, raw)
+            quant = _build(KV_QUANTIZERS.get(name), _quant_base(kwargs, raw), raw)
             continue
         raise LMCompressError(
             f"unknown method {name!r}; eviction: {', '.join(EVICTION_METHODS.names())}; "

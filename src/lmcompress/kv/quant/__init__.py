@@ -6,6 +6,9 @@ from .int_token import IntKV
 from .kivi import KIVI
 from .normal_kv import NormalKV
 from .qaq import QAQ
+from .rotated_kv import Rotated
+from .turbo_kv import TurboKV
 from .uniform_kv import UniformKV
 
-__all__ = ["FP8KV", "KIVI", "QAQ", "IntKV", "KVQuantizer", "NormalKV", "UniformKV"]
+__all__ = ["FP8KV", "KIVI", "QAQ", "IntKV", "KVQuantizer", "NormalKV", "Rotated", "TurboKV",
+           "UniformKV"]

@@ -9,6 +9,8 @@ byte each. Shifts run on int32/int64 (uint8 shifts take a slow path on CPU).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ...errors import LMCompressError
@@ -72,6 +74,32 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         word |= groups[..., j] << (j * bits)
     out = torch.stack([(word >> (8 * i)) & 0xFF for i in range(bits)], dim=-1)
     return out.to(torch.uint8).reshape(*codes.shape[:-1], -1)
+
+
+@functools.cache
+def _byte_table_cpu(bits: int) -> torch.Tensor:
+    per = 8 // bits
+    byte = torch.arange(256, dtype=torch.int32).unsqueeze(-1)
+    shifts = torch.arange(0, 8, bits, dtype=torch.int32)
+    return ((byte >> shifts) & ((1 << bits) - 1)).to(torch.float32).reshape(256, per)
+
+
+def byte_table(bits: int, device: torch.device) -> torch.Tensor:
+    """``[256, 8 // bits]`` float32: the codes held by each byte value (1, 2 or 4 bits), in stream order."""
+    return _byte_table_cpu(bits).to(device)
+
+
+def unpack_float(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """:func:`unpack` straight to float32 codes ``[..., n]``.
+
+    For 1/2-bit codes on the CPU this is one table lookup per byte (``byte_table``), about 2x faster than
+    shifting and masking each of the 4-8 code slots (measured: 1.0 vs 2.4 ms for 196k 2-bit codes, one
+    thread); at 4 bits (two slots) shifting is faster, and other widths and devices unpack and convert."""
+    if bits in (1, 2) and not packed.is_cuda:
+        table = byte_table(bits, packed.device)
+        codes = table.index_select(0, packed.reshape(-1).to(torch.int64))
+        return codes.reshape(*packed.shape[:-1], -1)[..., :n]
+    return unpack(packed, bits, n).float()
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:

@@ -154,10 +154,25 @@ class PackedStore:
         )
 
     # ---------------------------------------------------------------------------------------- accounting
+    def codec_state(self) -> list[torch.Tensor]:
+        """Per-layer tensors the codecs hold besides their parts (e.g. a rotation's sign vector), on the
+        store's device; counted once the store holds tokens."""
+        if not self._k:
+            return []
+        device = next(iter(self._k.values())).data.device
+        out = []
+        for codec in (self.key_codec, self.value_codec):
+            state = getattr(codec, "state_tensors", None)
+            if state is not None:
+                out.extend(state(self.head_dim, device))
+        return out
+
     def tensors(self) -> list[torch.Tensor]:
-        return [buf.data for buf in (*self._k.values(), *self._v.values())]
+        return [buf.data for buf in (*self._k.values(), *self._v.values())] + self.codec_state()
 
     @property
     def nbytes(self) -> int:
-        return sum(buf.nbytes for buf in (*self._k.values(), *self._v.values()))
+        return sum(buf.nbytes for buf in (*self._k.values(), *self._v.values())) + sum(
+            t.numel() * t.element_size() for t in self.codec_state()
+        )
 

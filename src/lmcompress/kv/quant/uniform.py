@@ -22,7 +22,7 @@ import torch
 
 from ...errors import LMCompressError
 from . import granularity as gr
-from .packing import container_bits, pack, packed_size, unpack
+from .packing import container_bits, pack, packed_size, unpack, unpack_float
 
 FP16_MAX = 65504.0
 
@@ -73,6 +73,14 @@ def unpack_codes(part: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
         b, h, n, tb, p = part.shape
         part = part.reshape(b, h, n * tb, p)
     return unpack(part, bits, head_dim)
+
+
+def unpack_codes_float(part: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+    """:func:`unpack_codes` as float32 codes ``[B, H, T, D]`` (a table lookup per byte on CPU)."""
+    if part.dim() == 5:
+        b, h, n, tb, p = part.shape
+        part = part.reshape(b, h, n * tb, p)
+    return unpack_float(part, bits, head_dim)
 
 
 @dataclass(frozen=True)
@@ -157,8 +165,17 @@ class UniformCodec:
 
     # ------------------------------------------------------------------------------------------ decode
     def decode(self, parts: dict[str, torch.Tensor], head_dim: int, dtype: torch.dtype) -> torch.Tensor:
-        codes = unpack_codes(parts["codes"], self.bits, head_dim).float()
+        codes = unpack_codes_float(parts["codes"], self.bits, head_dim)
         shape = codes.shape
+        if self.granularity == "token":  # affine in the grouped view: no expanded copy of the parameters
+            b, h, t, d = shape
+            cg = codes.view(b, h, t, d // self.group_size, self.group_size)
+            scale = parts["scale"].float().unsqueeze(-1)
+            if self.symmetric:
+                x = (cg - ((1 << (self.bits - 1)) - 1)) * scale
+            else:
+                x = torch.addcmul(parts["zero"].float().unsqueeze(-1), cg, scale)
+            return x.reshape(shape).to(dtype)
         scale = gr.expand(parts["scale"].float(), self.granularity, self.group_size, shape)
         if self.symmetric:
             x = (codes - ((1 << (self.bits - 1)) - 1)) * scale

@@ -15,13 +15,13 @@ from .adakv import AdaKV
 from .base import EvictionPolicy, ScoreInputs
 from .block import BlockPress
 from .cake import CAKE
-from .critical_adakv import CriticalAdaKV
-from .critical_kv import CriticalKV
 from .cap import CapPress
 from .chunk import ChunkPress
 from .chunkkv import ChunkKV
 from .compactor import Compactor
 from .composed import ComposedPolicy
+from .critical_adakv import CriticalAdaKV
+from .critical_kv import CriticalKV
 from .cur import CUR
 from .decoding import DecodingCompression
 from .entropy_chunkkv import EntropyGatedChunkKV
@@ -52,8 +52,6 @@ __all__ = [
     "H2O",
     "TOVA",
     "AdaKV",
-    "CriticalAdaKV",
-    "CriticalKV",
     "BlockPress",
     "CapPress",
     "ChunkKV",
@@ -61,13 +59,15 @@ __all__ = [
     "Compactor",
     "ComposedPolicy",
     "CompressionRatioDecoding",
+    "CriticalAdaKV",
+    "CriticalKV",
     "DecodingCompression",
     "EntropyGatedChunkKV",
     "EvictionPolicy",
     "ExpectedAttention",
+    "Finch",
     "KVzip",
     "KVzipPlus",
-    "Finch",
     "KeyDiff",
     "KeyRerotation",
     "Knorm",

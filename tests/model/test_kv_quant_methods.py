@@ -284,29 +284,21 @@ def test_method_strings_parse_to_quantizers():
 
 
 def every_eviction_policy():
-    import dataclasses
+    from method_examples import example_policy
 
-    from lmcompress.kv.evict.knorm import Knorm
     from lmcompress.registry import EVICTION_METHODS
 
     for name in EVICTION_METHODS.names():
-        cls = EVICTION_METHODS.get(name)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {"base": Knorm(ratio=0.5)} if "base" in fields else {"ratio": 0.5}
-        if "window_size" in fields:
-            kwargs["window_size"] = 8
-        if "threshold" in fields:
-            kwargs["threshold"] = 1.0
-        yield pytest.param(cls, kwargs, id=name)
+        yield pytest.param(example_policy(name), id=name)
 
 
-@pytest.mark.parametrize(("cls", "kwargs"), list(every_eviction_policy()))
-def test_every_eviction_policy_composes_with_quantization(model, cls, kwargs):
+@pytest.mark.parametrize("policy", list(every_eviction_policy()))
+def test_every_eviction_policy_composes_with_quantization(model, policy):
     from lmcompress.kv import scoring_hooks
 
     tokens = ids(52)
     for quant in (IntKV(bits=4, group_size=16), KIVI(bits=2, group_size=16, residual=16), QAQ(group_size=16)):
-        cache = CompressedCache(model, KVSpec(evict=cls(**kwargs), quant=quant))
+        cache = CompressedCache(model, KVSpec(evict=policy, quant=quant))
         with scoring_hooks(model, cache):
             model(tokens[:, :48], **cache_kwargs(cache))
             for i in range(48, 52):

@@ -27,8 +27,9 @@ from lmcompress.kv import (
     StreamingLLM,
     ThresholdEviction,
 )
-from lmcompress.kv.quant import KIVI, IntKV
+from lmcompress.kv.quant import IntKV
 from lmcompress.registry import EVICTION_METHODS, KV_QUANTIZERS
+from method_examples import example_policy, example_quantizer
 
 pytestmark = pytest.mark.model
 
@@ -52,16 +53,13 @@ EVICTION = {
 
 
 def _quantizer(name: str):
-    cls = KV_QUANTIZERS.get(name)
-    if name == "kivi":
-        return KIVI(bits=2, residual=32, group_size=16)
     if name == "int":
         return IntKV(bits=4, group_size=16)
-    return cls(group_size=16)
+    return example_quantizer(name)
 
 
 def all_specs() -> dict[str, KVSpec]:
-    specs = {f"evict:{n}": KVSpec(evict=p) for n, p in EVICTION.items()}
+    specs = {f"evict:{n}": KVSpec(evict=EVICTION.get(n) or example_policy(n)) for n in EVICTION_METHODS.names()}
     specs.update({f"quant:{n}": KVSpec(quant=_quantizer(n)) for n in KV_QUANTIZERS.names()})
     specs["snapkv+kivi"] = KVSpec(evict=SnapKV(ratio=0.5, window_size=W), quant=_quantizer("kivi"))
     return specs

@@ -9,8 +9,6 @@ refused with the reason and ``decode="auto"`` falls back to eager (also when the
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -22,6 +20,7 @@ from lmcompress.kv.evict import CAKE, AdaKV, DecodingCompression, Knorm, Random,
 from lmcompress.kv.static import static_decode_supported
 from lmcompress.models import tiny_model
 from lmcompress.registry import EVICTION_METHODS, KV_QUANTIZERS
+from method_examples import example_policy, example_quantizer
 
 pytestmark = pytest.mark.model
 
@@ -41,13 +40,12 @@ EXPLICIT = {
 
 def specs() -> dict[str, KVSpec]:
     out = {"none": KVSpec()}
-    for name, cls in EVICTION_METHODS.items():
-        policies = EXPLICIT.get(name) or [cls(ratio=0.5)]
+    for name in EVICTION_METHODS.names():
+        policies = EXPLICIT.get(name) or [example_policy(name)]
         for i, policy in enumerate(policies):
             out[f"{name}-{i}"] = KVSpec(evict=policy)
-    for name, cls in KV_QUANTIZERS.items():
-        fields = {f.name for f in dataclasses.fields(cls)}
-        out[name] = KVSpec(quant=cls(**({"group_size": 16} if "group_size" in fields else {})))
+    for name in KV_QUANTIZERS.names():
+        out[name] = KVSpec(quant=example_quantizer(name))
     out["snapkv+int4"] = KVSpec(evict=SnapKV(ratio=0.5), quant=KV_QUANTIZERS.get("int")(bits=4, group_size=16))
     return out
 

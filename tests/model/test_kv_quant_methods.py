@@ -284,9 +284,8 @@ def test_method_strings_parse_to_quantizers():
 
 
 def every_eviction_policy():
-    from method_examples import example_policy
-
     from lmcompress.registry import EVICTION_METHODS
+    from method_examples import example_policy
 
     for name in EVICTION_METHODS.names():
         yield pytest.param(example_policy(name), id=name)

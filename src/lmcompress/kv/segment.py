@@ -30,6 +30,8 @@ from .reference import attend_blocks
 REFERENCE_BLOCK_TOKENS = 1024
 #: queries per tile on the reference path (bounds the score matrix for long chunks over packed storage).
 REFERENCE_QUERY_TILE = 512
+#: spare full-precision slots kept after a commit to packed storage (at most the residual window)
+RESIDUAL_HEADROOM = 16
 
 
 class KVSegment:
@@ -321,5 +323,7 @@ class KVSegment:
         fk, fv = self.fp_k.view(), self.fp_v.view()
         self.store.append(fk[:, :, :movable], fv[:, :, :movable])
         rest_k, rest_v = fk[:, :, movable:], fv[:, :, movable:]
-        self.fp_k.replace(rest_k, headroom=max(residual, 1))
-        self.fp_v.replace(rest_v, headroom=max(residual, 1))
+        # spare slots for the next tokens: a few, not a second window (they are held and counted in nbytes)
+        headroom = max(1, min(residual, RESIDUAL_HEADROOM))
+        self.fp_k.replace(rest_k, headroom=headroom)
+        self.fp_v.replace(rest_v, headroom=headroom)

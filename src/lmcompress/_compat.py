@@ -210,6 +210,22 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+#: transformers RMSNorm classes computing ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` in fp32 (checked
+#: against their source in transformers 5.x); Gemma's ``(1 + weight)`` norms are not among them.
+LLAMA_RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm")
+
+
+def llama_rmsnorm_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """``(parent, attribute name, module)`` of every Llama-family RMSNorm in ``model``."""
+    out = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if (type(child).__name__ in LLAMA_RMSNORM_CLASSES and hasattr(child, "variance_epsilon")
+                    and isinstance(getattr(child, "weight", None), torch.nn.Parameter)):
+                out.append((parent, name, child))
+    return out
+
+
 def layer_output_hidden(output: Any) -> torch.Tensor:
     """The hidden states a decoder layer returns (a tensor in transformers 5.x, a tuple's first item before)."""
     return output[0] if isinstance(output, tuple) else output

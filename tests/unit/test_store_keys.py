@@ -257,3 +257,16 @@ def test_bench_says_how_many_rows_are_stale(tmp_path, monkeypatch):
                         "(--reuse-stale keeps them)")
         assert "reused, marked stale" in stored_summary(store, grid(), torch.float32, "cpu", True, path)
         assert stored_summary(store, grid(), torch.bfloat16, "cpu", False, path) == f"4 runs, 0 already in {path}"
+
+
+@pytest.mark.parametrize(("version", "needle"), [("3", "newer than this lmcompress reads"),
+                                                 ("two", "another schema")])
+def test_store_of_a_newer_or_unreadable_schema_version_is_refused(tmp_path, version, needle):
+    path = tmp_path / "s.sqlite"
+    ResultStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE store_meta SET value = ? WHERE name = 'version'", (version,))
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match=needle):
+        ResultStore(path)

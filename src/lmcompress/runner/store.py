@@ -130,7 +130,7 @@ def inspect_store(path: str | Path) -> str:
         if meta_d.get("schema") != SCHEMA_NAME:
             raise StoreError(f"{str(path)!r} is an SQLite file of another schema ({meta_d.get('schema')!r}); "
                              f"allowed: a {SCHEMA_NAME} store or a new path")
-        version = int(meta_d.get("version", 0))
+        version = int(meta_d["version"]) if str(meta_d.get("version", "")).isdigit() else 0
         if version > SCHEMA_VERSION:
             raise StoreError(f"result store {str(path)!r} has schema version {version}, newer than this "
                              f"lmcompress reads ({SCHEMA_VERSION}); upgrade lmcompress or pass another --store")

@@ -422,3 +422,12 @@ def test_bad_parameters_raise_clear_errors(build, needle):
     with pytest.raises(LMCompressError, match=None) as err:
         build()
     assert needle in str(err.value)
+
+
+def test_chunk_wrappers_take_per_layer_ratios():
+    inputs = inputs_from(torch.randn(1, 2, 40, 4, generator=torch.Generator().manual_seed(11)), layer_idx=1,
+                         num_layers=2)
+    per_layer = PerLayerCompression(base=Knorm(), ratios=(0.5, 0.75))
+    # layer 1 evicts 0.75: 10 chunks of 4 -> 3 kept; 5 chunks of 8 -> 2 of each kept
+    assert ChunkKV(base=per_layer, chunk_length=4).keep_mask(inputs).sum(-1).tolist() == [[12, 12]]
+    assert ChunkPress(base=per_layer, chunk_length=8).keep_mask(inputs).sum(-1).tolist() == [[10, 10]]

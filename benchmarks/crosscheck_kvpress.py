@@ -81,6 +81,10 @@ H11B_PRESSES = {
     "cur": (lambda kp, r: kp.CURPress(compression_ratio=r), lambda ev, r: ev.CUR(ratio=r), {}),
     "non_causal_attn": (lambda kp, r: kp.NonCausalAttnPress(compression_ratio=r),
                         lambda ev, r: ev.NonCausalAttn(ratio=r), {}),
+    "entropy_chunkkv_knorm": (
+        lambda kp, r: kp.EntropyGatedChunkKVPress(press=kp.KnormPress(compression_ratio=r)),
+        lambda ev, r: ev.EntropyGatedChunkKV(base=ev.Knorm(ratio=r)), {}),
+    "cap": (lambda kp, r: kp.CapPress(compression_ratio=r), lambda ev, r: ev.CapPress(ratio=r), {}),
     "key_rerotation_knorm": (lambda kp, r: kp.KeyRerotationPress(press=kp.KnormPress(compression_ratio=r)),
                              lambda ev, r: ev.KeyRerotation(base=ev.Knorm(ratio=r)),
                              {"match": "norm", "start": "held"}),

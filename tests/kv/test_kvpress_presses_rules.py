@@ -431,3 +431,12 @@ def test_chunk_wrappers_take_per_layer_ratios():
     # layer 1 evicts 0.75: 10 chunks of 4 -> 3 kept; 5 chunks of 8 -> 2 of each kept
     assert ChunkKV(base=per_layer, chunk_length=4).keep_mask(inputs).sum(-1).tolist() == [[12, 12]]
     assert ChunkPress(base=per_layer, chunk_length=8).keep_mask(inputs).sum(-1).tolist() == [[10, 10]]
+
+
+def test_every_press_round_trips_through_to_dict():
+    from .kvpress_presses import presses
+
+    for name, policy in presses(4).items():
+        data = policy.to_dict()
+        rebuilt = EVICTION_METHODS.get(data.pop("method")).from_dict(data)
+        assert rebuilt == policy, name

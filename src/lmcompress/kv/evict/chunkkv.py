@@ -38,8 +38,9 @@ class ChunkKV(EvictionPolicy):
     Rule (kvpress's ChunkKVPress): the base's scores ``[B, Hkv, n]`` are summed over the KV heads; the sequence
     is cut into chunks of ``chunk_length`` tokens (the last one holds the remainder); each chunk's score is the
     mean of its tokens' summed scores; the ``C - floor(r * C)`` best of the ``C`` chunks are kept whole, in
-    every head alike (``r`` = the base's ratio, per layer for PerLayerCompression). With a budget ``b`` instead, ``ceil(b / chunk_length)`` chunks
-    are kept. When ``n < chunk_length`` the base's own per-token selection applies.
+    every head alike (``r`` = the base's ratio, per layer for PerLayerCompression). With a budget ``b``
+    instead, ``ceil(b / chunk_length)`` chunks are kept. When ``n < chunk_length`` the base's own per-token
+    selection applies, and so it does on a ragged layer (heads holding different tokens).
 
     Deviations: kvpress keeps ``max(1, int(C * (1 - r)))`` chunks (one fewer when ``r * C`` is not whole or
     ``1 - r`` rounds down, e.g. C = 10, r = 0.9 gives 0 -> 1 there and 1 here, C = 30, r = 0.9: 2 there, 3

@@ -16,7 +16,7 @@ def gather_tokens(inputs: ScoreInputs, index: torch.Tensor, queries: torch.Tenso
 
     Keys, values, positions, ``valid`` and ``aux`` are gathered; ``queries: [B, Hq, q, D]`` replace the queries
     and must belong to the last ``q`` of the ``m`` tokens (the scorer reads them as such). Hidden states are
-    kept only when every head keeps the same tokens and they are the chunk's newest.
+    dropped (a part's tokens differ per head), so scorers that need them cannot score parts.
     """
     d = inputs.keys.shape[-1]
     idx_d = index.unsqueeze(-1).expand(*index.shape, d)

@@ -440,3 +440,20 @@ def test_every_press_round_trips_through_to_dict():
         data = policy.to_dict()
         rebuilt = EVICTION_METHODS.get(data.pop("method")).from_dict(data)
         assert rebuilt == policy, name
+
+
+@dataclass(frozen=True)
+class HiddenScorer(EvictionPolicy):
+    """Test scorer that declares it scores from hidden states."""
+
+    name = "hidden_test"
+    needs_hidden_states = True
+
+    def score(self, inputs):
+        return inputs.hidden_states.new_zeros(inputs.keys.shape[:3])
+
+
+@pytest.mark.parametrize("wrapper", [BlockPress, ChunkPress])
+def test_part_scorers_refuse_hidden_state_scorers(wrapper):
+    with pytest.raises(LMCompressError, match="carry no hidden states; hidden_test needs them"):
+        wrapper(base=HiddenScorer(ratio=0.5))

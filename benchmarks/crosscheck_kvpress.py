@@ -15,7 +15,13 @@ torch==2.13.0 kvpress==0.5.5 "transformers<5.3"``)::
 
 The model folder must be a Hugging Face folder both transformers versions load (e.g. SmolLM2 re-saved with
 ``save_pretrained`` after loading the GGUF); ``--tokens`` should be a multiple of 4 so that ``r * n`` is whole at
-every ratio and both libraries keep the same count (kvpress keeps ``int(n * (1 - r))``, we ``n - floor(r n)``).
+every ratio and both libraries keep the same count (kvpress keeps ``int(n * (1 - r))``, we ``n - floor(r n)``;
+keep to ratios exact in binary such as 0.25 / 0.5 / 0.75: at r = 0.9, 1 - r = 0.0999... and kvpress keeps 299 of
+n = 3000 where we keep 300).
+
+Methods: the ``METHOD_CLASSES`` table (scorers built with a ratio, and ``adakv_`` + any of them) and the
+``H11B_PRESSES`` block (kvpress's wrappers and other scorers: ChunkKV, BlockPress, ChunkPress, per-layer ratios,
+composition, LagKV, CUR, NonCausalAttn, CapPress, EntropyGatedChunkKV, KeyRerotation).
 """
 
 from __future__ import annotations
@@ -112,6 +118,10 @@ H11B_PRESSES = {
     "cur": (lambda kp, r: kp.CURPress(compression_ratio=r), lambda ev, r: ev.CUR(ratio=r), {}),
     "non_causal_attn": (lambda kp, r: kp.NonCausalAttnPress(compression_ratio=r),
                         lambda ev, r: ev.NonCausalAttn(ratio=r), {}),
+    "entropy_chunkkv_knorm": (
+        lambda kp, r: kp.EntropyGatedChunkKVPress(press=kp.KnormPress(compression_ratio=r)),
+        lambda ev, r: ev.EntropyGatedChunkKV(base=ev.Knorm(ratio=r)), {}),
+    "cap": (lambda kp, r: kp.CapPress(compression_ratio=r), lambda ev, r: ev.CapPress(ratio=r), {}),
     "key_rerotation_knorm": (lambda kp, r: kp.KeyRerotationPress(press=kp.KnormPress(compression_ratio=r)),
                              lambda ev, r: ev.KeyRerotation(base=ev.Knorm(ratio=r)),
                              {"match": "norm", "start": "held"}),

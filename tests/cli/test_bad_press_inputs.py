@@ -70,3 +70,16 @@ def test_methods_json_lists_every_press_with_parameters(capsys):
     assert eviction["chunkkv"]["params"]["chunk_length"] == 20
     assert eviction["block"]["params"]["block_size"] == 128
     assert eviction["lagkv"]["params"]["lag_size"] == 128
+
+
+def test_method_list_keeps_arguments_and_gives_the_sweep_ratio_to_the_base():
+    from lmcompress.kv.evict import ChunkKV, Knorm, PerLayerCompression, SnapKV
+    from lmcompress.kv.parse import parse_method, split_methods
+
+    text = "knorm,chunkkv:base=snapkv,chunk_length=8,base.window_size=4,per_layer:base=knorm,ratios=0.2/0.4,int4"
+    assert split_methods(text) == ["knorm", "chunkkv:base=snapkv,chunk_length=8,base.window_size=4",
+                                   "per_layer:base=knorm,ratios=0.2/0.4", "int4"]
+    spec = parse_method(split_methods(text)[1], ratio=0.5)
+    assert spec.evict == ChunkKV(base=SnapKV(ratio=0.5, window_size=4), chunk_length=8)
+    spec = parse_method(split_methods(text)[2], ratio=0.5)  # the per-layer ratios replace the sweep's ratio
+    assert spec.evict == PerLayerCompression(base=Knorm(), ratios=(0.2, 0.4))

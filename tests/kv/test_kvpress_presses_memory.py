@@ -18,8 +18,12 @@ from lmcompress.kv import CompressedCache, KVSpec
 from lmcompress.kv.evict import (
     CUR,
     BlockPress,
+    CapPress,
     ChunkKV,
     ChunkPress,
+    Compactor,
+    EntropyGatedChunkKV,
+    Finch,
     KeyRerotation,
     Knorm,
     LagKV,
@@ -44,6 +48,10 @@ SPECS = {
     "leverage_0.75": LeverageScore(ratio=0.75),
     "non_causal_0.75": NonCausalAttn(ratio=0.75),
     "key_rerotation_0.75": KeyRerotation(base=Knorm(ratio=0.75)),
+    "entropy_chunkkv_0.75": EntropyGatedChunkKV(base=Knorm(ratio=0.75), chunk_length=16),
+    "finch_0.75": Finch(ratio=0.75, window_size=16),
+    "compactor_0.75": Compactor(ratio=0.75),
+    "cap_0.75": CapPress(ratio=0.75),
 }
 
 
@@ -99,6 +107,7 @@ def test_allocator_releases_what_nbytes_reports():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(result))  # the BENCHMARKS.md table (pytest -s)
     for name, r in result.items():
         assert r["freed"] == pytest.approx(r["nbytes"], rel=0.05, abs=100_000), (name, r)
         if name != "none":

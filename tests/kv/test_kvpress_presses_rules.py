@@ -422,3 +422,38 @@ def test_bad_parameters_raise_clear_errors(build, needle):
     with pytest.raises(LMCompressError, match=None) as err:
         build()
     assert needle in str(err.value)
+
+
+def test_chunk_wrappers_take_per_layer_ratios():
+    inputs = inputs_from(torch.randn(1, 2, 40, 4, generator=torch.Generator().manual_seed(11)), layer_idx=1,
+                         num_layers=2)
+    per_layer = PerLayerCompression(base=Knorm(), ratios=(0.5, 0.75))
+    # layer 1 evicts 0.75: 10 chunks of 4 -> 3 kept; 5 chunks of 8 -> 2 of each kept
+    assert ChunkKV(base=per_layer, chunk_length=4).keep_mask(inputs).sum(-1).tolist() == [[12, 12]]
+    assert ChunkPress(base=per_layer, chunk_length=8).keep_mask(inputs).sum(-1).tolist() == [[10, 10]]
+
+
+def test_every_press_round_trips_through_to_dict():
+    from .kvpress_presses import presses
+
+    for name, policy in presses(4).items():
+        data = policy.to_dict()
+        rebuilt = EVICTION_METHODS.get(data.pop("method")).from_dict(data)
+        assert rebuilt == policy, name
+
+
+@dataclass(frozen=True)
+class HiddenScorer(EvictionPolicy):
+    """Test scorer that declares it scores from hidden states."""
+
+    name = "hidden_test"
+    needs_hidden_states = True
+
+    def score(self, inputs):
+        return inputs.hidden_states.new_zeros(inputs.keys.shape[:3])
+
+
+@pytest.mark.parametrize("wrapper", [BlockPress, ChunkPress])
+def test_part_scorers_refuse_hidden_state_scorers(wrapper):
+    with pytest.raises(LMCompressError, match="carry no hidden states; hidden_test needs them"):
+        wrapper(base=HiddenScorer(ratio=0.5))

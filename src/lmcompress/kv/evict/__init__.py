@@ -5,10 +5,11 @@ TOVA, ExpectedAttention, H2O, ObservedAttention. Wrappers and schedules: AdaKV (
 DecodingCompression (compress every N generated tokens), ThresholdEviction (DMS-style), and CAKE (layer budgets
 from attention preferences, cascading).
 
-kvpress 0.5.5's other presses: scorers LagKV, LeverageScore, CUR, NonCausalAttn, Compactor, CapPress; wrappers ChunkKV (whole chunks) and EntropyGatedChunkKV,
-BlockPress and ChunkPress (score parts of the prompt), PerLayerCompression (a ratio per layer), ComposedPolicy
-(policies in sequence), Finch (question-aware, re-rotated), KeyRerotation (kept keys at contiguous positions), CompressionRatioDecoding and
-PrefillDecoding (decoding-time variants).
+kvpress 0.5.5's other presses: scorers LagKV, LeverageScore, CUR, NonCausalAttn, Compactor, CapPress;
+wrappers ChunkKV (whole chunks) and EntropyGatedChunkKV, BlockPress and ChunkPress (score parts of the prompt),
+PerLayerCompression (a ratio per layer), ComposedPolicy (policies in sequence), FINCH (question-aware,
+re-rotated), KeyRerotation (kept keys at contiguous positions), CompressionRatioDecoding and PrefillDecoding
+(decoding-time variants).
 """
 
 from .adakv import AdaKV

@@ -12,6 +12,7 @@ import torch
 from ...errors import LMCompressError, check_positive_int
 from ...registry import EVICTION_METHODS
 from .base import EvictionPolicy, ScoreInputs, check_wrapper_sizes, evicted_count, require_scorer, topk_mask
+from .per_layer import layer_ratio
 from .subset import check_part_length, part_scores
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -77,7 +78,7 @@ class ChunkPress(EvictionPolicy):
         return out
 
     def n_keep(self, n: int, layer_idx: int = 0, num_layers: int = 1) -> int:
-        r = float(self.base.ratio)
+        r = layer_ratio(self.base, layer_idx, num_layers)
         return sum(e - s - evicted_count(e - s, r) for s, e in self.chunks(n))
 
     def keep_mask(self, inputs: ScoreInputs) -> torch.Tensor:
@@ -85,7 +86,7 @@ class ChunkPress(EvictionPolicy):
             return self.base.keep_mask(inputs)
         b, h, n = inputs.keys.shape[:3]
         dev = inputs.keys.device
-        r = float(self.base.ratio)
+        r = layer_ratio(self.base, inputs.layer_idx, inputs.num_layers)
         parts = []
         for begin, end in self.chunks(n):
             index = torch.arange(begin, end, device=dev).expand(b, h, end - begin)

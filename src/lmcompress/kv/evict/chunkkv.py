@@ -13,6 +13,7 @@ import torch
 from ...errors import check_positive_int
 from ...registry import EVICTION_METHODS
 from .base import EvictionPolicy, ScoreInputs, check_wrapper_sizes, evicted_count, require_scorer
+from .per_layer import layer_ratio
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..layer import CompressedLayer
@@ -37,8 +38,9 @@ class ChunkKV(EvictionPolicy):
     Rule (kvpress's ChunkKVPress): the base's scores ``[B, Hkv, n]`` are summed over the KV heads; the sequence
     is cut into chunks of ``chunk_length`` tokens (the last one holds the remainder); each chunk's score is the
     mean of its tokens' summed scores; the ``C - floor(r * C)`` best of the ``C`` chunks are kept whole, in
-    every head alike (``r`` = the base's ratio). With a budget ``b`` instead, ``ceil(b / chunk_length)`` chunks
-    are kept. When ``n < chunk_length`` the base's own per-token selection applies.
+    every head alike (``r`` = the base's ratio, per layer for PerLayerCompression). With a budget ``b``
+    instead, ``ceil(b / chunk_length)`` chunks are kept. When ``n < chunk_length`` the base's own per-token
+    selection applies, and so it does on a ragged layer (heads holding different tokens).
 
     Deviations: kvpress keeps ``max(1, int(C * (1 - r)))`` chunks (one fewer when ``r * C`` is not whole or
     ``1 - r`` rounds down, e.g. C = 10, r = 0.9 gives 0 -> 1 there and 1 here, C = 30, r = 0.9: 2 there, 3
@@ -77,11 +79,11 @@ class ChunkKV(EvictionPolicy):
     def observe(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
         self.base.observe(layer, query, scaling)
 
-    def chunks_kept(self, num_chunks: int) -> int:
-        """Chunks kept out of ``num_chunks``."""
+    def chunks_kept(self, num_chunks: int, layer_idx: int = 0, num_layers: int = 1) -> int:
+        """Chunks kept out of ``num_chunks`` in layer ``layer_idx``."""
         if self.base.budget is not None:
             return min(num_chunks, math.ceil(self.base.budget / self.chunk_length))
-        return num_chunks - evicted_count(num_chunks, float(self.base.ratio))
+        return num_chunks - evicted_count(num_chunks, layer_ratio(self.base, layer_idx, num_layers))
 
     def keep_mask(self, inputs: ScoreInputs) -> torch.Tensor:
         n = inputs.num_tokens
@@ -91,7 +93,7 @@ class ChunkKV(EvictionPolicy):
         scores = self.base.final_scores(inputs).sum(dim=1)  # [B, n]
         chunk_scores = chunk_means(scores, self.chunk_length)  # [B, C]
         c = chunk_scores.shape[-1]
-        kept = self.chunks_kept(c)
+        kept = self.chunks_kept(c, inputs.layer_idx, inputs.num_layers)
         top = chunk_scores.topk(kept, dim=-1).indices  # [B, kept]
         chosen = torch.zeros_like(chunk_scores, dtype=torch.bool).scatter_(-1, top, True)
         token_chunk = torch.arange(n, device=scores.device) // self.chunk_length  # [n]

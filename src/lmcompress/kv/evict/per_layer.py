@@ -111,3 +111,10 @@ class PerLayerCompression(EvictionPolicy):
         out = super().to_dict()
         out["ratios"] = list(self.ratios)
         return out
+
+
+def layer_ratio(policy: EvictionPolicy, layer_idx: int, num_layers: int) -> float:
+    """The eviction ratio ``policy`` applies in layer ``layer_idx`` (its per-layer ratio, else its ratio)."""
+    if isinstance(policy, PerLayerCompression):
+        return policy.layer_ratio(layer_idx, num_layers)
+    return float(policy.ratio)

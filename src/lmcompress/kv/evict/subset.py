@@ -16,7 +16,7 @@ def gather_tokens(inputs: ScoreInputs, index: torch.Tensor, queries: torch.Tenso
 
     Keys, values, positions, ``valid`` and ``aux`` are gathered; ``queries: [B, Hq, q, D]`` replace the queries
     and must belong to the last ``q`` of the ``m`` tokens (the scorer reads them as such). Hidden states are
-    kept only when every head keeps the same tokens and they are the chunk's newest.
+    dropped (a part's tokens differ per head), so scorers that need them cannot score parts.
     """
     d = inputs.keys.shape[-1]
     idx_d = index.unsqueeze(-1).expand(*index.shape, d)
@@ -67,7 +67,11 @@ def part_scores(base: EvictionPolicy, inputs: ScoreInputs, index: torch.Tensor) 
 
 
 def check_part_length(owner: str, base: EvictionPolicy, length: int, name: str) -> None:
-    """A part must hold more tokens than the queries ``base`` reads (SnapKV's window scores older tokens)."""
+    """A part must hold more tokens than the queries ``base`` reads (SnapKV's window scores older tokens), and
+    ``base`` must not score from hidden states (parts do not carry them)."""
+    if base.needs_hidden_states:
+        raise LMCompressError(f"{owner} scores parts of the prompt, which carry no hidden states; "
+                              f"{base.name} needs them: use a scorer that reads keys, values or queries")
     need = base.query_window
     if need and length <= need:
         raise LMCompressError(

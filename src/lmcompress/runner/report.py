@@ -54,6 +54,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 peak_mem_bytes=max(r["result"]["costs"]["peak_mem_bytes"] for r in at_max),
                 mem_source=pk[0]["result"]["costs"]["mem_source"],
             )
+        row["shared_prefill"] = any((r["result"].get("costs") or {}).get("prefill") == "shared" for r in recs)
         if ppl:
             row["perplexity"] = _mean([r["result"]["metrics"]["perplexity"] for r in ppl])
             row["ppl_kv_bytes"] = _mean([r["result"]["costs"]["kv_bytes"] for r in ppl])
@@ -87,18 +88,27 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = ("| model | method | ratio | quant | retrieval acc | perplexity | KV MB @len | KV vs none | "
             "TTFT s @len | decode tok/s | peak MB |")
     lines = [head, "|" + "---|" * 11]
+
+    def mark(r: dict[str, Any]) -> str:
+        return "†" if r.get("shared_prefill") and r["ttft_s"] is not None else ""
+
     for r in rows:
         ratio = f"budget {r['budget']}" if r.get("budget") else _fmt(r["ratio"], ".2f")
         kv = f"{_fmt(r['kv_bytes'] and r['kv_bytes'] / MB, '.1f')} @{r['length'] or '–'}"
         lines.append(
             f"| {r['model']} | {r['evict']} | {ratio} | {r['quant']} | "
             f"{_fmt(r['accuracy'], '.2f')} ({r['cells']}) | {_fmt(r['perplexity'], '.2f')} | {kv} | "
-            f"{_fmt(r.get('kv_fraction'), '.3f')} | {_fmt(r['ttft_s'], '.2f')} | "
-            f"{_fmt(r['decode_tok_s'], '.1f')} | {_fmt(r['peak_mem_bytes'] and r['peak_mem_bytes'] / MB, '.0f')} |"
+            f"{_fmt(r.get('kv_fraction'), '.3f')} | {_fmt(r['ttft_s'], '.2f')}{mark(r)} | "
+            f"{_fmt(r['decode_tok_s'], '.1f')} | "
+            f"{_fmt(r['peak_mem_bytes'] and r['peak_mem_bytes'] / MB, '.0f')}{mark(r)} |"
         )
     if mem_note:
         lines.append("")
         lines.append(f"peak MB: {mem_note} (growth over the run); retrieval acc: mean over cells (count in brackets).")
+    if any(r.get("shared_prefill") for r in rows):
+        from .leaderboard import SHARED_NOTE
+
+        lines.append("TTFT and peak MB of the runs marked † " + SHARED_NOTE.removeprefix("† "))
     return "\n".join(lines)
 
 

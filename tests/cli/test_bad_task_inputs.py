@@ -29,7 +29,7 @@ def store(tmp_path):
     path = tmp_path / "results.sqlite"
     with ResultStore(path) as s:
         s.put("k1", {"model": "m", "kv_label": "none", "task": {"name": "passkey", "params": {}}},
-              {"metrics": {"accuracy": 1.0}, "costs": {}, "details": {}}, versions={}, device="cpu",
+              {"metrics": {"accuracy": 1.0}, "costs": {}, "details": {}}, provenance={"code_version": "test", "dtype": "float32"}, device="cpu",
               started_at=1.0, duration_s=2.0)
     return path
 

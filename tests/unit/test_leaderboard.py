@@ -97,7 +97,7 @@ def test_write_leaderboard(tmp_path):
 def test_report_cli_writes_the_page(tmp_path, capsys):
     with ResultStore(tmp_path / "s.sqlite") as store:
         for i, rec in enumerate(records()):
-            store.put(f"k{i}", rec["spec"], rec["result"], versions={}, device="cpu", started_at=float(i),
+            store.put(f"k{i}", rec["spec"], rec["result"], provenance={"code_version": "test", "dtype": "float32"}, device="cpu", started_at=float(i),
                       duration_s=1.0)
     assert main(["report", "--store", str(tmp_path / "s.sqlite"), "--out", str(tmp_path / "r")]) == 0
     printed = capsys.readouterr().out

@@ -4,6 +4,11 @@ Flow: the context is prefilled into a :class:`~lmcompress.kv.cache.CompressedCac
 here); the question is appended with eviction paused (query-agnostic: the compressed cache never saw the
 question); the answer is decoded greedily. With ``query_aware=True`` context and question are prefilled
 together, so query-based scores see the question. TTFT covers everything up to the first answer token.
+
+The prefill is one chunk; inside :func:`lmcompress.eval.shared_prefill.sharing_prefills` (grids do this) it is
+replayed from a shared uncompressed recording, which leaves the same cache (answers unchanged; TTFT and peak
+memory then do not measure a real prefill). Several questions over one compressed context:
+:mod:`lmcompress.eval.context_pipeline`.
 """
 
 from __future__ import annotations

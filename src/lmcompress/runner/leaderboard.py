@@ -21,6 +21,7 @@ from __future__ import annotations
 import html
 import re
 import statistics
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -204,7 +205,7 @@ def heatmap(cells: list[dict[str, float]], title: str, path: Path) -> Path:
     grid = np.full((len(depths), len(lengths)), np.nan)
     for c in cells:
         grid[depths.index(c["depth"]), lengths.index(c["length"])] = c["score"]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.6 * len(depths)))
+    fig, ax = plt.subplots(figsize=(max(3.8, 1.6 + 0.9 * len(lengths)), 1.6 + 0.5 * len(depths)))
     im = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
     for i in range(len(depths)):
         for j in range(len(lengths)):
@@ -214,7 +215,7 @@ def heatmap(cells: list[dict[str, float]], title: str, path: Path) -> Path:
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
-    ax.set_title(title, fontsize=8)
+    ax.set_title(textwrap.fill(title, 40), fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -225,12 +226,12 @@ def heatmap(cells: list[dict[str, float]], title: str, path: Path) -> Path:
 def score_plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
     """PNG: score against measured KV MB (log) for one model's task, the uncompressed score and chance as lines."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(8.5, 4.2))
     pts = [r for r in rows if r["score"] is not None and r["kv_bytes"]]
-    for r in pts:
-        ax.scatter(r["kv_bytes"] / MB, r["score"], s=36, marker="s" if r["kv_label"] == "none" else "o")
-        ax.annotate(r["method"], (r["kv_bytes"] / MB, r["score"]), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+    markers = "os^vD<>ph*"
+    for i, r in enumerate(pts):
+        ax.scatter(r["kv_bytes"] / MB, r["score"], s=40, alpha=0.85, label=r["method"],
+                   marker="s" if r["kv_label"] == "none" else markers[i % len(markers)])
     base = next((r["none_score"] for r in rows if r["none_score"] is not None), None)
     if base is not None:
         ax.axhline(base, color="grey", lw=0.8, ls="--", label="uncompressed")
@@ -244,8 +245,8 @@ def score_plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
     ax.set_ylabel(f"{metric}" + ("" if not rows or rows[0]["higher_is_better"] else " (lower is better)"))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    if base is not None or chance is not None:
-        ax.legend(fontsize=7)
+    if pts or base is not None or chance is not None:
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -299,6 +300,7 @@ def write_leaderboard(records: list[dict[str, Any]], out_dir: str | Path) -> dic
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>lmcompress leaderboard</title>\n"
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
         "td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}th{background:#eee}"
+        "td:nth-child(-n+2){text-align:left}"
         "figure{display:inline-block;margin:1em}</style></head>\n<body>\n<h1>lmcompress leaderboard</h1>\n"
         "<p>score: the task's primary metric (mean over its runs); none score: the uncompressed model's on the "
         f"same task; compression: uncompressed KV bytes / measured KV bytes. {notes}</p>\n"

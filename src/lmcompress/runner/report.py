@@ -67,6 +67,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 peak_mem_bytes=max(r["result"]["costs"]["peak_mem_bytes"] for r in at_max),
                 mem_source=pk[0]["result"]["costs"]["mem_source"],
             )
+        row["shared_prefill"] = any((r["result"].get("costs") or {}).get("prefill") == "shared" for r in recs)
         if ppl:
             row["perplexity"] = _mean([r["result"]["metrics"]["perplexity"] for r in ppl])
             row["ppl_kv_bytes"] = _mean([r["result"]["costs"]["kv_bytes"] for r in ppl])
@@ -101,14 +102,19 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = ("| model | method | ratio | quant | retrieval acc | perplexity | KV MB @len | KV vs none | "
             "TTFT s @len | decode tok/s | peak MB | dtype | device | code |")
     lines = [head, "|" + "---|" * 14]
+
+    def mark(r: dict[str, Any]) -> str:
+        return "†" if r.get("shared_prefill") and r["ttft_s"] is not None else ""
+
     for r in rows:
         ratio = f"budget {r['budget']}" if r.get("budget") else _fmt(r["ratio"], ".2f")
         kv = f"{_fmt(r['kv_bytes'] and r['kv_bytes'] / MB, '.1f')} @{r['length'] or '–'}"
         lines.append(
             f"| {r['model']} | {r['evict']} | {ratio} | {r['quant']} | "
             f"{_fmt(r['accuracy'], '.2f')} ({r['cells']}) | {_fmt(r['perplexity'], '.2f')} | {kv} | "
-            f"{_fmt(r.get('kv_fraction'), '.3f')} | {_fmt(r['ttft_s'], '.2f')} | "
-            f"{_fmt(r['decode_tok_s'], '.1f')} | {_fmt(r['peak_mem_bytes'] and r['peak_mem_bytes'] / MB, '.0f')} | "
+            f"{_fmt(r.get('kv_fraction'), '.3f')} | {_fmt(r['ttft_s'], '.2f')}{mark(r)} | "
+            f"{_fmt(r['decode_tok_s'], '.1f')} | "
+            f"{_fmt(r['peak_mem_bytes'] and r['peak_mem_bytes'] / MB, '.0f')}{mark(r)} | "
             f"{r['dtype']} | {r['device']} | {r['code_version']} |"
         )
     if mem_note:
@@ -117,6 +123,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     if any(r.get("stale") for r in rows):
         lines.append("")
         lines.append("(stale): reused with --reuse-stale; computed by another lmcompress code version than this one.")
+    if any(r.get("shared_prefill") for r in rows):
+        from .leaderboard import SHARED_NOTE
+
+        lines.append("TTFT and peak MB of the runs marked † " + SHARED_NOTE.removeprefix("† "))
     return "\n".join(lines)
 
 

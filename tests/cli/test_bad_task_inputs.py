@@ -63,6 +63,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow  # a fresh interpreter per case (imports torch and transformers)
 @pytest.mark.parametrize(("make", "needle"), CASES, ids=["longbench-field", "ruler-length", "depth", "haystack",
                                                           "unknown-task", "unknown-param", "bad-value"])
 def test_bad_task_input_exits_2_with_one_line(make, needle, tmp_path, store):

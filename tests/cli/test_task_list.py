@@ -47,3 +47,15 @@ def test_bench_grid_keeps_its_default_and_adds_it_on_request():
     assert [(r.kv.label(), r.task.name) for r in only] == [("none", "vt"), (only[1].kv.label(), "vt")]
     both = build_grid(_args("--methods", "none", "--no-ppl", "--tasks", "default,cwe"))
     assert [r.task.name for r in both] == ["passkey"] * 6 + ["cwe"]
+
+
+def test_task_table_rows_and_group_mean():
+    from lmcompress.cli_tasks import task_table
+
+    def rec(task, value, kv):
+        return {"spec": {"kv_label": "none", "task": {"name": task, "params": {}}},
+                "result": {"metrics": {"score": value}, "costs": {"kv_bytes": kv}}}
+
+    lines = task_table([rec("vt", 40.0, 1000), rec("cwe", 20.0, 3000)]).splitlines()
+    assert lines[2] == "| none | vt | score | 40.000 | 1000 |"
+    assert lines[-1] == "| none | ruler (mean of 2) | score | 30.000 | |"

@@ -19,6 +19,8 @@ from lmcompress.kv.parse import parse_method
 from lmcompress.kv.spec import KVSpec
 from lmcompress.registry import TASKS
 
+pytestmark = pytest.mark.model  # fixtures `model`, the byte tokenizers and no-grad: conftest.py
+
 
 @pytest.mark.parametrize("name", SYNTHETIC)
 def test_ruler_task_runs_and_scores_its_answers(name, model, base_tokenizer):

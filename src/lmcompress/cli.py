@@ -63,7 +63,10 @@ def build_grid(args: argparse.Namespace):
     ]
     if args.ppl:
         tasks.append(Perplexity(context_tokens=args.ppl_context, eval_tokens=args.ppl_eval))
-    return [RunSpec(args.model, spec, task) for spec in specs for task in tasks]
+    from .models import quantized_format
+
+    weights = quantized_format(args.model)  # e.g. "awq-gemm w4 g64 asym"; None for float weights
+    return [RunSpec(args.model, spec, task, weights) for spec in specs for task in tasks]
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

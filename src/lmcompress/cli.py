@@ -80,7 +80,10 @@ def build_grid(args: argparse.Namespace):
         tasks = build_tasks(args.tasks, {"query_aware": args.query_aware, "decode": args.decode}, default_tasks)
     else:
         tasks = default_tasks()
-    return [RunSpec(args.model, spec, task) for spec in specs for task in tasks]
+    from .models import quantized_format
+
+    weights = quantized_format(args.model)  # e.g. "awq-gemm w4 g64 asym"; None for float weights
+    return [RunSpec(args.model, spec, task, weights) for spec in specs for task in tasks]
 
 
 def check_bench_inputs(args: argparse.Namespace) -> None:

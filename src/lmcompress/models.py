@@ -274,6 +274,22 @@ def linear_input_widths(name: str) -> dict[str, int]:
             "intermediate_size": config.intermediate_size}
 
 
+def quantized_format(name_or_path: str) -> str | None:
+    """The weight format of a 4-bit checkpoint folder (``"awq-gemm w4 g64 asym"``,
+    ``"compressed-tensors pack-quantized w4 g64 asym"``), or None for anything else (an embedded model, a GGUF
+    file, a plain folder).
+
+    Raises:
+        LMCompressError: a checkpoint folder whose quantization scheme this project does not run (named).
+    """
+    p = Path(name_or_path).expanduser()
+    if name_or_path in EMBEDDED_MODELS or name_or_path in TINY_MODELS or not p.is_dir():
+        return None
+    from .weights.checkpoint import checkpoint_format
+
+    return checkpoint_format(p)
+
+
 def available_models() -> list[str]:
     return [*EMBEDDED_MODELS, *TINY_MODELS]
 
@@ -290,7 +306,9 @@ def load_model(
 
     Args:
         name_or_path: an embedded model name (``smollm2-135m``, ``gemma3-270m``), a tiny test model
-            (``tiny-llama`` ...), a local Hugging Face model folder, or a ``.gguf`` file path.
+            (``tiny-llama`` ...), a local Hugging Face model folder, or a ``.gguf`` file path. A folder holding
+            an AWQ GEMM or compressed-tensors W4A16 checkpoint loads through
+            :func:`lmcompress.weights.load_quantized` (4-bit ``WQLinear`` layers, packed at rest).
         dtype: weight dtype after loading (GGUF weights are dequantized to this).
         device: where to put the model.
         attn_implementation: optional attention implementation to select (``"lmcompress"``, ``"sdpa"``, ...).
@@ -314,6 +332,8 @@ def load_model(
         folder, gguf_file = _resolve_source(name)
         if name not in EMBEDDED_MODELS:  # (embedded files are checked against their sha256)
             check_model_files(Path(folder) / gguf_file if gguf_file else folder)
+        if gguf_file is None and _is_quantized_folder(Path(folder)):
+            return _load_quantized_folder(Path(folder), dtype, device, attn_implementation, quiet)
         kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
         with _quiet_progress(quiet):
             if gguf_file or _has_tokenizer_files(Path(folder)):
@@ -323,6 +343,11 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
         model = model.to(device).eval()
     _check_architecture(model.config, name)
+    _select_attention(model, attn_implementation)
+    return model, tokenizer
+
+
+def _select_attention(model: torch.nn.Module, attn_implementation: str | None) -> None:
     if attn_implementation is not None:
         if attn_implementation == "lmcompress":
             from .kv.attention import prepare_model
@@ -330,4 +355,23 @@ def load_model(
             prepare_model(model)
         else:
             model.set_attn_implementation(attn_implementation)
+
+
+def _is_quantized_folder(folder: Path) -> bool:
+    """Whether config.json declares a quantization this project loads itself (AWQ, compressed-tensors)."""
+    import json
+
+    qc = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") in ("awq", "compressed-tensors")
+
+
+def _load_quantized_folder(
+    folder: Path, dtype: torch.dtype, device: str | torch.device, attn_implementation: str | None, quiet: bool
+) -> tuple[torch.nn.Module, Any]:
+    """A 4-bit checkpoint through our own loader (transformers would need autoawq / gptqmodel for AWQ)."""
+    from .weights.checkpoint import load_quantized
+
+    with _quiet_progress(quiet):
+        model, tokenizer = load_quantized(folder, dtype=dtype, device=device)
+    _select_attention(model, attn_implementation)
     return model, tokenizer

@@ -44,6 +44,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ppl = [r for r in recs if r["spec"]["task"]["name"] == "perplexity"]
         row: dict[str, Any] = {
             "model": model,
+            "weights": recs[0]["spec"].get("weights"),  # 4-bit checkpoint format, None for float weights
             "label": label,
             "evict": evict.get("method", "none") if evict else "none",
             "ratio": evict.get("ratio") if evict else 0.0,
@@ -109,8 +110,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ratio = f"budget {r['budget']}" if r.get("budget") else _fmt(r["ratio"], ".2f")
         kv = f"{_fmt(r['kv_bytes'] and r['kv_bytes'] / MB, '.1f')} @{r['length'] or '–'}"
+        model = r["model"] + (f" [{r['weights']}]" if r.get("weights") else "")
         lines.append(
-            f"| {r['model']} | {r['evict']} | {ratio} | {r['quant']} | "
+            f"| {model} | {r['evict']} | {ratio} | {r['quant']} | "
             f"{_fmt(r['accuracy'], '.2f')} ({r['cells']}) | {_fmt(r['perplexity'], '.2f')} | {kv} | "
             f"{_fmt(r.get('kv_fraction'), '.3f')} | {_fmt(r['ttft_s'], '.2f')}{mark(r)} | "
             f"{_fmt(r['decode_tok_s'], '.1f')} | "

@@ -244,17 +244,19 @@ def _save_compressed_tensors(model: nn.Module, folder: Path, qc: dict[str, Any],
 
 def checkpoint_format(path: str | Path) -> str | None:
     """A one-line description of a quantized checkpoint folder's weight format (e.g.
-    ``"compressed-tensors pack-quantized w4 g64 asym"``), or None for anything that is not one we read."""
+    ``"compressed-tensors pack-quantized w4 g64 asym"``); None for a folder whose config declares no AWQ or
+    compressed-tensors quantization.
+
+    Raises:
+        LMCompressError: the folder declares one of them with a scheme this project does not run (named).
+    """
     config_path = Path(path).expanduser() / "config.json"
     if not config_path.is_file():
         return None
     qc = json.loads(config_path.read_text()).get("quantization_config")
     if not isinstance(qc, dict) or qc.get("quant_method") not in ("awq", ct.QUANT_METHOD):
         return None
-    try:
-        _, fmt = _read_quant_config(Path(path).expanduser())
-    except LMCompressError:
-        return None
+    _, fmt = _read_quant_config(Path(path).expanduser())
     sym = "asym" if fmt["zero_point"] else "sym"
     return f"{fmt['format']} w{fmt['bits']} g{fmt['group_size']} {sym}"
 

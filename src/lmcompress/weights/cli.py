@@ -63,8 +63,10 @@ def add_awq_subcommands(subparsers: argparse._SubParsersAction) -> argparse.Argu
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=run_quantize)
 
-    e = sub.add_parser("eval", help="perplexity and KL of a checkpoint against its original model")
-    e.add_argument("checkpoint", help="folder written by `awq quantize`")
+    e = sub.add_parser("eval", help="perplexity and KL of checkpoints against their original model")
+    e.add_argument("checkpoint", nargs="+",
+                   help="checkpoint folder(s): AWQ GEMM or compressed-tensors W4A16, ours or another tool's; "
+                   "several are evaluated on the same tokens against one reference")  # fmt: skip
     e.add_argument(
         "--reference", default=None, help="original model (default: the one recorded in CHECKPOINT)"
     )
@@ -159,50 +161,60 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..models import load_model
-    from .checkpoint import load_quantized
+    from .checkpoint import checkpoint_format, load_quantized
     from .evaluate import evaluate_lm, held_out_ids, start_tokens
 
-    folder = Path(args.checkpoint)
+    folders = [Path(c) for c in args.checkpoint]
     if args.window < 2:
         raise LMCompressError(
             f"--window={args.window} is not allowed; it must be an integer >= 2 (tokens per evaluation window)"
         )
     if args.max_tokens is not None and args.max_tokens < 1:
         raise LMCompressError(f"--max-tokens={args.max_tokens} is not allowed; it must be an integer >= 1")
-    if not folder.is_dir():
-        raise LMCompressError(f"checkpoint {str(folder)!r} is not a folder; give one written by `awq quantize`")
+    for folder in folders:
+        if not folder.is_dir():
+            raise LMCompressError(f"checkpoint {str(folder)!r} is not a folder; give one written by `awq quantize`")
     reference_name = args.reference
-    provenance_path = folder / PROVENANCE_FILE
-    if reference_name is None and provenance_path.is_file():
-        reference_name = json.loads(provenance_path.read_text()).get("source_model")
+    for folder in folders:
+        provenance_path = folder / PROVENANCE_FILE
+        if reference_name is None and provenance_path.is_file():
+            reference_name = json.loads(provenance_path.read_text()).get("source_model")
     device = _work_device(args.device)
     if reference_name is not None:
         from ..models import check_model_source
 
         check_model_source(reference_name)
     dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    model, tokenizer = load_quantized(folder, dtype=dtype, device=device)
+    models = [load_quantized(folder, dtype=dtype, device=device) for folder in folders]  # all checked first
+    tokenizer = next((t for _, t in models if t is not None), None)
     reference = None
     if reference_name is not None:
         reference, ref_tokenizer = load_model(reference_name, dtype=dtype, device=device)
         tokenizer = tokenizer or ref_tokenizer
     if tokenizer is None:
         raise LMCompressError(
-            f"checkpoint {str(folder)!r} has no tokenizer and no --reference model gives one"
+            f"checkpoint {str(folders[0])!r} has no tokenizer and no --reference model gives one"
         )
     ids = held_out_ids(tokenizer, args.text, args.max_tokens)
     prefix = start_tokens(tokenizer)
-    result: dict[str, Any] = {
-        "quantized": evaluate_lm(model, ids, reference=reference, window=args.window, prefix=prefix).to_dict()
-    }
+    results = [
+        evaluate_lm(model, ids, reference=reference, window=args.window, prefix=prefix).to_dict()
+        for model, _ in models
+    ]
+    result: dict[str, Any] = {"quantized": results[0]}
+    if len(folders) > 1:
+        result["checkpoints"] = [
+            {"path": str(f), "weights": checkpoint_format(f), **r} for f, r in zip(folders, results)
+        ]
     if reference is not None:
         result["reference"] = evaluate_lm(reference, ids, window=args.window, prefix=prefix).to_dict()
         result["reference_model"] = reference_name
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        qr = result["quantized"]
-        line = f"perplexity {qr['perplexity']:.3f} over {qr['tokens']} tokens"
+        return 0
+    for folder, qr in zip(folders, results):
+        line = f"{folder}: " if len(folders) > 1 else ""
+        line += f"perplexity {qr['perplexity']:.3f} over {qr['tokens']} tokens"
         if reference is not None:
             line += (
                 f"; reference {result['reference']['perplexity']:.3f}; KL {qr['kl']:.4f} nats/token; "

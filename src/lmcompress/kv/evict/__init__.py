@@ -12,6 +12,7 @@ from .cake import CAKE
 from .critical_adakv import CriticalAdaKV
 from .critical_kv import CriticalKV
 from .decoding import DecodingCompression
+from .duo_attention import DuoAttention
 from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .keydiff import KeyDiff
@@ -33,6 +34,7 @@ __all__ = [
     "CriticalAdaKV",
     "CriticalKV",
     "DecodingCompression",
+    "DuoAttention",
     "EvictionPolicy",
     "ExpectedAttention",
     "KVzip",

@@ -7,7 +7,8 @@ budgets, cascades, decoding-time rules) override :meth:`EvictionPolicy.n_keep`, 
 or the cache hooks :meth:`EvictionPolicy.observe` / :meth:`EvictionPolicy.after_forward`.
 
 Kept counts: at ratio ``r`` a head holding ``n`` tokens keeps exactly ``n - floor(r * n)``; with a budget ``b``
-it keeps ``min(n, b)``. (kvpress keeps ``max(1, int(n * (1 - r)))``, one fewer when ``r * n`` is not whole.)
+it keeps ``min(n, b)``. (kvpress keeps ``max(1, int(n * (1 - r)))``, one fewer when ``r * n`` is not whole, and
+also when it is but ``1 - r`` rounds down in binary: n = 3000, r = 0.9 keeps 299, not 300.)
 
 How a layer drives a policy (see :class:`~lmcompress.kv.layer.CompressedLayer`): after every attention call it
 runs ``policy.observe(layer, query, scaling)`` and, unless compression is paused,

@@ -17,6 +17,7 @@ from .expected_attention import ExpectedAttention
 from .h2o import H2O
 from .keydiff import KeyDiff
 from .knorm import Knorm
+from .kvzap import KVzap
 from .kvzip import KVzip, KVzipPlus
 from .observed_attention import ObservedAttention
 from .pyramidkv import PyramidKV
@@ -37,6 +38,7 @@ __all__ = [
     "DuoAttention",
     "EvictionPolicy",
     "ExpectedAttention",
+    "KVzap",
     "KVzip",
     "KVzipPlus",
     "KeyDiff",

@@ -22,9 +22,14 @@ H11A_CASES = [
     ("criticalkv:epsilon=abc", "epsilon='abc' is not a number"),
     ("criticaladakv:base=kvzip", "criticaladakv needs a score-based eviction policy as base"),
     ("criticaladakv:alpha_safeguard=x", "alpha_safeguard='x' is not a number; allowed: [0, 1]"),
+    ("duo_attention", "DuoAttention needs a calibration file (pattern=PATH)"),
+    ("duo_attention:pattern=/nonexistent/duo.json", "calibration file '/nonexistent/duo.json' does not exist"),
+    ("kvzap", "KVzap needs surrogate=PATH"),
+    ("kvzap:surrogate=/nonexistent/kvzap.safetensors", "surrogate file '/nonexistent/kvzap.safetensors' does not exist"),
+    ("duo_attention:sink_size=-1", "sink_size=-1 is not allowed; it must be an integer >= 0"),
 ]
 H11A_METHODS = {"kvzip": "chunk_size", "kvzip_plus": "layerwise", "criticalkv": "first_stage_ratio",
-                "criticaladakv": "alpha_safeguard"}
+                "criticaladakv": "alpha_safeguard", "duo_attention": "pattern", "kvzap": "surrogate"}
 
 
 @pytest.mark.parametrize(("method", "needle"), H11A_CASES)

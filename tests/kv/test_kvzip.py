@@ -206,3 +206,18 @@ def test_second_prefill_keeps_old_tokens_and_scores_new_ones():
     for layer, b in zip(cache.layers, before):  # every token kept by the first round is still held
         pos = layer.positions()
         assert torch.equal(((pos >= 0) & (pos < 40)).sum(-1), b)
+
+
+def test_pipeline_answer_compresses_with_kvzip():
+    """The evaluation pipeline runs KVzip's reconstruction (its scoring hooks carry the tokenizer) and the
+    question is appended uncompressed."""
+    from lmcompress.eval.pipeline import answer
+
+    model = tiny_model("llama")
+    ids = _ids()
+    question = torch.tensor([[11, 12, 13]])
+    full = answer(model, ids, question, KVSpec(), max_new_tokens=2, eos_token_ids=[])
+    gen = answer(model, ids, question, KVSpec(evict=KVzip(ratio=0.5, prompt_ids=PROMPT, chunk_size=CHUNK)),
+                 max_new_tokens=2, eos_token_ids=[])
+    assert gen.prompt_tokens == N + 3 and len(gen.token_ids) == 2
+    assert gen.kv_bytes < 0.8 * full.kv_bytes

@@ -1,4 +1,5 @@
-"""Issue-11 methods of helper h11a (KVzip, KVzip+, CriticalKV, CriticalAdaKV) on every tiny architecture,
+"""Issue-11 methods of helper h11a (KVzip, KVzip+, CriticalKV, CriticalAdaKV, DuoAttention) on every tiny
+architecture,
 alone and with KIVI-2: exact kept counts after the prompt, bytes = the kept entries' storage, a hand-written
 greedy loop that matches ``generate()`` on the same spec, all inside ``scoring_hooks``."""
 
@@ -10,7 +11,9 @@ import pytest
 import torch
 
 from lmcompress.kv import CompressedCache, KVSpec, scoring_hooks
-from lmcompress.kv.evict import CriticalAdaKV, CriticalKV, KVzip, KVzipPlus, SnapKV
+from lmcompress.kv.evict import CriticalAdaKV, CriticalKV, DuoAttention, KVzip, KVzipPlus, SnapKV
+from lmcompress.kv.evict.calibration_files import model_identity, save_calibration
+from lmcompress.kv.evict.duo_calibration import KIND, head_scores
 from lmcompress.kv.quant import KIVI
 from lmcompress.models import tiny_model
 
@@ -30,7 +33,17 @@ def methods() -> dict:
         "kvzip_layerwise": KVzip(ratio=RATIO, layerwise=True, chunk_size=64, prompt_ids=(9,)),
         "criticalkv": CriticalKV(base=SnapKV(ratio=RATIO, window_size=4)),
         "criticaladakv": CriticalAdaKV(base=SnapKV(ratio=RATIO, window_size=4)),
+        "duo_attention": None,  # calibrated per architecture in the test
     }
+
+
+def duo_policy(model, folder) -> DuoAttention:
+    """DuoAttention with a head pattern calibrated on this model (one random sample: a test, not a pattern)."""
+    torch.manual_seed(5)
+    scores = head_scores(model, [torch.randint(3, 256, (1, 24))], q_len=32)
+    path = save_calibration(folder / "duo.json", KIND, model_identity(model),
+                            {"scores": scores.tolist(), "sink_size": 4, "recent_size": 8})
+    return DuoAttention(pattern=str(path), ratio=0.5)
 
 
 QUANTS = {"fp": None, "kivi2": KIVI(bits=2, group_size=16, residual=16)}
@@ -43,7 +56,7 @@ def arch_model(request):
     return request.param, model, torch.randint(3, 256, (1, N))
 
 
-def check_counts(name: str, layers: list) -> None:
+def check_counts(name: str, layers: list, policy) -> None:
     counts = [layer.held_per_head() for layer in layers]
     heads = sum(c.numel() for c in counts)
     total = sum(int(c.sum()) for c in counts)
@@ -52,6 +65,10 @@ def check_counts(name: str, layers: list) -> None:
     elif name == "criticaladakv":
         for c in counts:
             assert int(c.sum()) == c.numel() * UNIFORM and int(c.min()) >= math.floor(0.2 * UNIFORM)
+    elif name == "duo_attention":
+        for layer, c in zip(layers, counts):
+            stream = policy.streaming_heads[layer.layer_idx]
+            assert c[0].tolist() == [12 if s else N for s in stream.tolist()]
     elif name == "kvzip_layerwise":
         for c in counts:
             assert int(c.sum()) == c.numel() * N - math.floor(RATIO * c.numel() * N)
@@ -61,15 +78,16 @@ def check_counts(name: str, layers: list) -> None:
 
 @pytest.mark.parametrize("quant", list(QUANTS))
 @pytest.mark.parametrize("name", list(methods()))
-def test_method_on_architecture(arch_model, name, quant):
+def test_method_on_architecture(arch_model, name, quant, tmp_path):
     arch, model, ids = arch_model
-    spec = KVSpec(evict=methods()[name], quant=QUANTS[quant])
+    policy = duo_policy(model, tmp_path) if name == "duo_attention" else methods()[name]
+    spec = KVSpec(evict=policy, quant=QUANTS[quant])
     cache = CompressedCache(model, spec)
     tokens = []
     with torch.no_grad(), scoring_hooks(model, cache):
         out = model(ids, past_key_values=cache, use_cache=True)
         layers = [layer for layer in cache.layers if layer.evict is not None]
-        check_counts(name, layers)
+        check_counts(name, layers, policy)
         assert cache.get_seq_length() == N
         assert cache.nbytes == sum(t.numel() * t.element_size() for t in cache.tensors())
         if quant == "fp":  # K + V (fp32) + int32 position per kept entry, nothing else

@@ -18,16 +18,23 @@ from .._compat import attention_modules
 from .cache import CompressedCache
 
 
+def needs_hidden_states(policy: Any) -> bool:
+    """Whether ``policy`` or a policy it wraps (``base``) scores from hidden states."""
+    while policy is not None:
+        if getattr(policy, "needs_hidden_states", False):
+            return True
+        policy = getattr(policy, "base", None)
+    return False
+
+
 @contextmanager
 def scoring_hooks(model: torch.nn.Module, cache: CompressedCache, tokenizer: Any = None, *,
                   always: bool = False) -> Iterator[None]:
     """Within this block, every attention module's ``hidden_states`` input ``[B, q, hidden]`` is handed to
-    ``cache.layers[module.layer_idx].hidden_states`` before the module runs (only where a layer's policy needs
-    hidden states, or ``always``), and policies with a model pass run it after each forward of ``model``
-    (``tokenizer`` is handed to them, e.g. for KVzip's repeat prompt)."""
-    needs = always or any(
-        layer.evict is not None and layer.evict.needs_hidden_states for layer in cache.layers
-    )
+    ``cache.layers[module.layer_idx].hidden_states`` before the module runs (only where a layer's policy, or a
+    policy it wraps, needs hidden states, or ``always``), and policies with a model pass run it after each forward
+    of ``model`` (``tokenizer`` is handed to them, e.g. for KVzip's repeat prompt)."""
+    needs = always or any(layer.evict is not None and needs_hidden_states(layer.evict) for layer in cache.layers)
     handles = []
     if needs:
         for module in attention_modules(model):

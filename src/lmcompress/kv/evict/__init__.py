@@ -25,6 +25,7 @@ from .critical_adakv import CriticalAdaKV
 from .critical_kv import CriticalKV
 from .cur import CUR
 from .decoding import DecodingCompression
+from .duo_attention import DuoAttention
 from .entropy_chunkkv import EntropyGatedChunkKV
 from .expected_attention import ExpectedAttention
 from .finch import Finch
@@ -32,6 +33,7 @@ from .h2o import H2O
 from .key_rerotation import KeyRerotation
 from .keydiff import KeyDiff
 from .knorm import Knorm
+from .kvzap import KVzap
 from .kvzip import KVzip, KVzipPlus
 from .lagkv import LagKV
 from .leverage import LeverageScore
@@ -63,10 +65,12 @@ __all__ = [
     "CriticalAdaKV",
     "CriticalKV",
     "DecodingCompression",
+    "DuoAttention",
     "EntropyGatedChunkKV",
     "EvictionPolicy",
     "ExpectedAttention",
     "Finch",
+    "KVzap",
     "KVzip",
     "KVzipPlus",
     "KeyDiff",

@@ -263,3 +263,10 @@ def attention_bias(config: Any) -> bool:
 
 def rms_norm_eps(config: Any) -> float:
     return float(getattr(text_config(config), "rms_norm_eps", 1e-6))
+
+
+def register_named_attention(name: str, fn: Callable[..., Any]) -> None:
+    """Register ``fn`` as attention implementation ``name`` with SDPA-style masks (idempotent), to be selected
+    with :func:`set_attention` (DMS retrofitting's training attention)."""
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)

@@ -268,3 +268,20 @@ def test_config_without_dms_keys_is_a_clear_error():
     cache = CompressedCache(model, KVSpec(evict=DMS()))
     with pytest.raises(LMCompressError, match="lacks dms_window_size"), scoring_hooks(model, cache):
         pass
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_chunked_prefill_matches_reference(arch):
+    """Prefill in chunks of 7: the first decision of a chunk marks the last token of the previous one, and held
+    marked tokens are hidden from the chunk's queries outside their window."""
+    model = dms_model(arch)
+    n = 35
+    ids = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(9))
+    ref_logits, marks = reference(model, ids, separate=False, alpha_per="head")
+    cache = CompressedCache(model, KVSpec(evict=DMS()))
+    with scoring_hooks(model, cache):
+        for start in range(0, n, 7):
+            out = model(ids[None, start : start + 7], **cache_kwargs(cache))
+            torch.testing.assert_close(out.logits[0], ref_logits[start : start + 7], atol=2e-5, rtol=1e-4)
+            for layer, m in zip(cache.layers, marks):
+                assert held_positions(layer) == expected_held(m, start + 6)

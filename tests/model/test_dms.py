@@ -285,3 +285,15 @@ def test_chunked_prefill_matches_reference(arch):
             torch.testing.assert_close(out.logits[0], ref_logits[start : start + 7], atol=2e-5, rtol=1e-4)
             for layer, m in zip(cache.layers, marks):
                 assert held_positions(layer) == expected_held(m, start + 6)
+
+
+def test_method_string_takes_no_sweep_ratio():
+    from lmcompress.kv.parse import has_eviction, parse_method
+
+    assert not has_eviction("dms") and not has_eviction("dms+kivi2")
+    spec = parse_method("dms:window_size=8+kivi2", ratio=0.5)
+    assert spec.evict == DMS(window_size=8) and spec.quant is not None
+    assert DMS().settings({"dms_window_size": 4, "dms_alpha_scale": 2.0, "dms_initial_alpha_offset": 1.0}) \
+        .window_size == 4
+    assert DMS(window_size=8).settings({"dms_window_size": 4, "dms_alpha_scale": 2.0,
+                                        "dms_initial_alpha_offset": 1.0}).window_size == 8

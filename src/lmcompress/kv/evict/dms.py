@@ -21,7 +21,7 @@ The compression ratio is whatever the decisions give: ``ratio``/``budget`` must 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -69,6 +69,8 @@ class DMS(EvictionPolicy):
     display = "DMS"
     is_scorer = False
     headwise = True
+    #: the bench's ratio sweep does not apply (the decisions set the compression)
+    takes_ratio: ClassVar[bool] = False
     window_size: int | None = None
     alpha_scale: float | None = None
     initial_alpha_offset: float | None = None

@@ -90,3 +90,35 @@ def test_resume_with_other_options_is_refused(tmp_path):
     retrofit("tiny-llama", tmp_path / "o", options(steps=2), progress=False)
     with pytest.raises(LMCompressError, match="other options"):
         retrofit("tiny-llama", tmp_path / "o", options(steps=4, window_size=8), progress=False)
+
+
+def test_killed_process_resumes_from_its_last_saved_step(tmp_path):
+    """A real kill (SIGKILL) of `lmcompress dms retrofit` after a checkpoint; the second run resumes there."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "lmcompress.cli", "dms", "retrofit", "tiny-llama", str(out), "--quiet",
+            "--steps", "400", "--seq-len", "32", "--save-every", "2", "--window", "4", "--alpha-offset", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not (out / STATE_FILE).is_file():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = torch.load(out / STATE_FILE, weights_only=False)["step"]
+    assert 2 <= saved < 400 and saved % 2 == 0
+    argv[argv.index("400")] = str(saved + 2)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from"] == saved and summary["steps"] == saved + 2

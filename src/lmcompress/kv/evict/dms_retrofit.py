@@ -241,19 +241,28 @@ def retrofit(model_name: str, out: str | Path, options: RetrofitOptions, *, prog
 def save_checkpoint(model: torch.nn.Module, tokenizer: Any, out: Path, options: RetrofitOptions, model_name: str,
                     step: int, optimizer: torch.optim.Optimizer, generator: torch.Generator, history: list[dict],
                     wall: float) -> None:
-    """Write the HF folder (weights, config with the DMS keys, tokenizer) and the retrofit state; the state file
-    is written last and atomically, so a run killed while saving resumes from the previous complete save."""
+    """Write the HF folder (weights, config with the DMS keys, tokenizer) and the retrofit state.
+
+    Everything is written to ``OUT/.saving`` first and moved into place file by file (each move atomic), the
+    state file last: a run killed while saving resumes from the previous complete state; in the short window
+    between the moves it may resume with the newer weights but the older step and optimizer state."""
+    import shutil
+
     out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".saving"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     with _compat.detached_hf_quantizer(model):
-        model.save_pretrained(out)
+        model.save_pretrained(tmp)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    config_path = out / "config.json"
+        tokenizer.save_pretrained(tmp)
+    config_path = tmp / "config.json"
     config = json.loads(config_path.read_text())
     config.update(options.settings().to_config())
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tmp = out / (STATE_FILE + ".tmp")
     torch.save({"step": step, "model": model_name, "options": dataclasses.asdict(options),
                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "history": history,
-                "wall_s": wall}, tmp)
-    tmp.replace(out / STATE_FILE)
+                "wall_s": wall}, tmp / STATE_FILE)
+    for path in sorted(tmp.iterdir(), key=lambda p: p.name == STATE_FILE):
+        path.replace(out / path.name)
+    tmp.rmdir()

@@ -297,3 +297,21 @@ def test_method_string_takes_no_sweep_ratio():
         .window_size == 4
     assert DMS(window_size=8).settings({"dms_window_size": 4, "dms_alpha_scale": 2.0,
                                         "dms_initial_alpha_offset": 1.0}).window_size == 8
+
+
+def test_pipeline_answer_runs_dms_in_prefill_and_decoding():
+    """`answer` (the bench's path): DMS decides in the prefill and on every decoding step (the tokens it
+    generates are those of the plain reference, fed back greedily), and the shared prefill is not used for it
+    (its prefill is not the uncompressed one)."""
+    from lmcompress.eval.pipeline import answer
+    from lmcompress.eval.shared_prefill import sharing_prefills
+
+    model = dms_model("qwen3")
+    ids = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(11))
+    with sharing_prefills() as shared:
+        gen = answer(model, ids[:, :20], ids[:, 20:], KVSpec(evict=DMS()), max_new_tokens=12, eos_token_ids=[],
+                     decode="eager")
+    assert shared.replayed == 0
+    full = torch.cat([ids[0], torch.tensor(gen.token_ids[:-1])])
+    ref_logits, _ = reference(model, full, separate=False, alpha_per="head")
+    assert gen.token_ids == ref_logits[23:].argmax(-1).tolist()

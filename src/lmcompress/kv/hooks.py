@@ -65,3 +65,17 @@ def scoring_hooks(model: torch.nn.Module, cache: CompressedCache, tokenizer: Any
             policy.set_hooked(cache, False)
         for layer in cache.layers:
             layer.hidden_states = None
+
+
+@contextmanager
+def policy_hooks(model: torch.nn.Module, cache: CompressedCache) -> Iterator[None]:
+    """Only the hooks policies install themselves (``policy.model_hooks``: DMS's decision logits), for decoding
+    loops that run no scoring hooks; a no-op for every other policy."""
+    hooked = {id(layer.evict): layer.evict for layer in cache.layers
+              if layer.evict is not None and hasattr(layer.evict, "model_hooks")}
+    handles = [h for policy in hooked.values() for h in policy.model_hooks(model, cache)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

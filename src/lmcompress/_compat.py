@@ -250,3 +250,40 @@ def detached_hf_quantizer(model: torch.nn.Module) -> Iterator[None]:
             model.hf_quantizer = previous
         else:
             del model.hf_quantizer
+
+
+# ----------------------------------------------------------------------------------------------- DMS decisions
+
+
+def pre_rope_query_module(module: torch.nn.Module) -> torch.nn.Module:
+    """The submodule of an attention module whose output is the query after ``q_norm`` and before RoPE:
+    ``q_norm`` where the architecture has one (Qwen3: output ``[B, q, Hq, D]``; OLMo 2: ``[B, q, Hq * D]``),
+    else ``q_proj`` (Llama, Mistral, Qwen2: ``[B, q, Hq * D]``). Both transformers' attention classes apply RoPE
+    right after it.
+
+    Raises:
+        TypeError: the module has a fused ``qkv_proj`` and no ``q_norm`` (no separate query output to hook).
+    """
+    norm = getattr(module, "q_norm", None)
+    if isinstance(norm, torch.nn.Module):
+        return norm
+    proj = getattr(module, "q_proj", None)
+    if isinstance(proj, torch.nn.Module):
+        return proj
+    raise TypeError(f"{type(module).__name__} has no q_proj/q_norm; DMS needs a separate query projection")
+
+
+def attention_bias(config: Any) -> bool:
+    """Whether the attention projections of ``config``'s decoder have a bias (``attention_bias``)."""
+    return bool(getattr(text_config(config), "attention_bias", False))
+
+
+def rms_norm_eps(config: Any) -> float:
+    return float(getattr(text_config(config), "rms_norm_eps", 1e-6))
+
+
+def register_named_attention(name: str, fn: Callable[..., Any]) -> None:
+    """Register ``fn`` as attention implementation ``name`` with SDPA-style masks (idempotent), to be selected
+    with :func:`set_attention` (DMS retrofitting's training attention)."""
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)

@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_tasks_subcommand(sub)
 
     add_awq_subcommands(sub)
+    from .cli_dms import add_dms_subcommands
+
+    add_dms_subcommands(sub)
     return parser
 
 

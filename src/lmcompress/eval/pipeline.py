@@ -21,7 +21,7 @@ import torch
 from .._compat import cache_kwargs, max_positions
 from ..errors import LMCompressError, check_choice
 from ..kv.cache import CompressedCache
-from ..kv.hooks import scoring_hooks
+from ..kv.hooks import policy_hooks, scoring_hooks
 from ..kv.spec import KVSpec
 from .perf import PeakMemory, Stopwatch
 
@@ -132,17 +132,18 @@ def continue_greedy(model: torch.nn.Module, cache: CompressedCache, question_ids
     decoder = _static_decoder(model, cache, max_new_tokens, decode, device)
     if decoder is not None:
         decoder.start(next_id, cache.get_seq_length())
-    while next_id not in eos_token_ids:
-        tokens.append(next_id)
-        if len(tokens) >= max_new_tokens:
-            break
-        if decoder is not None:
-            decoder.run(1)
-            next_id = int(decoder.tok)
-        else:
-            logits = _forward(model, torch.tensor([[next_id]], device=device), cache)
-            next_id = int(logits.argmax(-1))
-        steps += 1
+    with policy_hooks(model, cache):  # DMS decides on every decoding step too
+        while next_id not in eos_token_ids:
+            tokens.append(next_id)
+            if len(tokens) >= max_new_tokens:
+                break
+            if decoder is not None:
+                decoder.run(1)
+                next_id = int(decoder.tok)
+            else:
+                logits = _forward(model, torch.tensor([[next_id]], device=device), cache)
+                next_id = int(logits.argmax(-1))
+            steps += 1
     decode_s = clock.elapsed()
     if decoder is not None:
         decoder.close()

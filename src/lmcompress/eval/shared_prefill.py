@@ -17,7 +17,7 @@ in the same order) and sliding-window trimming.
 What qualifies: every registered eviction method and quantizer (query-agnostic and query-aware) that scores
 from the chunk itself, since none of them changes what the *current* chunk's layers compute. What does not:
 policies that run the model again after the prefill (``after_model_forward``: KVzip's reconstruction pass,
-which a replay would skip; such prefills run normally), a prefill in several chunks (later
+which a replay would skip; such prefills run normally), DMS (its hooks change the chunk's own attention), a prefill in several chunks (later
 chunks attend over the compressed earlier ones; the pipeline never does this, and a replay is only attempted
 on an empty cache), a batch of several prompts, and tasks that do not go through ``answer``/``prefill``
 (perplexity, kv_error and multiple_choice run their own forwards and are simply not shared). What a shared run
@@ -91,8 +91,11 @@ class PrefillRecord:
 
 def _runs_model(cache: CompressedCache) -> bool:
     """Whether a policy runs the model again after the prefill (``after_model_forward``, e.g. KVzip's context
-    reconstruction): its scores come from that extra pass, which a replay does not make, so it never shares."""
-    return any(layer.evict is not None and hasattr(layer.evict, "after_model_forward") for layer in cache.layers)
+    reconstruction): its scores come from that extra pass, which a replay does not make, so it never shares.
+    Likewise a policy that hooks the model's own forward (``model_hooks``: DMS changes the chunk's queries and
+    attention mask, so its prefill is not the uncompressed one)."""
+    return any(layer.evict is not None and (hasattr(layer.evict, "after_model_forward")
+                                            or hasattr(layer.evict, "model_hooks")) for layer in cache.layers)
 
 
 def _needs_hidden(cache: CompressedCache) -> bool:

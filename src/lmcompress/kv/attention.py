@@ -41,6 +41,9 @@ def lmcompress_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     layer = key.layer
+    before = getattr(layer.evict, "before_attention", None)
+    if before is not None:  # DMS: records decisions, zeroes the borrowed query channel
+        query = before(layer, query)
     out = layer.attend(query, attention_mask, scaling)
     layer.after_attention(query, attention_mask, scaling, module)
     return out, None

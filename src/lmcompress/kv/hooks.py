@@ -2,6 +2,7 @@
 
 * forward pre-hooks that hand each attention module's input hidden states to its cache layer, for eviction
   policies that score from hidden states (``needs_hidden_states``);
+* hooks a policy installs itself (``policy.model_hooks(model, cache)``: DMS's decision logits);
 * a forward hook on the model that calls ``policy.after_model_forward(model, cache, input_ids, tokenizer)``
   after each forward, for policies that score by running the model again (KVzip's context reconstruction).
 """
@@ -58,6 +59,10 @@ def scoring_hooks(model: torch.nn.Module, cache: CompressedCache, tokenizer: Any
         handles.append(model.register_forward_hook(model_hook, with_kwargs=True))
         for policy in passes.values():
             policy.set_hooked(cache, True)
+    hooked = {id(layer.evict): layer.evict for layer in cache.layers
+              if layer.evict is not None and hasattr(layer.evict, "model_hooks")}
+    for policy in hooked.values():  # policies computing their own inputs from the model (DMS decisions)
+        handles.extend(policy.model_hooks(model, cache))
     try:
         yield
     finally:
@@ -67,3 +72,17 @@ def scoring_hooks(model: torch.nn.Module, cache: CompressedCache, tokenizer: Any
             policy.set_hooked(cache, False)
         for layer in cache.layers:
             layer.hidden_states = None
+
+
+@contextmanager
+def policy_hooks(model: torch.nn.Module, cache: CompressedCache) -> Iterator[None]:
+    """Only the hooks policies install themselves (``policy.model_hooks``: DMS's decision logits), for decoding
+    loops that run no scoring hooks; a no-op for every other policy."""
+    hooked = {id(layer.evict): layer.evict for layer in cache.layers
+              if layer.evict is not None and hasattr(layer.evict, "model_hooks")}
+    handles = [h for policy in hooked.values() for h in policy.model_hooks(model, cache)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

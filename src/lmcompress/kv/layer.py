@@ -281,8 +281,13 @@ class CompressedLayer(CacheLayerMixin):
         if self.static is not None:
             return self.static.attend(query, scaling).transpose(1, 2).contiguous()
         evicting = self.evict is not None and self.compression_enabled  # (only attention-aware stores care)
+        visibility = getattr(self.evict, "visibility", None)
+        policy_mask = None if visibility is None else visibility(self, q)  # [B, Hkv, q, held] (DMS)
         if not self.ragged:
             mask = self._fit_mask(attention_mask, q)
+            if policy_mask is not None:
+                base = mask if mask is not None else self._layout_mask(self.positions()[:, :1], q)
+                mask = policy_mask if base is None else base & policy_mask
             out = self.segments[0].attend(query, mask, scaling, causal=q > 1, evicting=evicting)
             return out.transpose(1, 2).contiguous()
         groups = query.shape[1] // self.num_heads
@@ -293,6 +298,9 @@ class CompressedLayer(CacheLayerMixin):
             mask = None
             if q > 1 or self.is_sliding:
                 mask = self._layout_mask(seg.positions(1, 1, self.device), q)
+            if policy_mask is not None:
+                part = policy_mask[b : b + 1, h : h + 1, :, policy_mask.shape[-1] - seg.held :]
+                mask = part if mask is None else mask & part
             out[b : b + 1, h * groups : (h + 1) * groups] = seg.attend(qs, mask, scaling, causal=False,
                                                                        evicting=evicting)
         return out.transpose(1, 2).contiguous()

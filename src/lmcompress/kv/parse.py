@@ -102,7 +102,8 @@ def parse_method(text: str, ratio: float | None = None, budget: int | None = Non
                         f"allowed: {', '.join(EVICTION_METHODS.names())}"
                     )
                 target = base_kwargs
-            if "ratio" not in target and "budget" not in target:
+            takes_ratio = getattr(EVICTION_METHODS.get(name), "takes_ratio", True)  # DMS: learned, no ratio
+            if "ratio" not in target and "budget" not in target and (takes_ratio or base_name is not None):
                 if budget is not None:
                     target["budget"] = budget
                 elif ratio is not None:
@@ -143,4 +144,5 @@ def split_methods(text: str) -> list[str]:
 
 def has_eviction(text: str) -> bool:
     """Whether a method string contains an eviction part (so a ratio sweep applies)."""
-    return any(_part(raw)[0] in EVICTION_METHODS for raw in text.split("+") if raw.strip())
+    names = [_part(raw)[0] for raw in text.split("+") if raw.strip()]
+    return any(n in EVICTION_METHODS and getattr(EVICTION_METHODS.get(n), "takes_ratio", True) for n in names)

@@ -142,7 +142,7 @@ class KVSegment:
         decode kernel when the storage format has one (``kv/kernels/dispatch.py``).
 
         Args:
-            mask: bool ``[B or 1, 1, q, held]`` (True = visible) or None.
+            mask: bool ``[B or 1, 1 or H, q, held]`` (True = visible; per KV head for DMS) or None.
             causal: with ``mask=None``, apply a causal mask (queries are the last q tokens, held == q).
             evicting: an eviction may follow this forward (attention-aware stores then record every held
                 token's attention, not only the newest tokens').
@@ -155,8 +155,11 @@ class KVSegment:
         lse = None
         if self.packed_length == 0:
             keys, values = self.fp_k.view(), self.fp_v.view()
+            sdpa_mask = mask
+            if mask is not None and mask.shape[1] not in (1, query.shape[1]):  # per KV head -> per query head
+                sdpa_mask = mask.repeat_interleave(query.shape[1] // mask.shape[1], dim=1)
             out = torch.nn.functional.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, is_causal=mask is None and causal,
+                query, keys, values, attn_mask=sdpa_mask, is_causal=mask is None and causal,
                 scale=scaling, enable_gqa=query.shape[1] != keys.shape[1],
             )
         else:
@@ -225,6 +228,22 @@ class KVSegment:
             for buf in (self.fp_k, self.fp_v, self.pos, *self.aux.values()):
                 if buf is not None:
                     buf.compact(index)
+            return
+        packed = self.packed_length
+        if packed and index.shape[-1] >= packed and bool(
+                (index[..., :packed] == torch.arange(packed, device=index.device)).all()):
+            # only full-precision tokens go (DMS releases inside the residual window): packed storage stays as is
+            tail = index[..., packed:] - packed
+            for buf in (self.fp_k, self.fp_v):
+                if in_place:
+                    buf.compact(tail)
+                else:
+                    buf.gather(tail, headroom=self._fp_headroom())
+            for buf in (self.pos, *self.aux.values()):
+                if buf is not None and in_place:
+                    buf.compact(index)
+                elif buf is not None:
+                    buf.gather(index, headroom=self.reserve)
             return
         keys, values = self.all_tokens()
         if self.store is not None:  # a fresh store (carrying per-token statistics of the kept tokens, if any)

@@ -2,7 +2,8 @@
 
 Score-based (usable alone or inside the wrappers): Random, StreamingLLM, Knorm, KeyDiff, SnapKV, PyramidKV,
 TOVA, ExpectedAttention, H2O, ObservedAttention. Wrappers and schedules: AdaKV (head-adaptive budgets),
-DecodingCompression (compress every N generated tokens), ThresholdEviction (DMS-style), and CAKE (layer budgets
+DecodingCompression (compress every N generated tokens), ThresholdEviction (DMS-style), DMS (learned
+delayed eviction from a DMS checkpoint's decisions), and CAKE (layer budgets
 from attention preferences, cascading).
 
 kvpress 0.5.5's other presses: scorers LagKV, LeverageScore, CUR, NonCausalAttn, Compactor, CapPress;
@@ -25,6 +26,7 @@ from .critical_adakv import CriticalAdaKV
 from .critical_kv import CriticalKV
 from .cur import CUR
 from .decoding import DecodingCompression
+from .dms import DMS
 from .duo_attention import DuoAttention
 from .entropy_chunkkv import EntropyGatedChunkKV
 from .expected_attention import ExpectedAttention
@@ -52,6 +54,7 @@ from .tova import TOVA
 __all__ = [
     "CAKE",
     "CUR",
+    "DMS",
     "H2O",
     "TOVA",
     "AdaKV",

@@ -174,6 +174,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise LMCompressError(f"--workers={args.workers} is not allowed; it must be >= 1")
     grid = load_grid(args.grid)  # every grid problem is reported before anything loads
     check_run_inputs(grid, args.executor)
+    if args.executor == "ray":
+        from .runner.parallel import check_ray_address
+
+        check_ray_address(args.ray_address)  # before the store is touched
     out = check_output_dir(args.out or f"out/run/{grid.name}")
     store_path = Path(args.store) if args.store else out / "results.sqlite"
     if args.dry_run:

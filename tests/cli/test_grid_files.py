@@ -102,3 +102,22 @@ def test_cli_run_unknown_model_and_unknown_grid(tmp_path, capsys):
     assert "unknown model 'no-such-model'" in capsys.readouterr().err
     assert main(["run", "nope-preset"]) == 2
     assert "neither a file nor a preset; allowed: a YAML grid file or one of" in capsys.readouterr().err
+
+
+def test_unreachable_ray_address_fails_fast_with_one_line(tmp_path, capsys):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    grid = write(tmp_path, "models: [tiny-llama]\nkv: [none]\ntasks: [decode_cost]\n")
+    started = time.time()
+    code = main(["run", str(grid), "--out", str(tmp_path / "out"), "--executor", "ray",
+                 "--ray-address", f"127.0.0.1:{port}", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and time.time() - started < 30
+    assert not (tmp_path / "out").exists()  # nothing was created
+    assert err[-1].startswith(f"lmcompress: error: Ray cluster at --ray-address='127.0.0.1:{port}' cannot be reached")
+    assert main(["run", str(grid), "--out", str(tmp_path / "out"), "--executor", "ray", "--ray-address", "nohost"]) == 2
+    assert "is not HOST:PORT or ray://HOST:PORT" in capsys.readouterr().err

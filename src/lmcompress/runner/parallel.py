@@ -189,6 +189,25 @@ class LocalExecutor(_Options):
             raise RuntimeError(f"run {key} crashed in a worker:\n{info}")
 
 
+def check_ray_address(address: str | None, timeout_s: float = 3.0) -> None:
+    """Fail fast, with one line, on a Ray address that cannot be reached: ``HOST:PORT`` or ``ray://HOST:PORT``
+    must accept a TCP connection within ``timeout_s`` (``None``, ``auto`` and ``local`` are left to Ray)."""
+    import socket
+
+    if address is None or address in ("auto", "local"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise LMCompressError(f"--ray-address={address!r} is not HOST:PORT or ray://HOST:PORT; allowed: e.g. "
+                              "10.0.0.5:6379, ray://head:10001, auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise LMCompressError(f"Ray cluster at --ray-address={address!r} cannot be reached ({exc.strerror or exc}); "
+                              "start it (ray start --head) or pass another address") from None
+
+
 class RayExecutor(_Options):
     """Runs on a Ray cluster: one actor per GPU (or per CPU worker), each caching its model; the driver claims
     cells and writes results to the store as they arrive. Needs ``pip install ray``.
@@ -210,6 +229,7 @@ class RayExecutor(_Options):
         self._set_options(reuse_stale, warmup, claim_timeout_s, heartbeat_s)
 
     def run(self, runs: Sequence[RunSpec], store: ResultStore) -> list[dict[str, Any]]:
+        check_ray_address(self.address)
         try:
             import ray
         except ImportError:

@@ -320,10 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="out/report")
     r.set_defaults(func=cmd_report)
 
+    from .cli_run import add_run_subcommands
     from .cli_tasks import add_tasks_subcommand
     from .weights.cli import add_awq_subcommands
 
     add_tasks_subcommand(sub)
+    add_run_subcommands(sub)
 
     add_awq_subcommands(sub)
     from .cli_dms import add_dms_subcommands

@@ -66,12 +66,15 @@ class InlineExecutor:
     claim_timeout_s / heartbeat_s: see :class:`~lmcompress.runner.claims.Claimer`.
     share_prefill: share one uncompressed prefill per prompt across the grid's methods (exact; see above).
     prefill_cache_bytes: bound on the recorded prefills kept at once (least recently used dropped).
+    keep_going: a cell whose task raises an ``Exception`` is stored as failed (its error text, see
+        :meth:`~lmcompress.runner.store.ResultStore.put_failed`) and the grid goes on; without, the error
+        propagates (finished cells stay stored either way).
     """
 
     def __init__(self, device: str = "cpu", dtype: torch.dtype = torch.float32, progress: bool = True,
                  loader: Loader | None = None, *, reuse_stale: bool = False, warmup: bool = True,
                  claim_timeout_s: float = 60.0, heartbeat_s: float = 5.0, share_prefill: bool = True,
-                 prefill_cache_bytes: int = 4 << 30) -> None:
+                 prefill_cache_bytes: int = 4 << 30, keep_going: bool = False) -> None:
         self.device = device
         self.dtype = dtype
         self.progress = progress
@@ -80,6 +83,9 @@ class InlineExecutor:
         self.claim_timeout_s, self.heartbeat_s = claim_timeout_s, heartbeat_s
         self.share_prefill = share_prefill
         self.prefill_cache_bytes = prefill_cache_bytes
+        self.keep_going = keep_going
+        #: after :meth:`run`: cells stored as failed by this run.
+        self.failures = 0
         #: after :meth:`run`: prefills recorded and replays served (0, 0 when not sharing).
         self.prefill_stats: dict[str, float] = {"recorded": 0, "replayed": 0, "record_s": 0.0}
 
@@ -114,10 +120,18 @@ class InlineExecutor:
                     if shared is not None and group != (run.model, run.task.label()):
                         shared.clear()  # another task: other prompts
                         group = (run.model, run.task.label())
-                    bar.set_postfix_str(f"{run.kv.label()} {run.task.label()}"[:80])
+                    failed = f"{self.failures} failed " if self.failures else ""
+                    bar.set_postfix_str(f"{failed}{run.kv.label()} {run.task.label()}"[:80])
                     replayed = shared.replayed if shared is not None else 0
                     started = time.time()
-                    result = run.task.run(RunContext(model, tokenizer, run.kv, run.model)).to_dict()
+                    try:
+                        result = run.task.run(RunContext(model, tokenizer, run.kv, run.model)).to_dict()
+                    except Exception as exc:
+                        if not self.keep_going:
+                            raise
+                        self._store_failure(store, run, key, exc, started, claimer)
+                        bar.update(1)
+                        continue
                     if shared is not None and shared.replayed > replayed:
                         result["costs"]["prefill"] = "shared"
                     spec = run.to_dict()
@@ -133,3 +147,20 @@ class InlineExecutor:
         finally:
             bar.close()
         return finished_records(store, keys, claimer.code_version)
+
+    def _store_failure(self, store: ResultStore, run: RunSpec, key: str, exc: Exception, started: float,
+                       claimer: Claimer) -> None:
+        spec = run.to_dict()
+        store.put_failed(key, spec, failure_text(exc),
+                         provenance=provenance.provenance(spec, self.dtype, self.device, claimer.code_version).to_dict(),
+                         device=str(self.device), started_at=started, duration_s=time.time() - started,
+                         owner=claimer.owner)
+        self.failures += 1
+
+
+def failure_text(exc: BaseException) -> str:
+    """The stored error of a failed cell: the exception's type and message, then the last frames."""
+    import traceback
+
+    head = f"{type(exc).__name__}: {exc}"
+    return head + "\n" + "".join(traceback.format_tb(exc.__traceback__, limit=-4))

@@ -47,7 +47,8 @@ def _execute(run_dict: dict[str, Any], device: str, dtype_name: str, models: dic
     return result.to_dict(), started, time.time() - started
 
 
-def _worker(device: str, dtype_name: str, store_path: str, jobs, events, warmup: bool = True) -> None:
+def _worker(device: str, dtype_name: str, store_path: str, jobs, events, warmup: bool = True,
+            keep_going: bool = False) -> None:
     from ..eval.perf import prepare_measurement
 
     prepare_measurement(device)
@@ -59,17 +60,23 @@ def _worker(device: str, dtype_name: str, store_path: str, jobs, events, warmup:
             if item is None:
                 return
             key, run_dict, prov, owner = item
+            started = time.time()
             try:
                 result, started, duration = _execute(run_dict, device, dtype_name, models, warmup)
                 store.put(key, run_dict, result, provenance=prov, device=device, started_at=started,
                           duration_s=duration, owner=owner)
                 events.put(("done", key, device))
-            except LMCompressError as exc:
-                events.put(("error", key, str(exc)))
-                return
-            except Exception:  # report, then stop this worker
-                events.put(("crash", key, traceback.format_exc(limit=8)))
-                return
+            except Exception as exc:
+                if not keep_going:  # report, then stop this worker
+                    events.put(("error", key, str(exc)) if isinstance(exc, LMCompressError)
+                               else ("crash", key, traceback.format_exc(limit=8)))
+                    return
+                from .executors import failure_text
+
+                store.put_failed(key, run_dict, failure_text(exc), provenance=prov, device=device,
+                                 started_at=started, duration_s=time.time() - started, owner=owner)
+                events.put(("failed", key, str(exc)))
+                continue
     finally:
         store.close()
 
@@ -94,13 +101,13 @@ class LocalExecutor(_Options):
         devices: one entry per worker, all of one device type (the type is part of every run's key).
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         progress: show a tqdm bar.
-        reuse_stale, warmup, claim_timeout_s, heartbeat_s: as for
+        reuse_stale, warmup, claim_timeout_s, heartbeat_s, keep_going: as for
             :class:`~lmcompress.runner.executors.InlineExecutor`.
     """
 
     def __init__(self, devices: Sequence[str], dtype: str = "float32", progress: bool = True, *,
                  reuse_stale: bool = False, warmup: bool = True, claim_timeout_s: float = 60.0,
-                 heartbeat_s: float = 5.0) -> None:
+                 heartbeat_s: float = 5.0, keep_going: bool = False) -> None:
         if not devices:
             raise LMCompressError("LocalExecutor needs at least one device")
         types = sorted({provenance.device_type(d) for d in devices})
@@ -110,6 +117,9 @@ class LocalExecutor(_Options):
         self.devices = list(devices)
         self.dtype = dtype
         self.progress = progress
+        self.keep_going = keep_going
+        #: after :meth:`run`: cells stored as failed by this run.
+        self.failures = 0
         self._set_options(reuse_stale, warmup, claim_timeout_s, heartbeat_s)
 
     def run(self, runs: Sequence[RunSpec], store: ResultStore) -> list[dict[str, Any]]:
@@ -136,14 +146,17 @@ class LocalExecutor(_Options):
                         prov = provenance.provenance(spec, self.dtype, self.devices[0], claimer.code_version)
                         if not workers:  # start workers only once there is work
                             workers = [ctx.Process(target=_worker, daemon=True,
-                                                   args=(d, self.dtype, str(store.path), jobs, events, self.warmup))
+                                                   args=(d, self.dtype, str(store.path), jobs, events, self.warmup,
+                                                         self.keep_going))
                                        for d in self.devices]
                             for w in workers:
                                 w.start()
                         jobs.put((key, spec, prov.to_dict(), claimer.owner))
                         in_flight += 1
                     if in_flight:
-                        self._next_event(events, workers)
+                        if self._next_event(events, workers) == "failed":
+                            self.failures += 1
+                            bar.set_postfix_str(f"{self.failures} failed")
                         in_flight -= 1
                         bar.update(1)
         finally:
@@ -161,7 +174,7 @@ class LocalExecutor(_Options):
         return finished_records(store, keys, claimer.code_version)
 
     @staticmethod
-    def _next_event(events, workers) -> None:
+    def _next_event(events, workers) -> str:
         while True:
             try:
                 kind, key, info = events.get(timeout=1.0)
@@ -169,11 +182,30 @@ class LocalExecutor(_Options):
                 if not any(w.is_alive() for w in workers):
                     raise RuntimeError("all workers exited before the grid finished") from None
                 continue
-            if kind == "done":
-                return
+            if kind in ("done", "failed"):
+                return kind
             if kind == "error":
                 raise LMCompressError(info)
             raise RuntimeError(f"run {key} crashed in a worker:\n{info}")
+
+
+def check_ray_address(address: str | None, timeout_s: float = 3.0) -> None:
+    """Fail fast, with one line, on a Ray address that cannot be reached: ``HOST:PORT`` or ``ray://HOST:PORT``
+    must accept a TCP connection within ``timeout_s`` (``None``, ``auto`` and ``local`` are left to Ray)."""
+    import socket
+
+    if address is None or address in ("auto", "local"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise LMCompressError(f"--ray-address={address!r} is not HOST:PORT or ray://HOST:PORT; allowed: e.g. "
+                              "10.0.0.5:6379, ray://head:10001, auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise LMCompressError(f"Ray cluster at --ray-address={address!r} cannot be reached ({exc.strerror or exc}); "
+                              "start it (ray start --head) or pass another address") from None
 
 
 class RayExecutor(_Options):
@@ -197,6 +229,7 @@ class RayExecutor(_Options):
         self._set_options(reuse_stale, warmup, claim_timeout_s, heartbeat_s)
 
     def run(self, runs: Sequence[RunSpec], store: ResultStore) -> list[dict[str, Any]]:
+        check_ray_address(self.address)
         try:
             import ray
         except ImportError:

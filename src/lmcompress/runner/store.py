@@ -3,7 +3,7 @@
 Schema ``lmcompress-results`` version 2 (recorded in ``store_meta``):
 
 - ``runs``: the config key, the code version that computed the row, dtype, device, spec, provenance, result,
-  status (``ok``; room for failed cells: ``status``/``error``), timings and owner. A row whose code version is
+  status (``ok``, or ``failed`` with its ``error`` text and no result: see :meth:`ResultStore.put_failed`), timings and owner. A row whose code version is
   not the current one is *stale* (see :mod:`lmcompress.runner.provenance`).
 - ``claims``: ``(key, owner = host:pid:uuid, heartbeat)``; a runner claims a cell before computing it (see
   :mod:`lmcompress.runner.claims`).
@@ -248,6 +248,36 @@ class ResultStore:
                  None, started_at, duration_s, owner),
             )
             self._db.execute("DELETE FROM claims WHERE key = ?", (key,))
+
+    def put_failed(self, key: str, spec: dict[str, Any], error: str, *, provenance: dict[str, Any], device: str,
+                   started_at: float, duration_s: float, owner: str | None = None) -> None:
+        """Store the failure of run ``key`` (status ``failed``, its error text, no result) and drop its claim, in
+        one transaction. A finished row of ``key`` (of another code version) is kept: it is not replaced by a
+        failure."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT OR REPLACE INTO runs (key, model, kv_label, task, code_version, dtype, device, spec, provenance, "
+                "result, status, error, started_at, duration_s, owner) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, "
+                "'failed', ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM runs WHERE key = ? AND status = 'ok')",
+                (key, spec["model"], spec.get("kv_label", ""), spec["task"]["name"], provenance["code_version"],
+                 provenance["dtype"], device, json.dumps(spec), json.dumps(provenance), error, started_at, duration_s,
+                 owner, key),
+            )
+            self._db.execute("DELETE FROM claims WHERE key = ?", (key,))
+
+    def failed_keys(self) -> set[str]:
+        """Keys whose stored row is a failure (status ``failed``)."""
+        return {k for (k,) in self._db.execute("SELECT key FROM runs WHERE status = 'failed'")}
+
+    def records(self, status: str | None = "ok") -> list[dict[str, Any]]:
+        """Stored records with ``status`` (``"ok"``, ``"failed"``; None: all), oldest first."""
+        if status is None:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM runs ORDER BY started_at").fetchall()
+        else:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM runs WHERE status = ? ORDER BY started_at",
+                                    (status,)).fetchall()
+        return [self._row(r) for r in rows]
 
     def all(self) -> list[dict[str, Any]]:
         rows = self._db.execute(f"SELECT {_COLUMNS} FROM runs WHERE status = 'ok' ORDER BY started_at").fetchall()

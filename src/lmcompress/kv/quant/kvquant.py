@@ -41,13 +41,16 @@ from .uniform import check_bits
 
 
 def model_identity(model: torch.nn.Module) -> dict[str, Any]:
-    """What a calibration records of its model: name, layers, KV heads and head_dim."""
+    """What a calibration records of its model: its name (the last part of its name or path), architecture,
+    layers, KV heads and head_dim."""
     from ..._compat import kv_geometry
 
     config = model.config
     num_layers, _, kv_heads, head_dim = kv_geometry(config)
-    name = getattr(config, "_name_or_path", "") or getattr(config, "model_type", "")
-    return {"model": str(name), "num_layers": int(num_layers), "kv_heads": int(kv_heads), "head_dim": int(head_dim)}
+    model_type = str(getattr(config, "model_type", ""))
+    name = Path(str(getattr(config, "_name_or_path", "") or "")).name or model_type  # not the machine's path
+    return {"model": name, "model_type": model_type, "num_layers": int(num_layers), "kv_heads": int(kv_heads),
+            "head_dim": int(head_dim)}
 
 
 @dataclass(frozen=True)

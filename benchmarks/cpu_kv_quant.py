@@ -51,7 +51,7 @@ from lmcompress.errors import LMCompressError  # noqa: E402
 from lmcompress.eval.kv_bytes import bf16_equivalent_bytes, uncompressed_bf16_bytes  # noqa: E402
 from lmcompress.eval.tasks import KVError, RunContext  # noqa: E402
 from lmcompress.kv import CompressedCache, KVSpec, SnapKV, scoring_hooks  # noqa: E402
-from lmcompress.kv.quant import FP8KV, KIVI, QAQ, IntKV, NormalKV, Rotated, TurboKV, UniformKV  # noqa: E402
+from lmcompress.kv.quant import FP8KV, KIVI, QAQ, IntKV, KVQuant, NormalKV, Rotated, TurboKV, UniformKV  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- configurations
@@ -124,6 +124,32 @@ def rotated_grid() -> dict[str, KVSpec]:
     g["rot-v-kivi-2"] = KVSpec(quant=Rotated(base=KIVI(bits=2), keys=False))
     g["rot-kivi-2"] = KVSpec(quant=Rotated(base=KIVI(bits=2)))
     g["rot-v-kivi-3"] = KVSpec(quant=Rotated(base=KIVI(bits=3), keys=False))
+    return g
+
+
+KVQUANT_CALIBRATION = ROOT / "results" / "kvquant"
+
+
+def kvquant_grid(model, tok) -> dict[str, KVSpec]:
+    """KVQuant (issue 15): pre-RoPE per-channel keys, Fisher-weighted codebooks per layer fitted on the Lee
+    *test* documents (8 x 512 tokens; the perplexity text is the Lee background corpus), 1 % outliers, groups of
+    64 (``-uniform``: uniform levels, no calibration; ``-R128``: KIVI's 128-token full-precision window). The
+    calibration files are made on first use under ``results/kvquant/``."""
+    from lmcompress.eval.tasks.perplexity import text_token_ids
+    from lmcompress.kv.quant.kvquant_calibrate import calibrate_kvquant
+
+    g: dict[str, KVSpec] = {}
+    ids = text_token_ids(tok, "lee-test")[: 8 * 512].view(8, 512)
+    for b in (2, 3):
+        path = KVQUANT_CALIBRATION / f"smollm2-135m-{b}bit-g64-out1.safetensors"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            calibrate_kvquant(model, ids, bits=b, group_size=64, outliers=0.01).save(path)
+            print(f"calibrated {path.name} in {time.time() - t0:.0f} s", flush=True)
+        g[f"kvquant-{b}"] = KVSpec(quant=KVQuant(bits=b, calibration=str(path)))
+        g[f"kvquant-{b}-R128"] = KVSpec(quant=KVQuant(bits=b, calibration=str(path), residual=128))
+        g[f"kvquant-{b}-uniform"] = KVSpec(quant=KVQuant(bits=b))
     return g
 
 
@@ -265,6 +291,8 @@ def run(args) -> None:
 
     model, tok = load_model("smollm2-135m")
     configs = grid(args.cmd)
+    if args.cmd in ("ppl", "needle") and (not args.only or any(p.startswith("kvquant") for p in args.only)):
+        configs.update(kvquant_grid(model, tok))
     if args.only:
         configs = {k: v for k, v in configs.items() if any(k.startswith(p) for p in args.only)}
     keys = {"ppl": ("context", "eval", "chunk"), "mc": ("task", "limit"), "needle": ("tokens", "trials"),

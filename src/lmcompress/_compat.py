@@ -137,6 +137,15 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return sorted(found, key=lambda m: m.layer_idx)
 
 
+def pre_rope_key_value_modules(attention: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """The modules whose outputs are an attention module's pre-RoPE keys and its values (``k_norm`` when the
+    architecture normalises keys, as Qwen3 and Gemma 3 do, else ``k_proj``; ``v_proj``), or None for fused
+    projections (Phi-3's ``qkv_proj``)."""
+    k = getattr(attention, "k_norm", None) or getattr(attention, "k_proj", None)
+    v = getattr(attention, "v_proj", None)
+    return None if k is None or v is None else (k, v)
+
+
 def output_projection_weight(module: torch.nn.Module) -> torch.Tensor:
     """``[hidden, Hq * D]`` weight of an attention module's output projection (``o_proj`` in every supported
     architecture; dequantized for AWQ projections, which have no ``weight``)."""

@@ -61,6 +61,9 @@ class CompressedCache(Cache):
             )
         if spec.quant is not None:
             spec.quant.validate(head_dim)
+            check_model = getattr(spec.quant, "check_model", None)  # quantizers fitted to a model (kvquant)
+            if check_model is not None:
+                check_model(model)
         rope = RopeTable(model)
         for layer in layers:
             layer.rope = rope

@@ -113,7 +113,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def _new_segment(self) -> KVSegment:
         return KVSegment(self.quant, self.layer_idx, self.head_dim, self.dtype,
-                         track_positions=self.evict is not None, reserve=self.reserve)
+                         track_positions=self.evict is not None, reserve=self.reserve, rope=self.rope)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[B, Hkv, q, D]`` states in full precision; returns ``(handle, handle)``."""

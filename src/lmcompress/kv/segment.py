@@ -47,14 +47,17 @@ class KVSegment:
     """
 
     def __init__(self, quant: KVQuantizer | None, layer_idx: int, head_dim: int, dtype: torch.dtype,
-                 *, track_positions: bool, reserve: int = 0) -> None:
+                 *, track_positions: bool, reserve: int = 0, rope=None) -> None:
         self.quant = quant
+        self.rope = rope  # the model's RopeTable (stores of pre-RoPE keys need it)
         self.layer_idx = layer_idx
         self.head_dim = head_dim
         self.dtype = dtype
         self.track_positions = track_positions
         self.reserve = reserve
         self.store: PackedStore | None = None if quant is None else quant.new_store(layer_idx, head_dim, dtype)
+        if getattr(self.store, "needs_positions", False):
+            self.store.bind_rope(rope)
         self.fp_k: TokenBuffer | None = None
         self.fp_v: TokenBuffer | None = None
         self.pos: TokenBuffer | None = None
@@ -292,7 +295,7 @@ class KVSegment:
             for h in range(h_count):
                 idx = kept[b][h].to(device=keys.device, dtype=torch.int64)
                 seg = KVSegment(self.quant, self.layer_idx, self.head_dim, self.dtype,
-                                track_positions=True, reserve=self.reserve)
+                                track_positions=True, reserve=self.reserve, rope=self.rope)
                 seg._replace_fp(keys[b : b + 1, h : h + 1, idx].contiguous(),
                                 values[b : b + 1, h : h + 1, idx].contiguous())
                 seg.pos = TokenBuffer(pos[b : b + 1, h : h + 1, idx].to(torch.int32).contiguous(),
@@ -340,7 +343,12 @@ class KVSegment:
         if movable <= 0:
             return
         fk, fv = self.fp_k.view(), self.fp_v.view()
-        self.store.append(fk[:, :, :movable], fv[:, :, :movable])
+        if getattr(self.store, "needs_positions", False):  # pre-RoPE keys: the store un-rotates them
+            packed = self.packed_length
+            pos = self.positions(fk.shape[0], fk.shape[1], fk.device)[:, :, packed : packed + movable]
+            self.store.append(fk[:, :, :movable], fv[:, :, :movable], positions=pos)
+        else:
+            self.store.append(fk[:, :, :movable], fv[:, :, :movable])
         rest_k, rest_v = fk[:, :, movable:], fv[:, :, movable:]
         # spare slots for the next tokens: a few, not a second window (they are held and counted in nbytes)
         headroom = max(1, min(residual, RESIDUAL_HEADROOM))

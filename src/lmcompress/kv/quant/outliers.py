@@ -122,6 +122,11 @@ class OutlierCodec:
     def validate(self, head_dim: int) -> None:
         self.inner.validate(head_dim)
 
+    def state_tensors(self, head_dim: int, device: torch.device) -> list[torch.Tensor]:
+        """The inner codec's per-layer state (e.g. a codebook), if any."""
+        state = getattr(self.inner, "state_tensors", None)
+        return [] if state is None else state(head_dim, device)
+
     def bits_per_value(self, head_dim: int, num_heads: int = 1, value_bits: int = 16) -> float:
         """Inner bits plus ``k`` (index, value) pairs per unit; values counted at ``value_bits``."""
         unit = num_heads * head_dim if self.across_heads else self.token_block * head_dim

@@ -112,11 +112,12 @@ def rotated_grid() -> dict[str, KVSpec]:
     for kb, vb in ((2, 2), (2, 3), (3, 3), (4, 4)):
         g[f"turbo-{kb}/{vb}"] = KVSpec(quant=TurboKV(key_bits=kb, value_bits=vb))
         g[f"turbo-{kb}/{vb}-R128"] = KVSpec(quant=TurboKV(key_bits=kb, value_bits=vb, residual=128))
-    for kb, vb, r in ((3, 2, 0), (3, 2, 64), (2, 2, 64), (2, 3, 64)):
+    for kb, vb, r in ((3, 2, 0), (3, 2, 64), (2, 2, 64), (2, 3, 64), (2, 2, 96), (2, 2, 112)):
         g[f"turbo-{kb}/{vb}" + (f"-R{r}" if r else "")] = KVSpec(quant=TurboKV(key_bits=kb, value_bits=vb, residual=r))
     g["turbo-3/2-g32"] = KVSpec(quant=TurboKV(key_bits=3, value_bits=2, group_size=32))
     g["turbo-2/2-g32"] = KVSpec(quant=TurboKV(key_bits=2, value_bits=2, group_size=32))
-    g["turbo-2/2-g32-R128"] = KVSpec(quant=TurboKV(key_bits=2, value_bits=2, group_size=32, residual=128))
+    for r in (64, 96, 128):
+        g[f"turbo-2/2-g32-R{r}"] = KVSpec(quant=TurboKV(key_bits=2, value_bits=2, group_size=32, residual=r))
     g["int-2"] = KVSpec(quant=IntKV(bits=2))
     g["rot-int-2"] = KVSpec(quant=Rotated(base=IntKV(bits=2)))
     g["rot-uniform-2"] = KVSpec(quant=Rotated(base=UniformKV(bits=2, group_size=32)))

@@ -170,7 +170,8 @@ def _models(items: list, where: _Where) -> list[str]:
         if isinstance(item, dict):
             unknown = set(item) - {"path"}
             if unknown or "path" not in item:
-                raise where.error(("models", i), "a model entry is a name, a path, or {path: ...}")
+                raise where.error(("models", i), "a model entry is a name, a path, or {path: ...} (quantized "
+                                                 "weights: the folder `lmcompress awq` writes, as its path)")
             item = item["path"]
         if not isinstance(item, str) or not item.strip():
             raise where.error(("models", i), f"model {item!r} is not a name or path")

@@ -8,7 +8,7 @@ import torch
 from random_ids import ids
 
 from lmcompress.eval.pipeline import answer, prefill
-from lmcompress.eval.shared_prefill import sharing_prefills
+from lmcompress.eval.shared_prefill import runs_model, sharing_prefills
 from lmcompress.kv import (
     CAKE,
     H2O,
@@ -115,12 +115,13 @@ def test_shared_prefill_is_exact(model, name, query_aware):
                 logits = prefill(model, prompt, replayed)
                 assert torch.equal(logits, real_logits)
                 _assert_same_state(real, replayed)
-        assert (shared.recorded, shared.replayed) == (1, 2)
+        shares = not runs_model(real)  # policies that run or hook the model prefill for real (never shared)
+        assert (shared.recorded, shared.replayed) == ((1, 2) if shares else (0, 0))
     unshared = answer(model, CONTEXT, QUESTION, spec, max_new_tokens=6, query_aware=query_aware, eos_token_ids=[])
     with sharing_prefills() as shared:
         one = answer(model, CONTEXT, QUESTION, spec, max_new_tokens=6, query_aware=query_aware, eos_token_ids=[])
         two = answer(model, CONTEXT, QUESTION, spec, max_new_tokens=6, query_aware=query_aware, eos_token_ids=[])
-        assert shared.recorded == 1 and shared.replayed == 2
+        assert (shared.recorded, shared.replayed) == ((1, 2) if shares else (0, 0))
     assert one.token_ids == two.token_ids == unshared.token_ids
     assert one.held_tokens == unshared.held_tokens and one.kv_bytes == unshared.kv_bytes
 

@@ -17,6 +17,7 @@ from lmcompress.eval.graph_decode import StaticDecoder
 from lmcompress.eval.pipeline import _static_decoder, answer
 from lmcompress.kv import CompressedCache, KVSpec
 from lmcompress.kv.evict import CAKE, AdaKV, DecodingCompression, Knorm, Random, SnapKV, ThresholdEviction
+from lmcompress.kv.hooks import scoring_hooks
 from lmcompress.kv.static import static_decode_supported
 from lmcompress.models import tiny_model
 from lmcompress.registry import EVICTION_METHODS, KV_QUANTIZERS
@@ -62,7 +63,7 @@ def model():
 
 def eager_run(model, spec) -> tuple[list[int], list[list[int]]]:
     cache = CompressedCache(model, spec)
-    with torch.no_grad():
+    with torch.no_grad(), scoring_hooks(model, cache):
         token = int(model(PROMPT, past_key_values=cache).logits[:, -1].argmax(-1))
         tokens, held = [token], []
         for _ in range(STEPS):
@@ -75,7 +76,7 @@ def eager_run(model, spec) -> tuple[list[int], list[list[int]]]:
 
 def static_run(model, spec) -> tuple[list[int], list[list[int]]]:
     cache = CompressedCache(model, spec)
-    with torch.no_grad():
+    with torch.no_grad(), scoring_hooks(model, cache):
         token = int(model(PROMPT, past_key_values=cache).logits[:, -1].argmax(-1))
     dec = StaticDecoder(model, cache, STEPS, use_graph=False)
     dec.start(token, N)
@@ -113,7 +114,7 @@ def test_static_path_equals_eager_or_refuses(model, key):
         assert s_tokens == tokens, key
         return
     cache = CompressedCache(model, spec)
-    with torch.no_grad():
+    with torch.no_grad(), scoring_hooks(model, cache):
         model(PROMPT, past_key_values=cache)
     with pytest.raises(LMCompressError, match="static decode cannot run"):
         StaticDecoder(model, cache, STEPS, use_graph=False)

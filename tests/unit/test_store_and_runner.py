@@ -85,6 +85,6 @@ def test_report_outputs(tmp_path):
 def test_shared_prefill_runs_a_grid_task_by_task(tmp_path):
     CALLS.clear()
     with ResultStore(tmp_path / "s.sqlite") as store:
-        records = InlineExecutor(progress=False, loader=loader).run(grid(), store)
+        records = InlineExecutor(progress=False, loader=loader, warmup=False).run(grid(), store)
     assert [f"{label}:{d}" for d in (0.1, 0.5, 0.9) for label in ("none", "snapkv(ratio=0.5)")] == CALLS
     assert [r["spec"]["task"]["params"]["depth"] for r in records] == [0.1, 0.5, 0.9] * 2  # stored order kept

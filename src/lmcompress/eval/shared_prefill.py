@@ -89,7 +89,7 @@ class PrefillRecord:
         return total
 
 
-def _runs_model(cache: CompressedCache) -> bool:
+def runs_model(cache: CompressedCache) -> bool:
     """Whether a policy runs the model again after the prefill (``after_model_forward``, e.g. KVzip's context
     reconstruction): its scores come from that extra pass, which a replay does not make, so it never shares.
     Likewise a policy that hooks the model's own forward (``model_hooks``: DMS changes the chunk's queries and
@@ -167,7 +167,7 @@ class SharedPrefills:
     def replay(self, model: torch.nn.Module, ids: torch.Tensor, cache: CompressedCache) -> torch.Tensor | None:
         """Replay ``ids: [1, n]`` into ``cache`` from a recording (made now if missing); None where the chunk
         does not qualify (not the first chunk of an empty cache, a batch, static mode): run it normally then."""
-        if ids.shape[0] != 1 or cache.get_seq_length() != 0 or cache.is_static or _runs_model(cache):
+        if ids.shape[0] != 1 or cache.get_seq_length() != 0 or cache.is_static or runs_model(cache):
             return None
         hidden = _needs_hidden(cache)
         key = self._key(model, ids)

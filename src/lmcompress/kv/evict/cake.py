@@ -113,6 +113,7 @@ class CakeState:
         memo[id(self)] = new
         new.policy = self.policy
         new.prefs, new.budgets, new.total = dict(self.prefs), dict(self.budgets), self.total
+        new.window_keep = self.window_keep
         layers = [copy.deepcopy(ref(), memo) for ref in self._refs]
         new._refs = [weakref.ref(layer) for layer in layers]
         new.layers = [weakref.proxy(layer) for layer in layers]

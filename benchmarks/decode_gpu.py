@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from lmcompress._compat import cache_kwargs, output_cache
+
 _SRC = Path(__file__).resolve().parents[1] / "src"
 if _SRC.is_dir():
     sys.path.insert(0, str(_SRC))
@@ -129,11 +131,11 @@ def _hf_compiled(model, ids, new_tokens, clock):
     ctx = ids.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=ctx + new_tokens + 8)
     t0 = clock.now()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+    out = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1,
                 cache_position=torch.arange(ctx, device=ids.device))
     ttft = clock.now() - t0
     tok = out.logits[:, -1:].argmax(-1)
-    step = torch.compile(lambda t, p: model(t, past_key_values=cache, use_cache=True, cache_position=p,
+    step = torch.compile(lambda t, p: model(t, **cache_kwargs(cache), use_cache=True, cache_position=p,
                                             position_ids=p[None].expand(t.shape[0], 1)).logits,
                          mode="reduce-overhead", fullgraph=False)
     times, pos = [], ctx
@@ -152,13 +154,13 @@ def _hf_eager(model, ids, new_tokens, clock):
 
     cache = DynamicCache(config=model.config)
     t0 = clock.now()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     ttft = clock.now() - t0
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     tok, times = out.logits[:, -1:].argmax(-1), []
     for _ in range(new_tokens):
         t1 = clock.now()
-        tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        tok = model(tok, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
         times.append(clock.now() - t1)
     return ttft, times[4:], kv, "eager", cache
 
@@ -166,7 +168,7 @@ def _hf_eager(model, ids, new_tokens, clock):
 def _ours(model, ids, new_tokens, clock, method, eager_tokens):
     cache = CompressedCache(model, parse_method(method), reserve=new_tokens + 1)
     t0 = clock.now()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     ttft = clock.now() - t0
     kv = cache.nbytes
     tok, times = out.logits[:, -1:].argmax(-1), []
@@ -185,7 +187,7 @@ def _ours(model, ids, new_tokens, clock, method, eager_tokens):
     else:
         for _ in range(eager_tokens):
             t1 = clock.now()
-            tok = model(tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = model(tok, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
             times.append(clock.now() - t1)
         path = "eager"
     return ttft, times[4:], kv, path, cache
@@ -287,7 +289,7 @@ def int4_model(args, device: torch.device):
         ids = torch.randint(100, 1000, (1, 512), device=device)
         out = model(ids, use_cache=True, logits_to_keep=1)
         os.environ["LMCOMPRESS_W4A16_TUNE"] = "1"
-        model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        model(out.logits[:, -1:].argmax(-1), **cache_kwargs(output_cache(out)), use_cache=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return model

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from lmcompress._compat import cache_kwargs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_gpu import build_model
 from lmcompress.eval.graph_decode import StaticDecoder
@@ -39,7 +41,7 @@ def main() -> None:
     result = {"context": args.context, "method": args.method}
     for use_graph in (False, True):
         cache = CompressedCache(model, parse_method(args.method), reserve=80)
-        first = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+        first = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
         dec = StaticDecoder(model, cache, 64, use_graph=use_graph)
         dec.start(first, args.context)
         dec.run(4)

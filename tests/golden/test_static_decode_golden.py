@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.eval.graph_decode import StaticDecoder
 from lmcompress.eval.text import english_text
 from lmcompress.kv import CompressedCache, KVSpec, SnapKV
@@ -19,14 +20,14 @@ def test_default_model_64_greedy_steps_with_snapkv_8x_match_eager(smollm):
     spec = KVSpec(evict=SnapKV(ratio=0.875))
     with torch.no_grad():
         dyn, sta = CompressedCache(model, spec), CompressedCache(model, spec)
-        nxt = model(prompt, past_key_values=dyn).logits[:, -1].argmax(-1, keepdim=True)
-        model(prompt, past_key_values=sta)
+        nxt = model(prompt, **cache_kwargs(dyn)).logits[:, -1].argmax(-1, keepdim=True)
+        model(prompt, **cache_kwargs(sta))
         assert dyn.held_tokens()[0] == 32  # 256 tokens kept 8x fewer
         dec = StaticDecoder(model, sta, 64)
         dec.start(int(nxt), prompt.shape[1])
         err, eager, static = 0.0, [], []
         for _ in range(64):
-            logits = model(nxt, past_key_values=dyn).logits[:, -1]
+            logits = model(nxt, **cache_kwargs(dyn)).logits[:, -1]
             nxt = logits.argmax(-1, keepdim=True)
             eager.append(int(nxt))
             dec.run(1)

@@ -56,11 +56,11 @@ def test_graph_replay_with_4bit_weights_and_a_batch_matches_eager_steps():
     spec = KVSpec(evict=SnapKV(ratio=0.875))
     with torch.no_grad():
         dyn, sta = CompressedCache(model, spec), CompressedCache(model, spec)
-        first = model(ids, past_key_values=dyn).logits[:, -1].argmax(-1, keepdim=True)
-        model(ids, past_key_values=sta)
+        first = model(ids, **cache_kwargs(dyn)).logits[:, -1].argmax(-1, keepdim=True)
+        model(ids, **cache_kwargs(sta))
         tok, ref_tokens, ref_logits = first, [], []
         for _ in range(64):
-            logits = model(tok, past_key_values=dyn).logits[:, -1]
+            logits = model(tok, **cache_kwargs(dyn)).logits[:, -1]
             tok = logits.argmax(-1, keepdim=True)
             ref_logits.append(logits.float())
             ref_tokens.append(tok)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.errors import LMCompressError
 from lmcompress.kv import CompressedCache, KVSpec
 from lmcompress.kv.evict import DuoAttention
@@ -70,7 +71,7 @@ def test_streaming_heads_keep_sinks_and_recent_exactly(tmp_path):
     cache = CompressedCache(model, KVSpec(evict=policy))
     n = 40
     with torch.no_grad():
-        model(torch.randint(3, 256, (1, n)), past_key_values=cache, use_cache=True)
+        model(torch.randint(3, 256, (1, n)), **cache_kwargs(cache), use_cache=True)
     streaming = set(range(4)) | set(range(n - 8, n))
     for li, layer in enumerate(cache.layers):
         for h in range(2):
@@ -99,11 +100,11 @@ def test_calibration_file_errors(tmp_path):
     other = tiny_model("llama", seed=1)  # same architecture, other weights
     cache = CompressedCache(other, KVSpec(evict=DuoAttention(pattern=str(path), ratio=0.5)))
     with pytest.raises(LMCompressError, match="made for another model"), torch.no_grad():
-        other(torch.randint(3, 256, (1, 20)), past_key_values=cache, use_cache=True)
+        other(torch.randint(3, 256, (1, 20)), **cache_kwargs(cache), use_cache=True)
     gemma = tiny_model("gemma3")
     cache = CompressedCache(gemma, KVSpec(evict=DuoAttention(pattern=str(path), ratio=0.5)))
     with pytest.raises(LMCompressError, match="another model"), torch.no_grad():
-        gemma(torch.randint(3, 256, (1, 20)), past_key_values=cache, use_cache=True)
+        gemma(torch.randint(3, 256, (1, 20)), **cache_kwargs(cache), use_cache=True)
     for bad in ({"ratio": 1.0}, {"ratio": "x"}, {"sink_size": -1}, {"budget": 5}):
         with pytest.raises(LMCompressError):
             DuoAttention(pattern=str(path), **bad)

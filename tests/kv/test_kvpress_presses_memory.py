@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.kv import CompressedCache, KVSpec
 from lmcompress.kv.evict import (
     CUR,
@@ -61,7 +62,7 @@ def test_nbytes_is_a_quarter_at_ratio_075():
     for name, policy in SPECS.items():
         cache = CompressedCache(model, KVSpec(evict=policy))
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, **cache_kwargs(cache), use_cache=True)
         held = sum(int(layer.held_per_head().sum()) for layer in cache.layers)
         assert cache.nbytes == sum(t.numel() * t.element_size() for t in cache.tensors())
         if policy is None:
@@ -89,7 +90,7 @@ SCRIPT = textwrap.dedent("""
     for name, policy in SPECS.items():
         cache = CompressedCache(model, KVSpec(evict=policy))
         with torch.no_grad():
-            logits = model(ids, past_key_values=cache, use_cache=True).logits
+            logits = model(ids, **cache_kwargs(cache), use_cache=True).logits
         del logits
         gc.collect()
         with_cache = rss()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.kv import CompressedCache, KVSpec
 from lmcompress.kv.quant import KIVI
 from lmcompress.models import TINY_ARCHS as ARCHS
@@ -59,7 +60,7 @@ def test_prefill_counts_and_bytes(tiny_models, arch, quant, name):
     model = tiny_models(arch)
     cache = CompressedCache(model, spec_for(model, name, quant))
     with torch.no_grad():
-        out = model(prompt(), past_key_values=cache, use_cache=True)
+        out = model(prompt(), **cache_kwargs(cache), use_cache=True)
     assert torch.isfinite(out.logits).all()
     check_prefill(cache, name, N)
     assert cache.nbytes == sum(t.numel() * t.element_size() for t in cache.tensors())
@@ -83,7 +84,7 @@ def test_generate_and_hand_written_loop(tiny_models, arch, quant, name):
     model = tiny_models(arch)
     ids = prompt(1)
     cache = CompressedCache(model, spec_for(model, name, quant))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+    out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=6, min_new_tokens=6, do_sample=False,
                          pad_token_id=0)
     assert out.shape == (1, N + 6)
     num_layers = len(cache.layers)
@@ -98,9 +99,9 @@ def test_generate_and_hand_written_loop(tiny_models, arch, quant, name):
     loop_cache = CompressedCache(model, spec_for(model, name, quant))
     tokens = []
     with torch.no_grad():
-        logits = model(ids, past_key_values=loop_cache).logits[:, -1]
+        logits = model(ids, **cache_kwargs(loop_cache)).logits[:, -1]
         for _ in range(6):
             nxt = int(logits.argmax(-1))
             tokens.append(nxt)
-            logits = model(torch.tensor([[nxt]]), past_key_values=loop_cache).logits[:, -1]
+            logits = model(torch.tensor([[nxt]]), **cache_kwargs(loop_cache)).logits[:, -1]
     assert tokens == out[0, N:].tolist()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.errors import LMCompressError
 from lmcompress.kv.evict import (
     CUR,
@@ -361,8 +362,8 @@ def test_key_rerotation_rotates_kept_keys_by_their_position_shift():
     ref = DynamicCache(config=model.config)
     cache = CompressedCache(model, KVSpec(evict=KeyRerotation(base=Knorm(ratio=0.5))))
     with torch.no_grad():
-        model(ids, past_key_values=ref)
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(ref))
+        model(ids, **cache_kwargs(cache))
     rotary = model.model.rotary_emb
     for layer, full in zip(cache.layers, ref.layers):
         index = Knorm(ratio=0.5).select(inputs_from(full.keys))  # the same selection on the same keys

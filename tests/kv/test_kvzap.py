@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.errors import LMCompressError
 from lmcompress.kv import CompressedCache, KVSpec, scoring_hooks
 from lmcompress.kv.evict import KVzap, KVzipPlus, ThresholdEviction
@@ -60,7 +61,7 @@ def test_targets_are_kvzip_plus_scores(trained):
     try:
         with warnings.catch_warnings(), torch.no_grad(), scoring_hooks(model, cache):
             warnings.simplefilter("ignore")
-            model(ids, past_key_values=cache, use_cache=True)
+            model(ids, **cache_kwargs(cache), use_cache=True)
     finally:
         KVzipPlus.context_keep = orig
     for li, y in enumerate(ys):  # the first sample's rows, sinks left out
@@ -96,7 +97,7 @@ def test_kvzap_scores_and_threshold_wrapper(trained, kind):
 
     handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.layers]
     with torch.no_grad(), scoring_hooks(model, cache):
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
     for h in handles:
         h.remove()
     keep = N - N // 2
@@ -111,9 +112,9 @@ def test_kvzap_scores_and_threshold_wrapper(trained, kind):
     cache = CompressedCache(model, KVSpec(evict=ThresholdEviction(base=KVzap(surrogate=str(paths[kind])),
                                                                   threshold=thr, window=8)))
     with torch.no_grad(), scoring_hooks(model, cache):
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
         for _ in range(2):
-            model(torch.tensor([[9]]), past_key_values=cache, use_cache=True)
+            model(torch.tensor([[9]]), **cache_kwargs(cache), use_cache=True)
     for li, layer in enumerate(cache.layers):
         with torch.no_grad():
             pred = sur.predict(li, seen[li])[0]  # [Hkv, N]
@@ -137,6 +138,6 @@ def test_kvzap_errors(trained, tmp_path):
     cache = CompressedCache(other, KVSpec(evict=KVzap(ratio=0.5, surrogate=str(paths["linear"]))))
     with pytest.raises(LMCompressError, match="made for another model"), torch.no_grad(), \
             scoring_hooks(other, cache):
-        other(_samples(1, 3)[0], past_key_values=cache, use_cache=True)
+        other(_samples(1, 3)[0], **cache_kwargs(cache), use_cache=True)
     with pytest.raises(LMCompressError, match=r"threshold=.*must be a number"):
         ThresholdEviction(base=KVzap(surrogate=str(paths["linear"])), threshold="low")

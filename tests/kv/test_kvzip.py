@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.errors import LMCompressError
 from lmcompress.kv import CompressedCache, KVSpec, scoring_hooks
 from lmcompress.kv.evict import KVzip, KVzipPlus
@@ -38,7 +39,7 @@ def reference_scores(model, ids: torch.Tensor, plus: bool, n_sink: int = 4) -> l
     n = ids.shape[1]
     base = DynamicCache(config=cfg)
     with torch.no_grad():
-        model(ids, past_key_values=base, use_cache=True)
+        model(ids, **cache_kwargs(base), use_cache=True)
     scores = [torch.zeros(hkv, n, dtype=torch.float64) for _ in range(cfg.num_hidden_layers)]
     for s in scores:
         s[:, :n_sink] = 1.0
@@ -55,7 +56,7 @@ def reference_scores(model, ids: torch.Tensor, plus: bool, n_sink: int = 4) -> l
 
         handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in model.model.layers]
         with torch.no_grad():
-            model(rep, past_key_values=cache, use_cache=True)
+            model(rep, **cache_kwargs(cache), use_cache=True)
         for h in handles:
             h.remove()
         sink = min(n_sink, start)
@@ -85,7 +86,7 @@ def reference_scores(model, ids: torch.Tensor, plus: bool, n_sink: int = 4) -> l
 def run(model, policy, ids, quant=None) -> CompressedCache:
     cache = CompressedCache(model, KVSpec(evict=policy, quant=quant))
     with torch.no_grad(), scoring_hooks(model, cache):
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
     return cache
 
 
@@ -155,11 +156,11 @@ def test_without_hooks_or_ids_clear_errors():
     model = tiny_model("llama")
     cache = CompressedCache(model, KVSpec(evict=KVzip(ratio=0.5, prompt_ids=PROMPT)))
     with pytest.raises(LMCompressError, match="scoring_hooks"), torch.no_grad():
-        model(_ids(), past_key_values=cache, use_cache=True)
+        model(_ids(), **cache_kwargs(cache), use_cache=True)
     cache = CompressedCache(model, KVSpec(evict=KVzip(ratio=0.5, prompt_ids=PROMPT)))
     embeds = model.get_input_embeddings()(_ids())
     with pytest.raises(LMCompressError, match="input_ids"), torch.no_grad(), scoring_hooks(model, cache):
-        model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        model(inputs_embeds=embeds, **cache_kwargs(cache), use_cache=True)
 
 
 @pytest.mark.parametrize("kwargs", [{"chunk_size": 0}, {"chunk_size": 2.5}, {"n_sink": -1},
@@ -174,7 +175,7 @@ def test_no_tokenizer_warns_and_tokenizer_prompt():
     model = tiny_model("llama")
     cache = CompressedCache(model, KVSpec(evict=KVzip(ratio=0.5)))
     with pytest.warns(UserWarning, match="no tokenizer"), torch.no_grad(), scoring_hooks(model, cache):
-        model(_ids(), past_key_values=cache, use_cache=True)
+        model(_ids(), **cache_kwargs(cache), use_cache=True)
     assert cache.get_seq_length() == N
 
     class Tok:  # a tokenizer without chat template: one id per character
@@ -195,9 +196,9 @@ def test_second_prefill_keeps_old_tokens_and_scores_new_ones():
     policy = KVzip(ratio=0.5, chunk_size=CHUNK, prompt_ids=PROMPT)
     cache = CompressedCache(model, KVSpec(evict=policy))
     with torch.no_grad(), scoring_hooks(model, cache):
-        model(ids[:, :40], past_key_values=cache, use_cache=True)
+        model(ids[:, :40], **cache_kwargs(cache), use_cache=True)
         before = [layer.held_per_head().clone() for layer in cache.layers]
-        model(ids[:, 40:], past_key_values=cache, use_cache=True)
+        model(ids[:, 40:], **cache_kwargs(cache), use_cache=True)
     total = sum(int(b.sum()) for b in before)
     after = sum(int(layer.held_per_head().sum()) for layer in cache.layers)
     heads = sum(b.numel() for b in before)

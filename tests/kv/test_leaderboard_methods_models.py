@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.kv import CompressedCache, KVSpec, scoring_hooks
 from lmcompress.kv.evict import CriticalAdaKV, CriticalKV, DuoAttention, KVzip, KVzipPlus, SnapKV
 from lmcompress.kv.evict.calibration_files import model_identity, save_calibration
@@ -85,7 +86,7 @@ def test_method_on_architecture(arch_model, name, quant, tmp_path):
     cache = CompressedCache(model, spec)
     tokens = []
     with torch.no_grad(), scoring_hooks(model, cache):
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **cache_kwargs(cache), use_cache=True)
         layers = [layer for layer in cache.layers if layer.evict is not None]
         check_counts(name, layers, policy)
         assert cache.get_seq_length() == N
@@ -101,7 +102,7 @@ def test_method_on_architecture(arch_model, name, quant, tmp_path):
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(STEPS):
             tokens.append(int(token))
-            step = model(token, past_key_values=cache, use_cache=True)
+            step = model(token, **cache_kwargs(cache), use_cache=True)
             token = step.logits[:, -1:].argmax(-1)
         tokens.append(int(token))
     assert torch.isfinite(step.logits).all()
@@ -109,6 +110,6 @@ def test_method_on_architecture(arch_model, name, quant, tmp_path):
         assert torch.equal(layer.held_per_head(), prev + STEPS)
     fresh = CompressedCache(model, spec)
     with torch.no_grad(), scoring_hooks(model, fresh):
-        gen = model.generate(ids, past_key_values=fresh, max_new_tokens=STEPS + 1, do_sample=False,
+        gen = model.generate(ids, **cache_kwargs(fresh), max_new_tokens=STEPS + 1, do_sample=False,
                              pad_token_id=0)
     assert gen[0, N:].tolist() == tokens, (arch, name, quant)

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.kv import CompressedCache, KVSpec
 from lmcompress.kv.evict import CAKE, TOVA, AdaKV, DecodingCompression, Knorm, PyramidKV, SnapKV
 from lmcompress.kv.evict.base import topk_mask
@@ -36,7 +37,7 @@ def kept_positions(model, ids, policy) -> list[list[list[int]]]:
     """Per layer, per KV head of row 0: the sorted kept positions after the prompt."""
     cache = CompressedCache(model, KVSpec(evict=policy))
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwargs(cache), use_cache=True)
     out = []
     for layer in cache.layers:
         pos = layer.positions()[0]
@@ -130,10 +131,10 @@ def test_cake_below_the_window_keeps_its_size_while_decoding(llama):
     model, ids = llama
     cache = CompressedCache(model, KVSpec(evict=CAKE(ratio=0.99, window_size=W)))
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True)
+        out = model(ids, **cache_kwargs(cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         for _ in range(4):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
     for layer in cache.layers:
         assert layer.positions()[0, 0].tolist() == [301, 302, 303]
 

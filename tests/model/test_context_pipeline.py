@@ -7,6 +7,7 @@ import torch
 from random_ids import ids
 
 import lmcompress
+from lmcompress._compat import cache_kwargs
 from lmcompress.errors import LMCompressError
 from lmcompress.eval.context_pipeline import answer_many
 from lmcompress.eval.pipeline import answer
@@ -50,7 +51,7 @@ def test_storage_kinds_are_exercised(model):
     kinds = {}
     for name, spec in SPECS.items():
         cache = CompressedCache(model, spec)
-        model(CONTEXT, past_key_values=cache)
+        model(CONTEXT, **cache_kwargs(cache))
         layer = cache.layers[0]
         kinds[name] = ("ragged" if layer.ragged else "uniform", layer.packed_length > 0)
     assert kinds["adakv"][0] == "ragged"
@@ -63,18 +64,18 @@ def test_the_compressed_context_is_untouched_by_answers(model):
     equal (a check that the equality test above can fail)."""
     spec = SPECS["snapkv"]
     base = CompressedCache(model, spec, reserve=20)
-    model(CONTEXT, past_key_values=base)
+    model(CONTEXT, **cache_kwargs(base))
     held, nbytes = base.held_tokens(), base.nbytes
     copy = base.copy()
     with copy.compression_paused():
-        model(QUESTIONS[0], past_key_values=copy)
+        model(QUESTIONS[0], **cache_kwargs(copy))
     assert copy.held_tokens() != held
     assert base.held_tokens() == held and base.nbytes == nbytes
     assert all(a.data_ptr() != b.data_ptr() for a, b in zip(base.tensors(), copy.tensors()))
     # no restore: the second question sees the first one's tokens and answers differently
     leaky = answer_many(model, CONTEXT, [QUESTIONS[1]], spec, max_new_tokens=8, eos_token_ids=[])[0]
     with torch.inference_mode(), copy.compression_paused():
-        logits = model(QUESTIONS[1], past_key_values=copy).logits[:, -1]
+        logits = model(QUESTIONS[1], **cache_kwargs(copy)).logits[:, -1]
     assert int(logits.argmax(-1)) != leaky.token_ids[0] or copy.held_tokens() != leaky.held_tokens
 
 
@@ -102,7 +103,7 @@ def test_single_question_and_bad_input(model):
 
 def test_static_cache_cannot_be_copied(model):
     cache = CompressedCache(model, KVSpec())
-    model(CONTEXT, past_key_values=cache)
+    model(CONTEXT, **cache_kwargs(cache))
     cache.begin_static(4)
     with pytest.raises(LMCompressError, match="static decode mode"):
         cache.copy()

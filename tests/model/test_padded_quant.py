@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs, output_cache
 from lmcompress.kv import CompressedCache, KVSpec
 from lmcompress.models import tiny_model
 from lmcompress.registry import KV_QUANTIZERS
@@ -43,11 +44,11 @@ def run_batch(model, spec):
     cache = CompressedCache(model, spec)
     logits = []
     with torch.no_grad():
-        model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), past_key_values=cache)
+        model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0), **cache_kwargs(cache))
         for t in range(STEPS):
             mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
             out = model(FEED[:, t : t + 1], attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
-                        past_key_values=cache)
+                        **cache_kwargs(cache))
             logits.append(out.logits[:, -1])
     return torch.stack(logits, 1), cache
 
@@ -56,9 +57,9 @@ def run_alone(model, spec, ids, row):
     cache = CompressedCache(model, spec) if spec is not None else None
     logits = []
     with torch.no_grad():
-        cache = model(ids, past_key_values=cache, use_cache=True).past_key_values
+        cache = output_cache(model(ids, **cache_kwargs(cache), use_cache=True))
         for t in range(STEPS):
-            logits.append(model(FEED[row : row + 1, t : t + 1], past_key_values=cache, use_cache=True).logits[0, -1])
+            logits.append(model(FEED[row : row + 1, t : t + 1], **cache_kwargs(cache), use_cache=True).logits[0, -1])
     return torch.stack(logits, 0)
 
 

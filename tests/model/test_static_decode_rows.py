@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.eval.graph_decode import StaticDecoder
 from lmcompress.kv import CompressedCache, KVSpec, SnapKV
 from lmcompress.models import tiny_model
@@ -17,7 +18,7 @@ def _eager_greedy(model, cache, first: torch.Tensor, steps: int) -> tuple[torch.
     """``[B, steps]`` greedy tokens after ``first: [B, 1]`` and each step's ``[B, V]`` logits."""
     tok, tokens, logits = first, [], []
     for _ in range(steps):
-        out = model(tok, past_key_values=cache).logits[:, -1]
+        out = model(tok, **cache_kwargs(cache)).logits[:, -1]
         logits.append(out)
         tok = out.argmax(-1, keepdim=True)
         tokens.append(tok)
@@ -43,8 +44,8 @@ def test_batch_of_three_rows_decodes_like_eager(spec):
     steps = 24
     with torch.no_grad():
         dyn, sta = CompressedCache(model, spec), CompressedCache(model, spec)
-        first = model(prompt, past_key_values=dyn).logits[:, -1].argmax(-1, keepdim=True)
-        model(prompt, past_key_values=sta)
+        first = model(prompt, **cache_kwargs(dyn)).logits[:, -1].argmax(-1, keepdim=True)
+        model(prompt, **cache_kwargs(sta))
         ref_tokens, ref_logits = _eager_greedy(model, dyn, first, steps)
         tokens, logits = _static_greedy(model, sta, first, 40, steps)
     assert torch.equal(tokens, ref_tokens)
@@ -57,7 +58,7 @@ def test_generate_refuses_a_batch():
     model = tiny_model("llama")
     cache = CompressedCache(model, KVSpec())
     with torch.no_grad():
-        model(torch.randint(3, 256, (2, 10)), past_key_values=cache)
+        model(torch.randint(3, 256, (2, 10)), **cache_kwargs(cache))
     dec = StaticDecoder(model, cache, 4)
     with pytest.raises(ValueError, match="batch=2"):
         dec.generate(2)
@@ -75,8 +76,8 @@ def test_packed_4bit_weights_decode_like_eager_for_64_steps():
     prompt = torch.randint(3, 256, (1, 64), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         dyn, sta = CompressedCache(model, spec), CompressedCache(model, spec)
-        first = model(prompt, past_key_values=dyn).logits[:, -1].argmax(-1, keepdim=True)
-        model(prompt, past_key_values=sta)
+        first = model(prompt, **cache_kwargs(dyn)).logits[:, -1].argmax(-1, keepdim=True)
+        model(prompt, **cache_kwargs(sta))
         ref_tokens, ref_logits = _eager_greedy(model, dyn, first, 64)
         tokens, logits = _static_greedy(model, sta, first, 64, 64)
     assert torch.equal(tokens, ref_tokens)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.errors import LMCompressError
 from lmcompress.eval.graph_decode import StaticDecoder
 from lmcompress.eval.pipeline import _static_decoder, answer
@@ -64,10 +65,10 @@ def model():
 def eager_run(model, spec) -> tuple[list[int], list[list[int]]]:
     cache = CompressedCache(model, spec)
     with torch.no_grad(), scoring_hooks(model, cache):
-        token = int(model(PROMPT, past_key_values=cache).logits[:, -1].argmax(-1))
+        token = int(model(PROMPT, **cache_kwargs(cache)).logits[:, -1].argmax(-1))
         tokens, held = [token], []
         for _ in range(STEPS):
-            logits = model(torch.tensor([[token]]), past_key_values=cache).logits[:, -1]
+            logits = model(torch.tensor([[token]]), **cache_kwargs(cache)).logits[:, -1]
             token = int(logits.argmax(-1))
             tokens.append(token)
             held.append([int(h.max()) for h in cache.held_per_head()])
@@ -77,7 +78,7 @@ def eager_run(model, spec) -> tuple[list[int], list[list[int]]]:
 def static_run(model, spec) -> tuple[list[int], list[list[int]]]:
     cache = CompressedCache(model, spec)
     with torch.no_grad(), scoring_hooks(model, cache):
-        token = int(model(PROMPT, past_key_values=cache).logits[:, -1].argmax(-1))
+        token = int(model(PROMPT, **cache_kwargs(cache)).logits[:, -1].argmax(-1))
     dec = StaticDecoder(model, cache, STEPS, use_graph=False)
     dec.start(token, N)
     tokens, held = [token], []
@@ -115,7 +116,7 @@ def test_static_path_equals_eager_or_refuses(model, key):
         return
     cache = CompressedCache(model, spec)
     with torch.no_grad(), scoring_hooks(model, cache):
-        model(PROMPT, past_key_values=cache)
+        model(PROMPT, **cache_kwargs(cache))
     with pytest.raises(LMCompressError, match="static decode cannot run"):
         StaticDecoder(model, cache, STEPS, use_graph=False)
     assert not cache.is_static

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmcompress._compat import cache_kwargs
 from lmcompress.fused import FusedRMSNorm, fuse_rmsnorm
 from lmcompress.models import tiny_model
 
@@ -72,14 +73,14 @@ def test_static_decode_over_a_fused_model_matches_eager():
     prompt = torch.randint(3, 256, (1, 64), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         dyn, sta = CompressedCache(model, spec), CompressedCache(model, spec)
-        tok = model(prompt, past_key_values=dyn).logits[:, -1].argmax(-1, keepdim=True)
-        model(prompt, past_key_values=sta)
+        tok = model(prompt, **cache_kwargs(dyn)).logits[:, -1].argmax(-1, keepdim=True)
+        model(prompt, **cache_kwargs(sta))
         dec = StaticDecoder(model, sta, 32)
         dec.start(int(tok), 64)
         static = dec.generate(32)
         dec.close()
         eager = []
         for _ in range(32):
-            tok = model(tok, past_key_values=dyn).logits[:, -1].argmax(-1, keepdim=True)
+            tok = model(tok, **cache_kwargs(dyn)).logits[:, -1].argmax(-1, keepdim=True)
             eager.append(int(tok))
     assert static == eager

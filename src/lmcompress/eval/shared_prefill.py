@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._compat import cache_kwargs
 from ..kv.cache import CompressedCache
 from ..kv.hooks import scoring_hooks
 from ..kv.spec import KVSpec
@@ -116,7 +117,7 @@ def record_prefill(model: torch.nn.Module, ids: torch.Tensor, *, hidden: bool) -
         layer.recorder = recorder
     started = time.perf_counter()
     with scoring_hooks(model, cache, always=hidden):
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     seconds = time.perf_counter() - started
     if len(records) != len(cache.layers):
         missing = sorted(set(range(len(cache.layers))) - set(records))

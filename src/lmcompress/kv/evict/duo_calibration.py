@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..._compat import cache_kwargs
 from ...errors import check_positive_int
 from ..rope import rotate_half
 from .base import EvictionPolicy
@@ -80,7 +81,7 @@ def head_scores(model: torch.nn.Module, samples: list[torch.Tensor], q_len: int 
     for ids in samples:
         cache = CompressedCache(model, KVSpec(evict=policy, compress_sliding=True))
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         rows = []
         for layer in cache.layers:
             st = layer.evict_state

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..._compat import cache_kwargs
 from ...errors import check_choice, check_positive_int
 from .calibration_files import model_identity
 from .kvzap import SURROGATE_TYPES, Surrogate, save_surrogate
@@ -66,7 +67,7 @@ def collect(model: torch.nn.Module, tokenizer: Any, samples: list[torch.Tensor],
         policy = _Recorder(ratio=0.5, n_sink=n_sink)
         cache = CompressedCache(model, KVSpec(evict=policy))
         with torch.no_grad(), scoring_hooks(model, cache, tokenizer):
-            model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         layers = [layer for layer in cache.layers if layer.evict is not None]
         if not xs:
             xs, ys = [[] for _ in layers], [[] for _ in layers]

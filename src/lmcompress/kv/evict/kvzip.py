@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from ... import _compat
+from ..._compat import cache_kwargs
 from ...errors import LMCompressError, check_positive_int
 from ...registry import EVICTION_METHODS
 from .base import EvictionPolicy, evicted_count, group_queries, topk_mask
@@ -274,7 +275,7 @@ class KVzip(EvictionPolicy):
                 head = first if i == 0 else later + ctx[0, max(0, s - PREV_POSTFIX) : s].tolist()
                 lead = torch.tensor([head + suffix], dtype=input_ids.dtype, device=device).expand(b, -1)
                 state.chunk = (self.prefix_tokens + s, self.prefix_tokens + e)
-                model(input_ids=torch.cat([lead, ctx[:, s:e]], dim=1), past_key_values=cache, use_cache=True,
+                model(input_ids=torch.cat([lead, ctx[:, s:e]], dim=1), **cache_kwargs(cache), use_cache=True,
                       logits_to_keep=1)
                 for layer, (segments, seen, ragged) in zip(others, saved):
                     layer.segments, layer.seen, layer.ragged = copy.deepcopy(segments), seen, ragged

@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
+# every run prefills for itself so TTFT and peak memory are measured (grids share prefills by default)
 demo: install
-	$(VENV)/bin/lmcompress bench --out $(OUT)
+	$(VENV)/bin/lmcompress bench --no-shared-prefill --out $(OUT)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

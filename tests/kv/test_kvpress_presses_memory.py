@@ -77,6 +77,7 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from kv.test_kvpress_presses_memory import SPECS
     from kv.test_evict_memory import N, wide_tiny_llama
+    from lmcompress._compat import cache_kwargs
     from lmcompress.kv import CompressedCache, KVSpec
 
     def rss():

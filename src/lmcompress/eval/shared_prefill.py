@@ -190,6 +190,16 @@ class SharedPrefills:
             self._records.popitem(last=False)
 
 
+@contextmanager
+def not_sharing() -> Iterator[None]:
+    """Within this block prefills run for real, even inside :func:`sharing_prefills` (e.g. a warm-up)."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
 def active_prefills() -> SharedPrefills | None:
     """The :class:`SharedPrefills` of the innermost :func:`sharing_prefills` block, or None."""
     return _ACTIVE.get()

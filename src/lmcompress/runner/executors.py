@@ -34,8 +34,12 @@ Loader = Callable[[str], tuple[torch.nn.Module, Any]]
 
 
 def warm_up_for(model: torch.nn.Module, run: RunSpec) -> None:
-    """The warm-up of a freshly loaded ``model`` before ``run``: its KV spec and decode mode."""
-    warm_up(model, run.kv, decode=getattr(run.task, "decode", "auto"))
+    """The warm-up of a freshly loaded ``model`` before ``run``: its KV spec and decode mode (never recorded
+    into, or served from, the grid's shared prefills)."""
+    from ..eval.shared_prefill import not_sharing
+
+    with not_sharing():
+        warm_up(model, run.kv, decode=getattr(run.task, "decode", "auto"))
 
 
 def finished_records(store: ResultStore, keys: Sequence[str], code_version: str) -> list[dict[str, Any]]:

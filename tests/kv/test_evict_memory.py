@@ -78,6 +78,7 @@ ALLOCATOR_SCRIPT = textwrap.dedent("""
     import torch
     sys.path.insert(0, {tests!r})
     from test_evict_memory import SPECS, N, wide_tiny_llama
+    from lmcompress._compat import cache_kwargs
     from lmcompress.kv import CompressedCache, KVSpec
 
     def rss():

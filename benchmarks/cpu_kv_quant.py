@@ -132,14 +132,14 @@ KVQUANT_CALIBRATION = ROOT / "results" / "kvquant"
 
 def kvquant_grid(model, tok) -> dict[str, KVSpec]:
     """KVQuant (issue 15): pre-RoPE per-channel keys, Fisher-weighted codebooks per layer fitted on the Lee
-    *test* documents (8 x 512 tokens; the perplexity text is the Lee background corpus), 1 % outliers, groups of
+    *test* documents (2 x 512 tokens; the perplexity text is the Lee background corpus), 1 % outliers, groups of
     64 (``-uniform``: uniform levels, no calibration; ``-R128``: KIVI's 128-token full-precision window). The
     calibration files are made on first use under ``results/kvquant/``."""
     from lmcompress.eval.tasks.perplexity import text_token_ids
     from lmcompress.kv.quant.kvquant_calibrate import calibrate_kvquant
 
     g: dict[str, KVSpec] = {}
-    ids = text_token_ids(tok, "lee-test")[: 8 * 512].view(8, 512)
+    ids = text_token_ids(tok, "lee-test")[: 2 * 512].view(2, 512)
     for b in (2, 3):
         path = KVQUANT_CALIBRATION / f"smollm2-135m-{b}bit-g64-out1.safetensors"
         if not path.exists():

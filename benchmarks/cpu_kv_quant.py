@@ -133,24 +133,32 @@ KVQUANT_CALIBRATION = ROOT / "results" / "kvquant"
 
 def kvquant_grid(model, tok) -> dict[str, KVSpec]:
     """KVQuant (issue 15): pre-RoPE per-channel keys, Fisher-weighted codebooks per layer fitted on the Lee
-    *test* documents (8 x 512 tokens; the perplexity text is the Lee background corpus), 1 % outliers, groups of
+    *test* documents (2 x 512 tokens; the perplexity text is the Lee background corpus), 1 % outliers, groups of
     64 (``-uniform``: uniform levels, no calibration; ``-R128``: KIVI's 128-token full-precision window). The
     calibration files are made on first use under ``results/kvquant/``."""
     from lmcompress.eval.tasks.perplexity import text_token_ids
     from lmcompress.kv.quant.kvquant_calibrate import calibrate_kvquant
 
     g: dict[str, KVSpec] = {}
-    ids = text_token_ids(tok, "lee-test")[: 8 * 512].view(8, 512)
-    for b in (2, 3):
-        path = KVQUANT_CALIBRATION / f"smollm2-135m-{b}bit-g64-out1.safetensors"
+    ids = text_token_ids(tok, "lee-test")[: 2 * 512].view(2, 512)
+
+    def calibrated(b: int, group: int = 64, out: float = 0.01) -> str:
+        path = KVQUANT_CALIBRATION / f"smollm2-135m-{b}bit-g{group}-out{round(out * 100)}.safetensors"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
-            calibrate_kvquant(model, ids, bits=b, group_size=64, outliers=0.01).save(path)
+            calibrate_kvquant(model, ids, bits=b, group_size=group, outliers=out).save(path)
             print(f"calibrated {path.name} in {time.time() - t0:.0f} s", flush=True)
-        g[f"kvquant-{b}"] = KVSpec(quant=KVQuant(bits=b, calibration=str(path)))
-        g[f"kvquant-{b}-R128"] = KVSpec(quant=KVQuant(bits=b, calibration=str(path), residual=128))
+        return str(path)
+
+    for b in (2, 3):
+        path = calibrated(b)
+        g[f"kvquant-{b}"] = KVSpec(quant=KVQuant(bits=b, calibration=path))
+        g[f"kvquant-{b}-R128"] = KVSpec(quant=KVQuant(bits=b, calibration=path, residual=128))
         g[f"kvquant-{b}-uniform"] = KVSpec(quant=KVQuant(bits=b))
+    g["kvquant-2-out2"] = KVSpec(quant=KVQuant(bits=2, outliers=0.02, calibration=calibrated(2, out=0.02)))
+    g["kvquant-2-g32"] = KVSpec(quant=KVQuant(bits=2, group_size=32, calibration=calibrated(2, group=32)))
+    g["kvquant-3-g32"] = KVSpec(quant=KVQuant(bits=3, group_size=32, calibration=calibrated(3, group=32)))
     return g
 
 

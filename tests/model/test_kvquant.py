@@ -69,7 +69,9 @@ def test_pre_rope_keys_reproduce_post_rope_attention(tiny_models, arch):
     cache, out = run(model, KVSpec(quant=IdentityKVQuant()))
     seg = cache.layers[-1].segments[0]
     assert isinstance(seg.store, PreRopeStore) and seg.store.length >= 40
-    # the stored keys are pre-RoPE: they differ from the post-RoPE keys transformers handed over
+    # the stored keys are pre-RoPE: they differ from the post-RoPE keys attention reads
+    stored = seg.store.key_codec.decode(seg.store.parts("keys"), seg.head_dim, torch.float32)
+    assert float((stored[:, :, 1:] - seg.store.dequantize()[0][:, :, 1:]).abs().max()) > 1e-2
     assert float((out - ref).abs().max()) < 1e-4
 
 

@@ -18,6 +18,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..layer import CompressedLayer
 
 
+def check_alpha_safeguard(alpha: object) -> None:
+    """Raise ``LMCompressError`` unless ``alpha`` (the share of each head's budget kept by its own top scores)
+    is a number in [0, 1]."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise LMCompressError(f"alpha_safeguard={alpha!r} is not a number; allowed: [0, 1]")
+    check_range("alpha_safeguard", float(alpha), 0.0, 1.0, high_open=False)
+
+
 @EVICTION_METHODS.register("adakv")
 @dataclass(frozen=True)
 class AdaKV(EvictionPolicy):
@@ -45,9 +53,7 @@ class AdaKV(EvictionPolicy):
         super().__post_init__()
         require_scorer(self.name, self.base)
         check_wrapper_sizes(self)
-        if isinstance(self.alpha_safeguard, bool) or not isinstance(self.alpha_safeguard, (int, float)):
-            raise LMCompressError(f"alpha_safeguard={self.alpha_safeguard!r} is not a number; allowed: [0, 1]")
-        check_range("alpha_safeguard", float(self.alpha_safeguard), 0.0, 1.0, high_open=False)
+        check_alpha_safeguard(self.alpha_safeguard)
 
     @property
     def is_noop(self) -> bool:

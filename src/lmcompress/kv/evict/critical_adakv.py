@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ...errors import LMCompressError, check_range
 from ...registry import EVICTION_METHODS
+from .adakv import check_alpha_safeguard
 from .base import EvictionPolicy, ScoreInputs, check_wrapper_sizes, require_scorer, topk_mask
 from .critical_kv import check_critical_params, projected_value_norms
 
@@ -57,9 +57,7 @@ class CriticalAdaKV(EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.alpha_safeguard, bool) or not isinstance(self.alpha_safeguard, (int, float)):
-            raise LMCompressError(f"alpha_safeguard={self.alpha_safeguard!r} is not a number; allowed: [0, 1]")
-        check_range("alpha_safeguard", float(self.alpha_safeguard), 0.0, 1.0, high_open=False)
+        check_alpha_safeguard(self.alpha_safeguard)
         check_critical_params(self.display, self.epsilon, self.first_stage_ratio)
         require_scorer(self.name, self.base)
         check_wrapper_sizes(self)

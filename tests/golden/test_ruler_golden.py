@@ -8,6 +8,7 @@ import pytest
 from lmcompress.eval.tasks import RunContext
 from lmcompress.eval.tasks.ruler_suite import SYNTHETIC
 from lmcompress.kv import KVSpec
+from lmcompress.kv.parse import parse_method
 from lmcompress.registry import TASKS
 
 pytestmark = pytest.mark.golden
@@ -27,3 +28,21 @@ def test_single_needle_found_uncompressed(smollm):
     model, tok = smollm
     result = TASKS.get("niah_single_1")(length=2048, samples=2).run(RunContext(model, tok, KVSpec()))
     assert result.metrics["score"] == 100.0, [s["answer"] for s in result.details["samples"]]
+
+
+def test_stop_at_full_score_keeps_scores_and_shortens_answers(smollm):
+    """The early stop ends found answers right after the needle's value; every score equals the full-length
+    decode's (one found needle, one needle lost to StreamingLLM)."""
+    model, tok = smollm
+    for spec in (KVSpec(), parse_method("streaming_llm", ratio=0.9)):
+        ctx = RunContext(model, tok, spec)
+        short = TASKS.get("niah_single_1")(length=1024, samples=1).run(ctx)
+        full = TASKS.get("niah_single_1")(length=1024, samples=1, stop_at_full_score=False).run(ctx)
+        (s,), (f,) = short.details["samples"], full.details["samples"]
+        assert s["score"] == f["score"], (s["answer"], f["answer"])
+        assert f["answer"].startswith(s["answer"])
+        if s["score"] == 1.0:
+            assert s["answer_tokens"] < f["answer_tokens"]
+            assert s["answer"].endswith(s["outputs"][0])
+        else:
+            assert s["answer_tokens"] == f["answer_tokens"]

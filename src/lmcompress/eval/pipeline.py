@@ -13,6 +13,7 @@ memory then do not measure a real prefill). Several questions over one compresse
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,8 +114,12 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, cache: CompressedCache, t
 
 def continue_greedy(model: torch.nn.Module, cache: CompressedCache, question_ids: torch.Tensor | None,
                     first_logits: torch.Tensor | None, *, max_new_tokens: int, eos_token_ids: list[int],
-                    decode: str, clock: Stopwatch) -> tuple[list[int], int, float, int, list[int], float]:
+                    decode: str, clock: Stopwatch, stop_when: Callable[[list[int]], bool] | None = None
+                    ) -> tuple[list[int], int, float, int, list[int], float]:
     """Append ``question_ids`` with compression paused (if given), then decode greedily.
+
+    ``stop_when(tokens)`` (optional) ends decoding early once it returns True for the tokens so far (the token
+    it was called on is kept); EOS and ``max_new_tokens`` still end it as usual.
 
     Returns ``(tokens, decode_steps, ttft_s, kv_bytes_after_prompt, held_after_prompt, decode_s)``; ``ttft_s``
     is the clock's reading at the first token (the caller started it before the prefill).
@@ -135,7 +140,7 @@ def continue_greedy(model: torch.nn.Module, cache: CompressedCache, question_ids
     with policy_hooks(model, cache):  # DMS decides on every decoding step too
         while next_id not in eos_token_ids:
             tokens.append(next_id)
-            if len(tokens) >= max_new_tokens:
+            if len(tokens) >= max_new_tokens or (stop_when is not None and stop_when(tokens)):
                 break
             if decoder is not None:
                 decoder.run(1)
@@ -162,6 +167,7 @@ def answer(
     query_aware: bool = False,
     eos_token_ids: list[int] | None = None,
     decode: str = "auto",
+    stop_when: Callable[[list[int]], bool] | None = None,
 ) -> Generation:
     """Greedy answer to ``question_ids`` after ``context_ids`` with a compressed cache.
 
@@ -175,6 +181,8 @@ def answer(
         decode: ``eager`` (one Python forward per token), ``static`` (fixed slots; replayed as a CUDA graph on
             CUDA; an error where the spec cannot decode statically) or ``auto`` (static on CUDA where the spec
             allows it, else eager).
+        stop_when: optional early stop, called with the answer's tokens after each new token (see
+            :func:`continue_greedy`); the RULER-style tasks stop once the answer already scores full marks.
     """
     check_choice("decode", decode, DECODE_MODES)
     device = next(model.parameters()).device
@@ -196,7 +204,7 @@ def answer(
             logits, rest = None, question_ids
         tokens, steps, ttft, kv_bytes, held, decode_s = continue_greedy(
             model, cache, rest, logits, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
-            decode=decode, clock=clock)
+            decode=decode, clock=clock, stop_when=stop_when)
     return Generation(
         token_ids=tokens,
         text=tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else "",

@@ -10,6 +10,7 @@ generation prompt.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,9 +91,9 @@ def need_tokenizer(ctx: RunContext, task: str) -> Any:
 
 
 def answer_prompt(ctx: RunContext, prompt: Prompt, *, max_new_tokens: int, query_aware: bool,
-                  decode: str) -> Generation:
+                  decode: str, stop_when: Callable[[list[int]], bool] | None = None) -> Generation:
     return answer(ctx.model, prompt.context_ids, prompt.question_ids, ctx.spec, tokenizer=ctx.tokenizer,
-                  max_new_tokens=max_new_tokens, query_aware=query_aware, decode=decode)
+                  max_new_tokens=max_new_tokens, query_aware=query_aware, decode=decode, stop_when=stop_when)
 
 
 def generation_record(gen: Generation) -> dict[str, Any]:

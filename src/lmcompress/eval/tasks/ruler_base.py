@@ -54,6 +54,12 @@ class RulerTask(Task):
             template's generation prompt, as the pass-key task does), ``always`` or ``never``.
         decode: ``auto``, ``eager`` or ``static`` (see :func:`lmcompress.eval.pipeline.answer`).
         max_new_tokens: answer room (RULER's ``tokens_to_generate`` for the task).
+        stop_at_full_score: end an answer's decoding as soon as its text already contains every expected value
+            (RULER decodes all ``max_new_tokens``). The score is unchanged: both RULER metrics only count
+            expected values found in the text, so text appended after full marks cannot lower or raise it (exact
+            as long as the decoded text of a token prefix is a prefix of the full decoded text, which holds for
+            the byte-level BPE tokenizers here). The stored answer is then the shorter text; ``False`` decodes
+            RULER's full length.
     """
 
     primary_metric: ClassVar[str] = "score"
@@ -69,6 +75,7 @@ class RulerTask(Task):
     answer_prefix: str = "auto"
     decode: str = "auto"
     max_new_tokens: int = 128
+    stop_at_full_score: bool = True
 
     def __post_init__(self) -> None:
         check_positive_int("length", self.length)
@@ -137,14 +144,26 @@ class RulerTask(Task):
         self.check_length(ctx.model)
         return self.build_samples(need_tokenizer(ctx, self.name))
 
+    @staticmethod
+    def _full_score_stop(ctx: RunContext, score_fn, outputs: list[str]):
+        """The early stop of ``stop_at_full_score``: True once the decoded answer scores 1."""
+        tokenizer = ctx.tokenizer
+
+        def stop(tokens: list[int]) -> bool:
+            return score_fn(tokenizer.decode(tokens, skip_special_tokens=True), outputs) >= 1.0
+
+        return stop
+
     def run(self, ctx: RunContext) -> TaskResult:
         score_fn = METRICS[self.match]
         records: list[dict[str, Any]] = []
         for sample, prompt in self.samples_for(ctx):
+            stop = self._full_score_stop(ctx, score_fn, sample.outputs) if self.stop_at_full_score else None
             gen = answer_prompt(ctx, prompt, max_new_tokens=self.max_new_tokens, query_aware=self.query_aware,
-                                decode=self.decode)
+                                decode=self.decode, stop_when=stop)
             rec = generation_record(gen)
-            rec.update(outputs=sample.outputs, score=score_fn(gen.text, sample.outputs))
+            rec.update(outputs=sample.outputs, score=score_fn(gen.text, sample.outputs),
+                       answer_tokens=len(gen.token_ids))
             records.append(rec)
         return TaskResult(
             metrics={"score": 100.0 * sum(r["score"] for r in records) / len(records)},

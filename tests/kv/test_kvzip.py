@@ -222,3 +222,35 @@ def test_pipeline_answer_compresses_with_kvzip():
                  max_new_tokens=2, eos_token_ids=[])
     assert gen.prompt_tokens == N + 3 and len(gen.token_ids) == 2
     assert gen.kv_bytes < 0.8 * full.kv_bytes
+
+
+@pytest.mark.parametrize("cls", [KVzip, KVzipPlus])
+def test_grid_reuses_reconstruction_scores_across_ratios(cls):
+    """Inside shared prefills the reconstruction runs once per prompt and policy: a second ratio reuses the
+    scores (counted as a replay) and keeps exactly what a run of its own keeps."""
+    from lmcompress.eval.pipeline import answer
+    from lmcompress.eval.shared_prefill import sharing_prefills
+
+    model = tiny_model("llama")
+    ids, question = _ids(), torch.tensor([[11, 12, 13]])
+
+    def go(ratio: float):
+        spec = KVSpec(evict=cls(ratio=ratio, prompt_ids=PROMPT, chunk_size=CHUNK))
+        return answer(model, ids, question, spec, max_new_tokens=4, eos_token_ids=[])
+
+    alone = {r: go(r) for r in (0.3, 0.7)}
+    calls = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    with sharing_prefills() as shared:
+        grid = {r: go(r) for r in (0.3, 0.7)}
+        assert shared.replayed == 1
+        other = {r: go(r) for r in (0.3,)}  # a third run of the same prompt: another hit
+        assert shared.replayed == 2
+    handle.remove()
+    # each run: prefill, question, 3 decode steps; the 3 reconstruction chunks (40 tokens, chunks of 16) once
+    assert len(calls) == 3 * 5 + 3
+    for r in (0.3, 0.7):
+        assert grid[r].token_ids == alone[r].token_ids
+        assert grid[r].held_tokens == alone[r].held_tokens
+        assert grid[r].kv_bytes == alone[r].kv_bytes
+    assert other[0.3].token_ids == alone[0.3].token_ids

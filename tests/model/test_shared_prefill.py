@@ -27,6 +27,7 @@ from lmcompress.kv import (
     StreamingLLM,
     ThresholdEviction,
 )
+from lmcompress.kv.evict import KVzip
 from lmcompress.kv.quant import IntKV
 from lmcompress.registry import EVICTION_METHODS, KV_QUANTIZERS
 from method_examples import NEEDS_ARTIFACTS, example_policy, example_quantizer
@@ -116,12 +117,14 @@ def test_shared_prefill_is_exact(model, name, query_aware):
                 assert torch.equal(logits, real_logits)
                 _assert_same_state(real, replayed)
         shares = not runs_model(real)  # policies that run or hook the model prefill for real (never shared)
-        assert (shared.recorded, shared.replayed) == ((1, 2) if shares else (0, 0))
+        # KVzip(+) prefill for real but the second run reuses the first one's reconstruction scores
+        memo = 1 if isinstance(spec.evict, KVzip) else 0
+        assert (shared.recorded, shared.replayed) == ((1, 2) if shares else (0, memo))
     unshared = answer(model, CONTEXT, QUESTION, spec, max_new_tokens=6, query_aware=query_aware, eos_token_ids=[])
     with sharing_prefills() as shared:
         one = answer(model, CONTEXT, QUESTION, spec, max_new_tokens=6, query_aware=query_aware, eos_token_ids=[])
         two = answer(model, CONTEXT, QUESTION, spec, max_new_tokens=6, query_aware=query_aware, eos_token_ids=[])
-        assert (shared.recorded, shared.replayed) == ((1, 2) if shares else (0, 0))
+        assert (shared.recorded, shared.replayed) == ((1, 2) if shares else (0, memo))
     assert one.token_ids == two.token_ids == unshared.token_ids
     assert one.held_tokens == unshared.held_tokens and one.kv_bytes == unshared.kv_bytes
 

@@ -152,6 +152,9 @@ class SharedPrefills:
         self.recorded = 0
         self.replayed = 0
         self.record_seconds = 0.0
+        #: scores of policies that re-run the model (KVzip's reconstruction), by prompt and policy-without-ratio;
+        #: see :meth:`memo_scores` / :meth:`remember_scores`.
+        self._scores: dict[tuple, dict[int, torch.Tensor]] = {}
 
     @property
     def nbytes(self) -> int:
@@ -159,6 +162,24 @@ class SharedPrefills:
 
     def clear(self) -> None:
         self._records.clear()
+        self._scores.clear()
+
+    def memo_scores(self, model: torch.nn.Module, ids: torch.Tensor, policy_key: str
+                    ) -> dict[int, torch.Tensor] | None:
+        """Scores a policy stored for ``ids: [B, n]`` under ``policy_key`` (its parameters but the ratio or
+        budget, and whatever else changes its scores, e.g. the quantizer that packs the context it reads), as
+        copies; None if not stored. A hit counts as a replay (the run's TTFT then does not cover the scoring)."""
+        stored = self._scores.get((self._key(model, ids), policy_key))
+        if stored is None:
+            return None
+        self.replayed += 1
+        return {i: t.clone() for i, t in stored.items()}
+
+    def remember_scores(self, model: torch.nn.Module, ids: torch.Tensor, policy_key: str,
+                        scores: dict[int, torch.Tensor]) -> None:
+        """Store copies of a policy's per-layer scores for ``ids`` (kept until :meth:`clear`, i.e. while the grid
+        stays on one task's prompts; some KB to a few MB a prompt)."""
+        self._scores[(self._key(model, ids), policy_key)] = {i: t.clone() for i, t in scores.items()}
 
     @staticmethod
     def _key(model: torch.nn.Module, ids: torch.Tensor) -> tuple:

@@ -42,6 +42,7 @@ does), which runs the reconstruction after each compressed prefill forward.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -256,10 +257,18 @@ class KVzip(EvictionPolicy):
         n = input_ids.shape[1]
         if n < 2 or not all(layer.compression_enabled for layer in layers):
             return
+        state.n_ctx = n
+        shared, memo_key = self._memo(cache)
+        if shared is not None:
+            stored = shared.memo_scores(model, input_ids, memo_key)
+            if stored is not None:
+                state.scores = stored
+                self.evict(layers, state)
+                state.scores = {}
+                return
         first, later, suffix = self.repeat_prompts(tokenizer)
         b = input_ids.shape[0]
         device = input_ids.device
-        state.n_ctx = n
         state.scores = {}
         for layer in layers:
             init = torch.zeros((b, layer.num_heads, n), dtype=torch.float32, device=device)
@@ -282,8 +291,23 @@ class KVzip(EvictionPolicy):
                     layer._inputs_cache = None
         finally:
             state.running = False
+        if shared is not None:
+            shared.remember_scores(model, input_ids, memo_key, state.scores)
         self.evict(layers, state)
         state.scores = {}
+
+    def _memo(self, cache: CompressedCache) -> tuple[Any, str]:
+        """Inside a grid's shared prefills (:func:`lmcompress.eval.shared_prefill.sharing_prefills`), the store
+        for reconstruction scores and this policy's key in it. The scores do not depend on the ratio or budget,
+        so the same prompt at another ratio reuses them: exact, the reconstruction is deterministic given the
+        prompt, the model, these parameters and the quantizer (if any) that packed the context it reads."""
+        from ...eval.shared_prefill import active_prefills
+
+        shared = active_prefills()
+        if shared is None:
+            return None, ""
+        params = dataclasses.replace(self, ratio=0.0, budget=None)
+        return shared, f"{params!r}|{cache.spec.quant!r}|{cache.spec.compress_sliding}"
 
     # ------------------------------------------------------------------------------------------ selection
     def context_keep(self, scores: dict[int, torch.Tensor], num_layers: int) -> dict[int, torch.Tensor]:

@@ -4,18 +4,13 @@ the layer stores them ragged: only the kept entries of each head are held."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ...errors import LMCompressError, check_range
 from ...registry import EVICTION_METHODS
-from .base import EvictionPolicy, ScoreInputs, check_wrapper_sizes, require_scorer, topk_mask
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..layer import CompressedLayer
+from .base import DelegatesToBase, EvictionPolicy, ScoreInputs, check_wrapper_sizes, require_scorer, topk_mask
 
 
 def check_alpha_safeguard(alpha: object) -> None:
@@ -28,7 +23,7 @@ def check_alpha_safeguard(alpha: object) -> None:
 
 @EVICTION_METHODS.register("adakv")
 @dataclass(frozen=True)
-class AdaKV(EvictionPolicy):
+class AdaKV(DelegatesToBase, EvictionPolicy):
     """Head-adaptive budgets around any score-based policy.
 
     Per batch row: every head first keeps its ``floor(alpha_safeguard * k)`` best tokens (at least one when
@@ -54,20 +49,6 @@ class AdaKV(EvictionPolicy):
         require_scorer(self.name, self.base)
         check_wrapper_sizes(self)
         check_alpha_safeguard(self.alpha_safeguard)
-
-    @property
-    def is_noop(self) -> bool:
-        return self.base.is_noop
-
-    @property
-    def query_window(self) -> int | None:
-        return self.base.query_window
-
-    def with_budget(self, budget: int) -> AdaKV:
-        return dataclasses.replace(self, base=self.base.with_budget(budget))
-
-    def observe(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
-        self.base.observe(layer, query, scaling)
 
     def keep_mask(self, inputs: ScoreInputs) -> torch.Tensor:
         counts = inputs.valid_counts()

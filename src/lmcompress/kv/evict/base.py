@@ -315,3 +315,26 @@ def require_scorer(owner: str, base: object) -> EvictionPolicy:
             f"{owner} needs a score-based eviction policy as base (knorm, snapkv, ...); got {base!r}"
         )
     return base
+
+
+class DelegatesToBase:
+    """Mixin of the wrappers around a score-based ``base`` policy (AdaKV, CriticalKV, ChunkKV, ...): their
+    no-op test, observation window, budget and query observation are the base's. Put it before
+    :class:`EvictionPolicy` in the bases; a wrapper overrides what it does differently."""
+
+    base: EvictionPolicy | None
+
+    @property
+    def is_noop(self) -> bool:
+        return self.base.is_noop
+
+    @property
+    def query_window(self) -> int | None:
+        return self.base.query_window
+
+    def with_budget(self, budget: int):
+        """The same wrapper around ``base.with_budget(budget)``."""
+        return dataclasses.replace(self, base=self.base.with_budget(budget))
+
+    def observe(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
+        self.base.observe(layer, query, scaling)

@@ -5,24 +5,19 @@ kept cache and the new block, as it would under a fixed memory budget."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ...errors import check_positive_int
 from ...registry import EVICTION_METHODS
-from .base import EvictionPolicy, ScoreInputs, check_wrapper_sizes, require_scorer
+from .base import DelegatesToBase, EvictionPolicy, ScoreInputs, check_wrapper_sizes, require_scorer
 from .subset import check_part_length, part_scores
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..layer import CompressedLayer
 
 
 @EVICTION_METHODS.register("block")
 @dataclass(frozen=True)
-class BlockPress(EvictionPolicy):
+class BlockPress(DelegatesToBase, EvictionPolicy):
     """Iterative block-wise selection around any score-based policy.
 
     Rule (kvpress's BlockPress): with ``k`` = the base's per-head count for ``n`` tokens, the first ``k`` tokens
@@ -55,18 +50,8 @@ class BlockPress(EvictionPolicy):
         check_part_length(self.name, self.base, self.block_size, "block_size")
 
     @property
-    def is_noop(self) -> bool:
-        return self.base.is_noop
-
-    @property
     def query_window(self) -> int | None:
         return None if self.base.query_window != 0 else 0
-
-    def with_budget(self, budget: int) -> BlockPress:
-        return dataclasses.replace(self, base=self.base.with_budget(budget))
-
-    def observe(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
-        self.base.observe(layer, query, scaling)
 
     def blocks(self, start: int, n: int) -> list[tuple[int, int]]:
         """``(begin, end)`` of the blocks covering tokens ``start .. n - 1``."""

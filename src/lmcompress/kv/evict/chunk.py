@@ -5,23 +5,27 @@ of the context keeps the same share of its tokens."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ...errors import LMCompressError, check_positive_int
 from ...registry import EVICTION_METHODS
-from .base import EvictionPolicy, ScoreInputs, check_wrapper_sizes, evicted_count, require_scorer, topk_mask
+from .base import (
+    DelegatesToBase,
+    EvictionPolicy,
+    ScoreInputs,
+    check_wrapper_sizes,
+    evicted_count,
+    require_scorer,
+    topk_mask,
+)
 from .per_layer import layer_ratio
 from .subset import check_part_length, part_scores
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..layer import CompressedLayer
 
 
 @EVICTION_METHODS.register("chunk")
 @dataclass(frozen=True)
-class ChunkPress(EvictionPolicy):
+class ChunkPress(DelegatesToBase, EvictionPolicy):
     """Independent per-chunk selection around any score-based policy.
 
     Rule (kvpress's ChunkPress): tokens ``[i, i + chunk_length)`` form a chunk; the base scores each chunk on its
@@ -56,18 +60,11 @@ class ChunkPress(EvictionPolicy):
             )
 
     @property
-    def is_noop(self) -> bool:
-        return self.base.is_noop
-
-    @property
     def query_window(self) -> int | None:
         return None if self.base.query_window != 0 else 0
 
     def with_budget(self, budget: int) -> ChunkPress:
         raise LMCompressError("chunk compresses by a ratio; it cannot be used with a token budget")
-
-    def observe(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
-        self.base.observe(layer, query, scaling)
 
     def chunks(self, n: int) -> list[tuple[int, int]]:
         """``(begin, end)`` of the chunks of ``n`` tokens."""

@@ -3,20 +3,22 @@ mean score of their tokens, so that kept context stays in semantically whole pie
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ...errors import check_positive_int
 from ...registry import EVICTION_METHODS
-from .base import EvictionPolicy, ScoreInputs, check_wrapper_sizes, evicted_count, require_scorer
+from .base import (
+    DelegatesToBase,
+    EvictionPolicy,
+    ScoreInputs,
+    check_wrapper_sizes,
+    evicted_count,
+    require_scorer,
+)
 from .per_layer import layer_ratio
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..layer import CompressedLayer
 
 
 def chunk_means(scores: torch.Tensor, chunk_length: int) -> torch.Tensor:
@@ -32,7 +34,7 @@ def chunk_means(scores: torch.Tensor, chunk_length: int) -> torch.Tensor:
 
 @EVICTION_METHODS.register("chunkkv")
 @dataclass(frozen=True)
-class ChunkKV(EvictionPolicy):
+class ChunkKV(DelegatesToBase, EvictionPolicy):
     """Chunk-level selection around any score-based policy.
 
     Rule (kvpress's ChunkKVPress): the base's scores ``[B, Hkv, n]`` are summed over the KV heads; the sequence
@@ -64,20 +66,6 @@ class ChunkKV(EvictionPolicy):
         require_scorer(self.name, self.base)
         check_wrapper_sizes(self)
         check_positive_int("chunk_length", self.chunk_length)
-
-    @property
-    def is_noop(self) -> bool:
-        return self.base.is_noop
-
-    @property
-    def query_window(self) -> int | None:
-        return self.base.query_window
-
-    def with_budget(self, budget: int) -> ChunkKV:
-        return dataclasses.replace(self, base=self.base.with_budget(budget))
-
-    def observe(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
-        self.base.observe(layer, query, scaling)
 
     def chunks_kept(self, num_chunks: int, layer_idx: int = 0, num_layers: int = 1) -> int:
         """Chunks kept out of ``num_chunks`` in layer ``layer_idx``."""

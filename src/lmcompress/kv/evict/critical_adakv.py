@@ -19,25 +19,20 @@ least the safeguard count) and exactly ``b_h`` entries per head; kvpress's ``k``
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ...registry import EVICTION_METHODS
 from .adakv import check_alpha_safeguard
-from .base import EvictionPolicy, ScoreInputs, check_wrapper_sizes, require_scorer, topk_mask
+from .base import DelegatesToBase, EvictionPolicy, ScoreInputs, check_wrapper_sizes, require_scorer, topk_mask
 from .critical_kv import check_critical_params, projected_value_norms
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..layer import CompressedLayer
 
 
 @EVICTION_METHODS.register("criticaladakv")
 @dataclass(frozen=True)
-class CriticalAdaKV(EvictionPolicy):
+class CriticalAdaKV(DelegatesToBase, EvictionPolicy):
     """CriticalKV weighting with AdaKV head budgets around a score-based policy (see the module docstring).
 
     Attributes:
@@ -61,20 +56,6 @@ class CriticalAdaKV(EvictionPolicy):
         check_critical_params(self.display, self.epsilon, self.first_stage_ratio)
         require_scorer(self.name, self.base)
         check_wrapper_sizes(self)
-
-    @property
-    def is_noop(self) -> bool:
-        return self.base.is_noop
-
-    @property
-    def query_window(self) -> int | None:
-        return self.base.query_window
-
-    def with_budget(self, budget: int) -> CriticalAdaKV:
-        return dataclasses.replace(self, base=self.base.with_budget(budget))
-
-    def observe(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
-        self.base.observe(layer, query, scaling)
 
     def keep_mask(self, inputs: ScoreInputs) -> torch.Tensor:
         counts = inputs.valid_counts()

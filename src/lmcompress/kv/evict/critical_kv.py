@@ -15,20 +15,15 @@ ExpectedAttention ``use_vnorm=False`` as base.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ... import _compat
 from ...errors import LMCompressError, check_range
 from ...registry import EVICTION_METHODS
-from .base import EvictionPolicy, ScoreInputs, check_wrapper_sizes, require_scorer, topk_mask
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..layer import CompressedLayer
+from .base import DelegatesToBase, EvictionPolicy, ScoreInputs, check_wrapper_sizes, require_scorer, topk_mask
 
 
 def projected_value_norms(inputs: ScoreInputs) -> torch.Tensor:
@@ -57,7 +52,7 @@ def check_critical_params(name: str, epsilon: object, first_stage_ratio: object)
 
 @EVICTION_METHODS.register("criticalkv")
 @dataclass(frozen=True)
-class CriticalKV(EvictionPolicy):
+class CriticalKV(DelegatesToBase, EvictionPolicy):
     """Two-stage CriticalKV selection around a score-based policy (see the module docstring).
 
     Attributes:
@@ -79,22 +74,8 @@ class CriticalKV(EvictionPolicy):
         require_scorer(self.name, self.base)
         check_wrapper_sizes(self)
 
-    @property
-    def is_noop(self) -> bool:
-        return self.base.is_noop
-
-    @property
-    def query_window(self) -> int | None:
-        return self.base.query_window
-
     def n_keep(self, n: int, layer_idx: int = 0, num_layers: int = 1) -> int:
         return self.base.n_keep(n, layer_idx, num_layers)
-
-    def with_budget(self, budget: int) -> CriticalKV:
-        return dataclasses.replace(self, base=self.base.with_budget(budget))
-
-    def observe(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
-        self.base.observe(layer, query, scaling)
 
     def keep_mask(self, inputs: ScoreInputs) -> torch.Tensor:
         counts = inputs.valid_counts()

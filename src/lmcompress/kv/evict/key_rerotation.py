@@ -4,7 +4,6 @@ like a shorter, gap-free context."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,7 +11,7 @@ import torch
 
 from ...errors import LMCompressError
 from ...registry import EVICTION_METHODS
-from .base import EvictionPolicy, check_wrapper_sizes, require_scorer
+from .base import DelegatesToBase, EvictionPolicy, check_wrapper_sizes, require_scorer
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..layer import CompressedLayer
@@ -20,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @EVICTION_METHODS.register("key_rerotation")
 @dataclass(frozen=True)
-class KeyRerotation(EvictionPolicy):
+class KeyRerotation(DelegatesToBase, EvictionPolicy):
     """The base policy's selection, then the ``k`` kept keys of each head re-rotated to positions
     ``seen - k .. seen - 1`` in their order (RoPE undone at the old position, applied at the new one).
 
@@ -44,20 +43,6 @@ class KeyRerotation(EvictionPolicy):
         super().__post_init__()
         require_scorer(self.name, self.base)
         check_wrapper_sizes(self)
-
-    @property
-    def is_noop(self) -> bool:
-        return self.base.is_noop
-
-    @property
-    def query_window(self) -> int | None:
-        return self.base.query_window
-
-    def with_budget(self, budget: int) -> KeyRerotation:
-        return dataclasses.replace(self, base=self.base.with_budget(budget))
-
-    def observe(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
-        self.base.observe(layer, query, scaling)
 
     def after_forward(self, layer: CompressedLayer, query: torch.Tensor, scaling: float,
                       module: torch.nn.Module | None) -> None:

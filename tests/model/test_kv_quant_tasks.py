@@ -126,3 +126,22 @@ def test_bigbench_questions_are_read_from_the_sdist(tmp_path):
         multiple_choice.bigbench_task("missing", str(tmp_path))
     with pytest.raises(ModelFileError, match=r"pip download --no-deps bigbench==1\.0\.0"):
         multiple_choice.bigbench_task("toy", str(tmp_path / "nowhere"))
+
+
+def test_few_shot_prompts_prepend_solved_examples_not_asked(tmp_path):
+    task = {"name": "toy", "examples": [
+        {"input": "No scores here", "target": "x"},
+        {"input": "Horse legs?", "target_scores": {"two": 0, "four": 1}},
+        {"input": "Bird legs?", "target_scores": {"two": 1, "four": 0}},
+        {"input": "Ant legs?", "target_scores": {"six": 1, "eight": 0}},
+    ]}
+    fake_bigbench(tmp_path, {"toy": task})
+    questions = multiple_choice.bigbench_questions("toy", folder=str(tmp_path), shots=2)
+    assert [q.answer for q in questions] == [0]
+    assert questions[0].prompt == ("Question: Horse legs?\nAnswer: four\n\nQuestion: Bird legs?\nAnswer: two\n\n"
+                                   "Question: Ant legs?\nAnswer:")
+    assert len(multiple_choice.bigbench_questions("toy", folder=str(tmp_path), shots=0)) == 3
+    with pytest.raises(LMCompressError, match=r"shots=3 leaves no question .* allowed: 0 <= shots < 3"):
+        multiple_choice.bigbench_questions("toy", folder=str(tmp_path), shots=3)
+    with pytest.raises(LMCompressError, match="shots"):
+        multiple_choice.MultipleChoice(shots=-1)

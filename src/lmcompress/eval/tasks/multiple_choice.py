@@ -68,19 +68,39 @@ class Question:
     answer: int
 
 
-def bigbench_questions(name: str, limit: int | None = None, folder: str | None = None) -> list[Question]:
+def _gold(scores: dict) -> str:
+    return max(scores, key=scores.get)
+
+
+def bigbench_questions(name: str, limit: int | None = None, folder: str | None = None, shots: int = 0
+                       ) -> list[Question]:
     """The first ``limit`` multiple-choice questions of a BIG-bench JSON task as ``"Question: <input>\\nAnswer:"``
-    prompts (choices are scored as continuations, not listed in the prompt)."""
+    prompts (choices are scored as continuations, not listed in the prompt).
+
+    ``shots > 0`` prepends the task's first ``shots`` scored examples, each as ``"Question: <input>\\nAnswer:
+    <gold choice>\\n\\n"`` (lm-eval's few-shot layout), to every prompt; those examples are not asked, the
+    questions start after them. Long few-shot prompts are what lets a KV method reach high compression on
+    short questions (QAQ's multiple-choice claim).
+    """
+    check_positive_int("shots", shots, allow_zero=True)
     task = bigbench_task(name, folder)
     prefix = task.get("task_prefix", "")
+    examples = task["examples"]
+    scored = [i for i, ex in enumerate(examples) if ex.get("target_scores")]
+    if shots and shots >= len(scored):
+        raise LMCompressError(f"shots={shots} leaves no question of BIG-bench {name!r} ({len(scored)} scored "
+                              f"examples); allowed: 0 <= shots < {len(scored)}")
+    demo = "".join(f"Question: {examples[i]['input'].strip()}\nAnswer: {_gold(examples[i]['target_scores'])}\n\n"
+                   for i in scored[:shots])
+    start = scored[shots - 1] + 1 if shots else 0
     questions = []
-    for ex in task["examples"][:limit]:
+    for ex in examples[start:][:limit]:
         scores = ex.get("target_scores")
         if not scores:
             continue
         choices = tuple(scores)
         answer = max(range(len(choices)), key=lambda i: scores[choices[i]])
-        prompt = f"{prefix}Question: {ex['input'].strip()}\nAnswer:"
+        prompt = f"{prefix}{demo}Question: {ex['input'].strip()}\nAnswer:"
         questions.append(Question(prompt=prompt, choices=choices, answer=answer))
     return questions
 
@@ -165,11 +185,12 @@ def evaluate(model: torch.nn.Module, tokenizer, questions: list[Question], make_
 @TASKS.register("multiple_choice")
 @dataclass(frozen=True)
 class MultipleChoice(Task):
-    """Zero-shot multiple-choice accuracy on a BIG-bench JSON task with the question's KV compressed.
+    """Zero- or few-shot multiple-choice accuracy on a BIG-bench JSON task with the question's KV compressed.
 
     Attributes:
         task: BIG-bench task name (``general_knowledge``, ``date_understanding``, ...).
         limit: the first ``limit`` questions (None: all).
+        shots: solved examples prepended to every prompt (the task's first ones, then not asked; default 0).
     """
 
     name = "multiple_choice"
@@ -177,15 +198,17 @@ class MultipleChoice(Task):
 
     task: str = "general_knowledge"
     limit: int | None = None
+    shots: int = 0
 
     def __post_init__(self) -> None:
         if self.limit is not None:
             check_positive_int("limit", self.limit)
+        check_positive_int("shots", self.shots, allow_zero=True)
 
     def run(self, ctx: RunContext) -> TaskResult:
         if ctx.tokenizer is None:
             raise LMCompressError("the multiple_choice task needs a model with a tokenizer")
-        res = evaluate(ctx.model, ctx.tokenizer, bigbench_questions(self.task, self.limit),
+        res = evaluate(ctx.model, ctx.tokenizer, bigbench_questions(self.task, self.limit, shots=self.shots),
                        new_compressed_cache(ctx.spec))
         metrics = {k: res[k] for k in ("accuracy", "accuracy_mean")}
         costs = {k: res[k] for k in ("questions", "prompt_tokens", "kv_bytes", "kv_bytes_bf16", "ratio_bf16")}

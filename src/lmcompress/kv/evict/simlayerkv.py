@@ -52,7 +52,7 @@ import torch
 from ...errors import LMCompressError, check_positive_int, check_range
 from ...registry import EVICTION_METHODS
 from .attention_probs import window_attention
-from .base import EvictionPolicy, ScoreInputs, check_wrapper_sizes
+from .base import EvictionPolicy, ScoreInputs
 
 
 @EVICTION_METHODS.register("simlayerkv")
@@ -80,7 +80,10 @@ class SimLayerKV(EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_wrapper_sizes(self)
+        if self.ratio or self.budget is not None:
+            raise LMCompressError(f"{self.display} takes no ratio or budget (got ratio={self.ratio}, "
+                                  f"budget={self.budget}): its compression follows from lazy_threshold, n_recent "
+                                  "and n_initial and is measured")
         t = self.lazy_threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)):
             raise LMCompressError(f"lazy_threshold={t!r} is not a number; allowed: [0, 1]")

@@ -127,3 +127,11 @@ def test_batch_rows_decide_independently_and_bytes_are_storage():
 def test_bad_parameters(bad):
     with pytest.raises(LMCompressError):
         SimLayerKV(**bad)
+
+
+def test_a_ratio_sweep_leaves_it_alone():
+    from lmcompress.kv.parse import has_eviction, parse_method
+
+    spec = parse_method("simlayerkv:lazy_threshold=0.9,n_recent=64", ratio=0.5)
+    assert spec.evict == SimLayerKV(lazy_threshold=0.9, n_recent=64) and spec.evict.ratio == 0
+    assert not has_eviction("simlayerkv")

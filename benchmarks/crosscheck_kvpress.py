@@ -135,6 +135,46 @@ def match_norms(kept: torch.Tensor, full: torch.Tensor) -> tuple[list[int], floa
     return sorted(best.indices.tolist()), float(best.values.max()) if kept.shape[0] else 0.0
 # ---- end of the h11b block
 
+
+# ---- s1 (issue 11): SimLayerKV and QFilter. SimLayerKV has no ratio: the "ratio" slot carries lazy_threshold.
+# Same parameters on both sides ("simlayerkv"): the lazy decisions must agree, and in a lazy layer our window keeps
+# the n_last (= 1) token more that kvpress's `-n_recent + n_last` slice leaves out (see simlayerkv.py). With our
+# n_recent one smaller ("simlayerkv_r63") a lazy layer keeps exactly kvpress's set (the lazy score then sums one
+# token fewer, so a decision could differ only for a layer within that token's attention of the threshold).
+# QFilter: kvpress's QFilterPress scoring fed OUR filters (file in $LMC_QFILTER_FILE) instead of the hub's.
+S1_RECENT = 64
+
+
+def _kvpress_qfilter(kp, r):
+    from safetensors.torch import load_file
+
+    class FiltersFromFile(kp.QFilterPress):
+        def post_init_from_model(self, model):
+            self.q_filters = load_file(os.environ["LMC_QFILTER_FILE"])["q_filters"].to(model.dtype)
+
+    return FiltersFromFile(compression_ratio=r)
+
+
+H11B_PRESSES.update({
+    "simlayerkv": (lambda kp, t: kp.SimLayerKVPress(lazy_threshold=t, n_recent=S1_RECENT),
+                   lambda ev, t: ev.SimLayerKV(lazy_threshold=t, n_recent=S1_RECENT), {}),
+    "simlayerkv_r63": (lambda kp, t: kp.SimLayerKVPress(lazy_threshold=t, n_recent=S1_RECENT),
+                       lambda ev, t: ev.SimLayerKV(lazy_threshold=t, n_recent=S1_RECENT - 1), {}),
+    "qfilter": (_kvpress_qfilter, lambda ev, r: ev.QFilter(ratio=r, filters=os.environ["LMC_QFILTER_FILE"]), {}),
+})
+
+
+def s1_extra(method: str, mine: dict, theirs: dict, n: int) -> dict:
+    """SimLayerKV rows: lazy layers on each side (a layer is lazy when it keeps fewer than all tokens) and the
+    heads whose only difference is our window's extra oldest token(s)."""
+    if not method.startswith("simlayerkv"):
+        return {}
+    lazy = [sum(any(len(h) < n for h in layer) for layer in side["kept"]) for side in (mine, theirs)]
+    extra = sum(set(hb) <= set(ha) and sorted(set(ha) - set(hb)) == list(range(n - S1_RECENT, n - S1_RECENT + 1))
+                for la, lb in zip(mine["kept"], theirs["kept"]) for ha, hb in zip(la, lb))
+    return {"lazy_layers_ours": lazy[0], "lazy_layers_kvpress": lazy[1], "heads_differing_by_one_window_token": extra}
+# ---- end of the s1 block
+
 def _method_entry(method: str):
     """``((press, policy, kwargs), wrapper prefix or "")``."""
     prefix = next((p for p in WRAPPERS if method.startswith(p)), "")
@@ -315,6 +355,7 @@ def compare(ours: dict, ref: dict, n: int) -> list[dict]:
             "next_token_max_abs_diff": float((la_logits[-1] - lb_logits[-1]).abs().max()),
             "top1_agree": _top1(la_logits, lb_logits),
             "kvpress_match_dist": theirs.get("match_dist", 0.0),
+            **s1_extra(method, mine, theirs, n),
         })
     return rows
 

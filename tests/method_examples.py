@@ -39,6 +39,7 @@ def _policy_examples(num_layers: int) -> list:
         evict.CriticalKV(base=evict.SnapKV(ratio=0.5, window_size=W)),
         evict.CriticalAdaKV(base=evict.SnapKV(ratio=0.5, window_size=W)),
         evict.DMS(window_size=4, alpha_scale=1.0, initial_alpha_offset=0.0),
+        evict.SimLayerKV(lazy_threshold=0.0, n_recent=W, n_initial=4),  # every layer lazy: 4 + 8 tokens kept
     ]
 
 
@@ -47,6 +48,7 @@ def _policy_examples(num_layers: int) -> list:
 NEEDS_ARTIFACTS = {
     "duo_attention": "tests/kv/test_duo_attention.py, tests/kv/test_leaderboard_methods_models.py",
     "kvzap": "tests/kv/test_kvzap.py",
+    "qfilter": "tests/kv/test_qfilter.py, tests/kv/test_leaderboard_methods_models.py",
 }
 
 

@@ -45,3 +45,23 @@ def test_h11a_methods_listed_with_parameters(capsys):
     eviction = json.loads(capsys.readouterr().out)["eviction"]
     for name, param in H11A_METHODS.items():
         assert param in eviction[name]["params"], name
+
+
+# ---------------------------------------------------------------- s1: QFilter, SimLayerKV
+S1_CASES = [
+    ("qfilter", "QFilter needs filters=PATH"),
+    ("qfilter:filters=/nonexistent/q.safetensors", "QFilter filters file '/nonexistent/q.safetensors' does not exist"),
+    ("simlayerkv:lazy_threshold=2", "lazy_threshold=2.0 is out of range; allowed: [0.0, 1.0]"),
+    ("simlayerkv:lazy_threshold=abc", "lazy_threshold='abc' is not a number; allowed: [0, 1]"),
+    ("simlayerkv:n_recent=0", "n_recent=0 is not allowed; it must be an integer >= 1"),
+    ("simlayerkv:n_last=1.5", "n_last=1.5 is not allowed; it must be an integer >= 1"),
+    ("simlayerkv:ratio=0.5", "SimLayerKV takes no ratio or budget (got ratio=0.5, budget=None)"),
+]
+
+
+@pytest.mark.parametrize(("method", "needle"), S1_CASES)
+def test_s1_bad_method_parameters_exit_2(method, needle, capsys, tmp_path):
+    assert main(["bench", "--methods", method, "--no-ppl", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmcompress: error: ")
+    assert needle in err[0], err[0]

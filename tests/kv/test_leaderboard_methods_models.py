@@ -1,5 +1,5 @@
-"""Issue-11 methods of helper h11a (KVzip, KVzip+, CriticalKV, CriticalAdaKV, DuoAttention) on every tiny
-architecture,
+"""Issue-11 methods of helper h11a (KVzip, KVzip+, CriticalKV, CriticalAdaKV, DuoAttention) and of s1 (QFilter,
+SimLayerKV) on every tiny architecture,
 alone and with KIVI-2: exact kept counts after the prompt, bytes = the kept entries' storage, a hand-written
 greedy loop that matches ``generate()`` on the same spec, all inside ``scoring_hooks``."""
 
@@ -12,9 +12,20 @@ import torch
 
 from lmcompress._compat import cache_kwargs
 from lmcompress.kv import CompressedCache, KVSpec, scoring_hooks
-from lmcompress.kv.evict import CriticalAdaKV, CriticalKV, DuoAttention, KVzip, KVzipPlus, SnapKV
+from lmcompress.kv.evict import (
+    CriticalAdaKV,
+    CriticalKV,
+    DuoAttention,
+    KVzip,
+    KVzipPlus,
+    QFilter,
+    SimLayerKV,
+    SnapKV,
+)
 from lmcompress.kv.evict.calibration_files import model_identity, save_calibration
 from lmcompress.kv.evict.duo_calibration import KIND, head_scores
+from lmcompress.kv.evict.qfilter import save_filters
+from lmcompress.kv.evict.qfilter_calibration import compute_filters
 from lmcompress.kv.quant import KIVI
 from lmcompress.models import tiny_model
 
@@ -35,7 +46,19 @@ def methods() -> dict:
         "criticalkv": CriticalKV(base=SnapKV(ratio=RATIO, window_size=4)),
         "criticaladakv": CriticalAdaKV(base=SnapKV(ratio=RATIO, window_size=4)),
         "duo_attention": None,  # calibrated per architecture in the test
+        "qfilter": None,  # calibrated per architecture in the test
+        # every layer lazy (a mass of probabilities is > 0): 4 initial + 24 recent of the 40 tokens (more than
+        # KIVI's 16-token residual, so some are packed)
+        "simlayerkv": SimLayerKV(lazy_threshold=0.0, n_recent=24, n_initial=4),
     }
+
+
+def qfilter_policy(model, folder) -> QFilter:
+    """QFilter with filters calibrated on this model (two random samples: a test, not a calibration)."""
+    torch.manual_seed(6)
+    filters = compute_filters(model, [torch.randint(3, 256, (1, 24)) for _ in range(2)])
+    path = save_filters(folder / "qfilter.safetensors", filters, model_identity(model), {})
+    return QFilter(ratio=RATIO, filters=str(path))
 
 
 def duo_policy(model, folder) -> DuoAttention:
@@ -61,7 +84,7 @@ def check_counts(name: str, layers: list, policy) -> None:
     counts = [layer.held_per_head() for layer in layers]
     heads = sum(c.numel() for c in counts)
     total = sum(int(c.sum()) for c in counts)
-    if name == "criticalkv":
+    if name in ("criticalkv", "qfilter"):
         assert all(c.unique().tolist() == [UNIFORM] for c in counts)
     elif name == "criticaladakv":
         for c in counts:
@@ -70,6 +93,8 @@ def check_counts(name: str, layers: list, policy) -> None:
         for layer, c in zip(layers, counts):
             stream = policy.streaming_heads[layer.layer_idx]
             assert c[0].tolist() == [12 if s else N for s in stream.tolist()]
+    elif name == "simlayerkv":
+        assert all(c.unique().tolist() == [28] for c in counts)
     elif name == "kvzip_layerwise":
         for c in counts:
             assert int(c.sum()) == c.numel() * N - math.floor(RATIO * c.numel() * N)
@@ -81,7 +106,8 @@ def check_counts(name: str, layers: list, policy) -> None:
 @pytest.mark.parametrize("name", list(methods()))
 def test_method_on_architecture(arch_model, name, quant, tmp_path):
     arch, model, ids = arch_model
-    policy = duo_policy(model, tmp_path) if name == "duo_attention" else methods()[name]
+    calibrated = {"duo_attention": duo_policy, "qfilter": qfilter_policy}
+    policy = calibrated[name](model, tmp_path) if name in calibrated else methods()[name]
     spec = KVSpec(evict=policy, quant=QUANTS[quant])
     cache = CompressedCache(model, spec)
     tokens = []

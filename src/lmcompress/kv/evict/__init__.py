@@ -11,6 +11,9 @@ wrappers ChunkKV (whole chunks) and EntropyGatedChunkKV, BlockPress and ChunkPre
 PerLayerCompression (a ratio per layer), ComposedPolicy (policies in sequence), FINCH (question-aware,
 re-rotated), KeyRerotation (kept keys at contiguous positions), CompressionRatioDecoding and PrefillDecoding
 (decoding-time variants).
+
+Calibrated: DuoAttention (head pattern), KVzap (surrogate), QFilter (filters from the model's queries);
+SimLayerKV (lazy layers keep a streaming window).
 """
 
 from .adakv import AdaKV
@@ -44,8 +47,10 @@ from .observed_attention import ObservedAttention
 from .per_layer import PerLayerCompression
 from .prefill_decoding import PrefillDecoding
 from .pyramidkv import PyramidKV
+from .qfilter import QFilter
 from .random import Random
 from .ratio_decoding import CompressionRatioDecoding
+from .simlayerkv import SimLayerKV
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
 from .threshold import ThresholdEviction
@@ -86,8 +91,10 @@ __all__ = [
     "PerLayerCompression",
     "PrefillDecoding",
     "PyramidKV",
+    "QFilter",
     "Random",
     "ScoreInputs",
+    "SimLayerKV",
     "SnapKV",
     "StreamingLLM",
     "ThresholdEviction",

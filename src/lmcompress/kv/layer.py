@@ -450,6 +450,29 @@ class CompressedLayer(CacheLayerMixin):
         seg.rewrite_keys(keys, positions)
         seg.commit()
 
+    def prune_key_channels(self, channels: torch.Tensor) -> None:
+        """Store only the key channels ``channels: [B, Hkv, Dk]`` (int64) of every held token (ThinK; see
+        :meth:`KVSegment.prune_key_channels`: the first call fixes the channels, later calls prune the newer
+        tokens with them)."""
+        if self.static is not None:
+            raise LMCompressError("key channels cannot be pruned in static decode mode")
+        self._inputs_cache = None
+        if not self.ragged:
+            self.segments[0].prune_key_channels(channels)
+            return
+        for i, seg in enumerate(self.segments):
+            b, h = divmod(i, self.num_heads)
+            seg.prune_key_channels(channels[b : b + 1, h : h + 1])
+
+    def key_channels(self) -> torch.Tensor | None:
+        """``[B, Hkv, Dk]`` int64 kept key channels after ThinK's pruning, or None (keys stored whole)."""
+        if not self.segments or self.segments[0].key_channels is None:
+            return None
+        if not self.ragged:
+            return self.segments[0].key_channels
+        return torch.cat([s.key_channels for s in self.segments], dim=0).view(
+            self.batch_size, self.num_heads, -1)
+
     # ------------------------------------------------------------------------------------ static mode
     def begin_static(self, new_tokens: int, ring_start: int | None) -> None:
         """Switch to fixed-shape decode storage (see :mod:`lmcompress.kv.static`).

@@ -48,6 +48,7 @@ from .random import Random
 from .ratio_decoding import CompressionRatioDecoding
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
+from .think import ThinK
 from .threshold import ThresholdEviction
 from .tova import TOVA
 
@@ -90,5 +91,6 @@ __all__ = [
     "ScoreInputs",
     "SnapKV",
     "StreamingLLM",
+    "ThinK",
     "ThresholdEviction",
 ]

@@ -1,0 +1,151 @@
+"""ThinK (Xu et al., 2024, https://arxiv.org/abs/2407.21018; kvpress 0.5.5's ThinKPress): prune key channels.
+
+Rule (kvpress's scoring, read from ``think_press.py``): after a prefill forward, per batch row and KV head,
+
+    channel score_d = mean over the window's queries and the group's query heads of q_d^2
+                      x mean over the held keys of k_d^2,
+
+with the post-RoPE queries of the forward's last ``window_size`` tokens (kvpress recomputes the same queries from
+the hidden states) and every key the layer holds at that point (in a composition: what the earlier policies
+kept). The ``floor(D * key_channel_compression_ratio)`` lowest-scored channels are pruned (``torch.topk(...,
+largest=False)``, as kvpress), the others kept.
+
+Deviation, the point of this module: kvpress only zeroes the pruned channels (the keys keep their shape, no
+memory is saved). Here they are **not stored**: the layer keeps the kept channel indices per (layer, batch row,
+KV head) and, for the pruned tokens, only those channels (:mod:`lmcompress.kv.pruned_keys`); ``cache.nbytes``
+shows the saving. Values are untouched. For attention the layer re-expands its keys transiently to
+``[B, Hkv, n, D]`` with zeros in the dropped channels, so ``q . k`` is exactly kvpress's over its zeroed keys (up
+to float rounding); that expanded tensor lives for one attention call (approximate peak: one layer's keys at
+full width, not the cache's).
+
+Other deviations and details:
+
+* Keys of tokens appended after the prefill (decoding steps, chunks fed with compression paused such as the
+  question) are stored whole, as in kvpress (its hook prunes prefill forwards only).
+* Chunked prefill: the channels are chosen at the layer's first compressing prefill forward and fixed; later
+  prefill chunks prune their tokens (and any whole tokens held since) to the same channels. kvpress re-scores
+  at every prefill forward over all held keys, zeroing a new set each time (whose union it then holds).
+* With a quantizer the packed keys hold the kept channels only (the store's key codec quantizes ``Dk``
+  channels: KIVI's per-channel key groups are unchanged per channel); tokens committed to packed storage are
+  pruned, so with KIVI decoding keys are whole only while in its full-precision window. Pre-RoPE (kvquant) and
+  attention-aware (qaq) storage are refused, as are codecs whose channel groups do not divide ``Dk``.
+* The pruned count is ``floor(D * r)`` robust to binary rounding (kvpress: ``int(D * r)``).
+* Composition: ``composed(policies=[snapkv(...), think(...)])`` prunes the channels of what SnapKV kept
+  (kvpress's ``ComposedPress([SnapKVPress, ThinKPress])``); ThinK evicts no token itself. Key re-rotation of
+  pruned keys is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ...errors import LMCompressError, check_positive_int, check_range
+from ...registry import EVICTION_METHODS
+from .base import EvictionPolicy, check_wrapper_sizes, evicted_count
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..layer import CompressedLayer
+
+
+def think_channel_scores(keys: torch.Tensor, queries: torch.Tensor, valid: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """ThinK's channel scores.
+
+    Args:
+        keys: ``[B, Hkv, n, D]`` held keys (post-RoPE).
+        queries: ``[B, Hq, w, D]`` the window's queries (post-RoPE).
+        valid: ``[B, Hkv, n]`` bool (False on the left padding of ragged heads) or None.
+
+    Returns:
+        ``[B, Hkv, D]`` float32 scores (higher = kept).
+    """
+    b, hkv, _, d = keys.shape
+    q_norm = queries.float().pow(2).mean(dim=2)  # [B, Hq, D]
+    q_norm = q_norm.view(b, hkv, queries.shape[1] // hkv, d).mean(dim=2)
+    k2 = keys.float().pow(2)
+    if valid is None:
+        k_norm = k2.mean(dim=2)
+    else:
+        k_norm = (k2 * valid[..., None]).sum(dim=2) / valid.sum(dim=-1, keepdim=True).clamp(min=1)
+    return q_norm * k_norm
+
+
+def kept_channels(scores: torch.Tensor, n_pruned: int) -> torch.Tensor:
+    """``[B, Hkv, D - n_pruned]`` int64 ascending indices of the channels not among the ``n_pruned`` lowest
+    ``scores: [B, Hkv, D]`` (``torch.topk(largest=False)``, kvpress's choice)."""
+    d = scores.shape[-1]
+    drop = scores.topk(n_pruned, dim=-1, largest=False).indices
+    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    keep.scatter_(-1, drop, False)
+    return keep.nonzero()[:, -1].view(*scores.shape[:2], d - n_pruned)
+
+
+@EVICTION_METHODS.register("think")
+@dataclass(frozen=True)
+class ThinK(EvictionPolicy):
+    """Prune ``key_channel_compression_ratio`` of the key channels of every KV head after the prefill (the
+    dropped channels are not stored; see the module docstring for the rule and deviations).
+
+    Attributes:
+        key_channel_compression_ratio: fraction of key channels pruned per head, in [0, 1).
+        window_size: queries (the newest tokens of the prefill forward) that score the channels.
+    """
+
+    name = "think"
+    display = "ThinK"
+    is_scorer = False
+    #: ComposedPolicy may chain it: it runs its own ``after_forward`` on the chunk (it evicts no token).
+    composes_in_chain = True
+
+    key_channel_compression_ratio: float = 0.0
+    window_size: int = 32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_wrapper_sizes(self)
+        r = self.key_channel_compression_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)):
+            raise LMCompressError(f"key_channel_compression_ratio={r!r} is not a number; allowed: [0, 1)")
+        check_range("key_channel_compression_ratio", float(r), 0.0, 1.0)
+        check_positive_int("window_size", self.window_size)
+
+    @property
+    def is_noop(self) -> bool:
+        return self.key_channel_compression_ratio == 0
+
+    @property
+    def query_window(self) -> int | None:
+        return self.window_size
+
+    def n_keep(self, n: int, layer_idx: int = 0, num_layers: int = 1) -> int:
+        return n
+
+    def n_pruned(self, head_dim: int) -> int:
+        return evicted_count(head_dim, float(self.key_channel_compression_ratio))
+
+    def channels_for(self, keys: torch.Tensor, queries: torch.Tensor, valid: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """``[B, Hkv, Dk]`` kept channels for ``keys: [B, Hkv, n, D]`` and ``queries: [B, Hq, q, D]`` (the last
+        ``window_size`` queries are used)."""
+        scores = think_channel_scores(keys, queries[:, :, -self.window_size :], valid)
+        return kept_channels(scores, self.n_pruned(keys.shape[-1]))
+
+    def after_forward(self, layer: CompressedLayer, query: torch.Tensor, scaling: float,
+                      module: torch.nn.Module | None) -> None:
+        """After a prefill forward (more than one query): choose the channels (first time) and prune."""
+        if query.shape[2] <= 1 or self.n_pruned(layer.head_dim) == 0:
+            return
+        if layer.key_channels() is not None:
+            layer.prune_key_channels(layer.key_channels())  # fixed channels: prune the newer tokens
+            return
+        inputs = layer.score_inputs(query, scaling, module)
+        layer.prune_key_channels(self.channels_for(inputs.keys, inputs.queries, inputs.valid))
+
+
+def cache_key_channels(cache) -> list[torch.Tensor | None]:
+    """Per layer of a :class:`~lmcompress.kv.cache.CompressedCache`, the ``[B, Hkv, Dk]`` kept key channels
+    (None where the keys are whole)."""
+    return [layer.key_channels() for layer in cache.layers]

@@ -112,8 +112,9 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def _new_segment(self) -> KVSegment:
+        evicts = self.evict is not None and getattr(self.evict, "evicts_tokens", True)  # not ThinK alone
         return KVSegment(self.quant, self.layer_idx, self.head_dim, self.dtype,
-                         track_positions=self.evict is not None, reserve=self.reserve, rope=self.rope)
+                         track_positions=evicts, reserve=self.reserve, rope=self.rope)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[B, Hkv, q, D]`` states in full precision; returns ``(handle, handle)``."""

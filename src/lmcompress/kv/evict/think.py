@@ -86,8 +86,9 @@ def kept_channels(scores: torch.Tensor, n_pruned: int) -> torch.Tensor:
 @EVICTION_METHODS.register("think")
 @dataclass(frozen=True)
 class ThinK(EvictionPolicy):
-    """Prune ``key_channel_compression_ratio`` of the key channels of every KV head after the prefill (the
-    dropped channels are not stored; see the module docstring for the rule and deviations).
+    """Prune a fraction of every KV head's key channels after the prefill; the pruned ones are not stored.
+
+    See the module docstring for the rule and the deviations from kvpress.
 
     Attributes:
         key_channel_compression_ratio: fraction of key channels pruned per head, in [0, 1).
@@ -99,6 +100,8 @@ class ThinK(EvictionPolicy):
     is_scorer = False
     #: ComposedPolicy may chain it: it runs its own ``after_forward`` on the chunk (it evicts no token).
     composes_in_chain = True
+    #: alone it evicts no token: the layer keeps no position per token (the positions stay contiguous).
+    evicts_tokens = False
 
     key_channel_compression_ratio: float = 0.0
     window_size: int = 32

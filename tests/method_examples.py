@@ -39,6 +39,7 @@ def _policy_examples(num_layers: int) -> list:
         evict.CriticalKV(base=evict.SnapKV(ratio=0.5, window_size=W)),
         evict.CriticalAdaKV(base=evict.SnapKV(ratio=0.5, window_size=W)),
         evict.DMS(window_size=4, alpha_scale=1.0, initial_alpha_offset=0.0),
+        evict.ThinK(key_channel_compression_ratio=0.5, window_size=W),
     ]
 
 

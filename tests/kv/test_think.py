@@ -10,7 +10,15 @@ from transformers import DynamicCache
 from lmcompress._compat import cache_kwargs
 from lmcompress.errors import LMCompressError
 from lmcompress.kv import CompressedCache, KVSpec
-from lmcompress.kv.evict import AdaKV, ComposedPolicy, KeyRerotation, Knorm, SnapKV, ThinK
+from lmcompress.kv.evict import (
+    AdaKV,
+    ComposedPolicy,
+    DecodingCompression,
+    KeyRerotation,
+    Knorm,
+    SnapKV,
+    ThinK,
+)
 from lmcompress.kv.evict.think import kept_channels, think_channel_scores
 from lmcompress.kv.pruned_keys import PrunedKeyBuffer
 from lmcompress.kv.quant import KIVI, QAQ, IntKV
@@ -189,3 +197,30 @@ def test_refusals():
 def test_bad_parameters(kwargs, match):
     with pytest.raises(LMCompressError, match=match):
         ThinK(**kwargs)
+
+
+@pytest.mark.model
+def test_base_equals_the_composition_and_parses():
+    from lmcompress.kv.parse import has_eviction, parse_method
+
+    spec = parse_method("think:base=snapkv,base.window_size=8,key_channel_compression_ratio=0.5,window_size=8+kivi2",
+                        ratio=0.5)
+    assert spec.evict == ThinK(base=SnapKV(ratio=0.5, window_size=8), key_channel_compression_ratio=0.5,
+                               window_size=8)
+    assert isinstance(spec.quant, KIVI)
+    assert parse_method("think:key_channel_compression_ratio=0.5", ratio=0.5).evict.ratio == 0  # no sweep
+    assert not has_eviction("think:key_channel_compression_ratio=0.5")
+    model = tiny_model("llama")
+    torch.manual_seed(6)
+    ids = torch.randint(3, 256, (1, N))
+    snap = SnapKV(ratio=0.5, window_size=8)
+    think = ThinK(key_channel_compression_ratio=0.5, window_size=8)
+    a, _ = _prefill(model, KVSpec(evict=ComposedPolicy(policies=(snap, think))), ids)
+    b, _ = _prefill(model, KVSpec(evict=ThinK(base=snap, key_channel_compression_ratio=0.5, window_size=8)), ids)
+    assert a.nbytes == b.nbytes
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.positions(), lb.positions())
+        assert torch.equal(la.key_channels(), lb.key_channels())
+        assert torch.equal(la.segments[0].fp_k.view(), lb.segments[0].fp_k.view())
+    with pytest.raises(LMCompressError, match="composed cannot contain decoding"):
+        ThinK(base=DecodingCompression(base=Knorm(), interval=4, target_size=40), key_channel_compression_ratio=0.5)

@@ -30,15 +30,17 @@ Other deviations and details:
   pruned, so with KIVI decoding keys are whole only while in its full-precision window. Pre-RoPE (kvquant) and
   attention-aware (qaq) storage are refused, as are codecs whose channel groups do not divide ``Dk``.
 * The pruned count is ``floor(D * r)`` robust to binary rounding (kvpress: ``int(D * r)``).
-* Composition: ``composed(policies=[snapkv(...), think(...)])`` prunes the channels of what SnapKV kept
-  (kvpress's ``ComposedPress([SnapKVPress, ThinKPress])``); ThinK evicts no token itself. Key re-rotation of
-  pruned keys is refused.
+* Composition: ``ThinK(base=SnapKV(ratio=0.5), ...)`` (CLI: ``think:base=snapkv,base.ratio=0.5,...``) or
+  ``ComposedPolicy(policies=(SnapKV(...), ThinK(...)))`` prunes the channels of what SnapKV kept (kvpress's
+  ``ComposedPress([SnapKVPress, ThinKPress])``); ThinK evicts no token itself. Key re-rotation of pruned keys is
+  refused. ThinK takes no sweep ratio (its size is its channel ratio): give the base its own (``base.ratio``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -93,6 +95,8 @@ class ThinK(EvictionPolicy):
     Attributes:
         key_channel_compression_ratio: fraction of key channels pruned per head, in [0, 1).
         window_size: queries (the newest tokens of the prefill forward) that score the channels.
+        base: an optional token-eviction policy run first on each prefill chunk (as ``ComposedPolicy`` would:
+            one that compresses each prefill chunk, e.g. snapkv, adakv); ThinK then prunes what it kept.
     """
 
     name = "think"
@@ -101,14 +105,28 @@ class ThinK(EvictionPolicy):
     #: ComposedPolicy may chain it: it runs its own ``after_forward`` on the chunk (it evicts no token).
     composes_in_chain = True
     #: alone it evicts no token: the layer keeps no position per token (the positions stay contiguous).
-    evicts_tokens = False
+    #: the CLI's and grids' ratio sweep does not apply (``parse_method(..., ratio=)`` gives it to ``base``).
+    takes_ratio: ClassVar[bool] = False
+
+    @property
+    def evicts_tokens(self) -> bool:  # alone: no position per token is kept (positions stay contiguous)
+        return self.base is not None
 
     key_channel_compression_ratio: float = 0.0
     window_size: int = 32
+    base: EvictionPolicy | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_wrapper_sizes(self)
+        if self.base is not None:
+            from .composed import ComposedPolicy
+
+            if not isinstance(self.base, EvictionPolicy) or isinstance(self.base, ThinK):
+                raise LMCompressError(f"think: base={self.base!r} must be a token-eviction policy (snapkv, ...)")
+            # the same rules as a composition (one that compresses each prefill chunk); raises otherwise
+            chain = ComposedPolicy(policies=(self.base, dataclasses.replace(self, base=None)))
+            object.__setattr__(self, "_chain", chain)
         r = self.key_channel_compression_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)):
             raise LMCompressError(f"key_channel_compression_ratio={r!r} is not a number; allowed: [0, 1)")
@@ -117,14 +135,26 @@ class ThinK(EvictionPolicy):
 
     @property
     def is_noop(self) -> bool:
-        return self.key_channel_compression_ratio == 0
+        return self.key_channel_compression_ratio == 0 and (self.base is None or self.base.is_noop)
 
     @property
     def query_window(self) -> int | None:
-        return self.window_size
+        if self.base is None:
+            return self.window_size
+        w = self.base.query_window
+        return None if w is None else max(w, self.window_size)
 
     def n_keep(self, n: int, layer_idx: int = 0, num_layers: int = 1) -> int:
-        return n
+        return n if self.base is None else self.base.n_keep(n, layer_idx, num_layers)
+
+    def with_budget(self, budget: int) -> ThinK:
+        if self.base is None:
+            raise LMCompressError("think takes no token budget (it prunes key channels); give it a base policy")
+        return dataclasses.replace(self, base=self.base.with_budget(budget))
+
+    def observe(self, layer: CompressedLayer, query: torch.Tensor, scaling: float) -> None:
+        if self.base is not None:
+            self.base.observe(layer, query, scaling)
 
     def n_pruned(self, head_dim: int) -> int:
         return evicted_count(head_dim, float(self.key_channel_compression_ratio))
@@ -138,7 +168,11 @@ class ThinK(EvictionPolicy):
 
     def after_forward(self, layer: CompressedLayer, query: torch.Tensor, scaling: float,
                       module: torch.nn.Module | None) -> None:
-        """After a prefill forward (more than one query): choose the channels (first time) and prune."""
+        """After a prefill forward (more than one query): the base's eviction, if any, then choose the channels
+        (first time) and prune."""
+        if self.base is not None:
+            self._chain.after_forward(layer, query, scaling, module)
+            return
         if query.shape[2] <= 1 or self.n_pruned(layer.head_dim) == 0:
             return
         if layer.key_channels() is not None:

@@ -224,3 +224,35 @@ def test_base_equals_the_composition_and_parses():
         assert torch.equal(la.segments[0].fp_k.view(), lb.segments[0].fp_k.view())
     with pytest.raises(LMCompressError, match="composed cannot contain decoding"):
         ThinK(base=DecodingCompression(base=Knorm(), interval=4, target_size=40), key_channel_compression_ratio=0.5)
+
+
+@pytest.mark.model
+def test_kivi_keys_packed_before_the_channels_are_chosen():
+    """A first chunk fed with compression paused is packed whole; the next (compressing) prefill chunk chooses
+    the channels and re-encodes the packed keys with the kept channels only (KIVI's per-channel groups: the same
+    codes up to fp16 rounding of the scales); decoding past KIVI's window then commits whole keys pruned."""
+    model = tiny_model("llama")
+    torch.manual_seed(8)
+    ids = torch.randint(3, 256, (1, N))
+    kivi = KIVI(bits=2, group_size=16, residual=16)
+    plain = CompressedCache(model, KVSpec(quant=kivi))
+    think = CompressedCache(model, KVSpec(evict=ThinK(key_channel_compression_ratio=0.5, window_size=8), quant=kivi))
+    with torch.no_grad():
+        for cache in (plain, think):
+            with cache.compression_paused():
+                model(ids[:, :32], **cache_kwargs(cache), use_cache=True)
+            model(ids[:, 32:], **cache_kwargs(cache), use_cache=True)
+    for lp, lt in zip(plain.layers, think.layers):
+        ch = lt.key_channels()
+        kp, kt = lp.segments[0].store.dequantize()[0], lt.segments[0].store.dequantize()[0]
+        assert lp.segments[0].packed_length == lt.segments[0].packed_length == N
+        gather = ch[:, :, None, :].expand(-1, -1, N, -1)
+        assert torch.allclose(kt.gather(-1, gather), kp.gather(-1, gather), atol=1e-3, rtol=1e-3)
+        assert float(kt.abs().sum()) == pytest.approx(float(kt.gather(-1, gather).abs().sum()))  # zeros elsewhere
+    with torch.no_grad():
+        for _ in range(20):  # past the 16-token window: whole decoding keys are committed (pruned) to the store
+            out = model(ids[:, -1:], **cache_kwargs(think), use_cache=True)
+    assert torch.isfinite(out.logits).all()
+    seg = think.layers[0].segments[0]
+    assert seg.packed_length == N + 16 and seg.pruned_prefix == N + 16
+    assert think.nbytes == sum(t.numel() * t.element_size() for t in think.tensors())

@@ -256,3 +256,26 @@ def test_kivi_keys_packed_before_the_channels_are_chosen():
     seg = think.layers[0].segments[0]
     assert seg.packed_length == N + 16 and seg.pruned_prefix == N + 16
     assert think.nbytes == sum(t.numel() * t.element_size() for t in think.tensors())
+
+
+def test_attend_one_equals_attention_over_the_zeroed_keys():
+    """A decoding step attends with the query's kept channels (no re-expansion): the same as SDPA over the keys
+    with zeros in the dropped channels, with and without a mask, grouped query heads included."""
+    from lmcompress.kv.buffers import TokenBuffer
+
+    torch.manual_seed(9)
+    b, h, g, d, p, w = 2, 3, 2, 16, 20, 5
+    keys = torch.randn(b, h, p + w, d)
+    channels = torch.stack([torch.randperm(d)[:6].sort().values for _ in range(b * h)]).view(b, h, 6)
+    buf = PrunedKeyBuffer.from_keys(keys, channels, p)
+    buf.whole = TokenBuffer(keys[:, :, p:].contiguous())
+    values = torch.randn(b, h, p + w, d)
+    query = torch.randn(b, h * g, 1, d)
+    zeroed = buf.view()
+    assert bool((zeroed[:, :, p:] == keys[:, :, p:]).all())
+    mask = torch.rand(b, 1, 1, p + w) > 0.3
+    mask[..., -1] = True
+    for m in (None, mask):
+        ref = torch.nn.functional.scaled_dot_product_attention(query, zeroed, values, attn_mask=m, scale=0.25,
+                                                               enable_gqa=True)
+        assert torch.allclose(buf.attend_one(query, values, m, 0.25), ref, atol=1e-6, rtol=1e-5)

@@ -9,9 +9,11 @@ pruning (decoding steps) are stored whole, as in kvpress.
   ``[B, H, p, Dk]`` pruned tokens (the oldest ``p``), then a ``[B, H, w, D]`` buffer of whole tokens.
 * :class:`GatheredKeyCodec` wraps a key codec of a packed store so that it quantizes the kept channels only.
 
-Readers get the keys re-expanded to ``[B, H, n, D]`` with zeros in the dropped channels (:meth:`PrunedKeyBuffer.view`,
-the store's dequantized blocks): a transient tensor built for one attention call or one scoring event, never
-held. ``q . k`` over such keys is exactly kvpress's ``q . k`` over its zeroed keys.
+Attention of one query (a decoding step) over full-precision pruned keys gathers the query's kept channels
+instead (:meth:`PrunedKeyBuffer.attend_one`: nothing is re-expanded). Other readers get the keys re-expanded
+to ``[B, H, n, D]`` with zeros in the dropped channels (:meth:`PrunedKeyBuffer.view`, the store's dequantized
+blocks): a transient tensor built for one attention call (a prefill chunk) or one scoring event, never held.
+Either way ``q . k`` is kvpress's ``q . k`` over its zeroed keys (up to float rounding).
 
 Token eviction keeps the split "pruned tokens first, then whole tokens" per head. When it would leave the heads
 of one segment with different numbers of pruned tokens (an eviction over pruned and whole tokens at once), the
@@ -104,6 +106,34 @@ class PrunedKeyBuffer:
         if self.whole is None or self.whole.length == 0:
             return full
         return torch.cat([full, self.whole.view()], dim=2)
+
+    def attend_one(self, query: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                   scaling: float) -> torch.Tensor:
+        """Attention of one query per head over these keys without re-expanding them: the pruned tokens are
+        scored with the query's kept channels (gathered per KV head), the whole tokens with all of it.
+
+        Args:
+            query: ``[B, Hq, 1, D]`` (``Hq`` a multiple of the KV heads).
+            values: ``[B, H, length, D]``.
+            mask: bool ``[B or 1, 1 or H, 1, length]`` (True = visible) or None.
+
+        Returns:
+            ``[B, Hq, 1, D]``; equal to attention over :meth:`view` up to float rounding.
+        """
+        b, hq, q, d = query.shape
+        h = self.channels.shape[1]
+        g = hq // h
+        qv = query.reshape(b, h, g, q, d)
+        dk = self.channels.shape[-1]
+        qk = qv.gather(-1, self.channels[:, :, None, None, :].expand(b, h, g, q, dk))
+        scores = [torch.einsum("bhgqd,bhnd->bhgqn", qk, self.pruned)]
+        if self.whole is not None and self.whole.length:
+            scores.append(torch.einsum("bhgqd,bhnd->bhgqn", qv, self.whole.view()))
+        s = torch.cat(scores, dim=-1).float() * scaling  # [B, H, G, q, n]
+        if mask is not None:
+            s = s.masked_fill(~mask[:, :, None], float("-inf"))
+        p = s.softmax(dim=-1).to(values.dtype)
+        return torch.einsum("bhgqn,bhnd->bhgqd", p, values).reshape(b, hq, q, values.shape[-1])
 
     # ------------------------------------------------------------------------------------ writes
     def append(self, x: torch.Tensor) -> None:

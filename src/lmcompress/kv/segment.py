@@ -216,7 +216,9 @@ class KVSegment:
         q = query.shape[2]
         observe = self.store is not None and self.store.needs_attention
         lse = None
-        if self.packed_length == 0:
+        if self.packed_length == 0 and q == 1 and isinstance(self.fp_k, PrunedKeyBuffer):
+            out = self.fp_k.attend_one(query, self.fp_v.view(), mask, scaling)  # ThinK: gathered queries
+        elif self.packed_length == 0:
             keys, values = self.fp_k.view(), self.fp_v.view()
             sdpa_mask = mask
             if mask is not None and mask.shape[1] not in (1, query.shape[1]):  # per KV head -> per query head

@@ -13,10 +13,11 @@ largest=False)``, as kvpress), the others kept.
 Deviation, the point of this module: kvpress only zeroes the pruned channels (the keys keep their shape, no
 memory is saved). Here they are **not stored**: the layer keeps the kept channel indices per (layer, batch row,
 KV head) and, for the pruned tokens, only those channels (:mod:`lmcompress.kv.pruned_keys`); ``cache.nbytes``
-shows the saving. Values are untouched. For attention the layer re-expands its keys transiently to
-``[B, Hkv, n, D]`` with zeros in the dropped channels, so ``q . k`` is exactly kvpress's over its zeroed keys (up
-to float rounding); that expanded tensor lives for one attention call (approximate peak: one layer's keys at
-full width, not the cache's).
+shows the saving. Values are untouched. For attention, a decoding step gathers the query's kept channels per
+KV head (nothing is re-expanded); a prefill chunk over pruned keys and packed storage re-expand the keys
+transiently to ``[B, Hkv, n, D]`` with zeros in the dropped channels (one layer's keys at full width for one
+attention call; packed: block by block). Either way ``q . k`` is kvpress's over its zeroed keys, up to float
+rounding.
 
 Other deviations and details:
 

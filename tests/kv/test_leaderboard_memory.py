@@ -113,3 +113,30 @@ def test_allocator_releases_what_nbytes_reports():
     # ThinK at 0.75: keys a quarter wide, values whole -> (1/4 + 1) / 2 of the K+V bytes
     assert result["think_0.75"]["freed"] / full == pytest.approx(0.625, abs=0.05)
     assert result["snapkv_think_0.75"]["freed"] / full == pytest.approx(0.625 / 4, abs=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_allocator_holds_what_nbytes_reports():
+    model = wide_tiny_llama("cuda")
+    ids = torch.randint(0, 128, (1, N), device="cuda")
+    with torch.no_grad():  # warm-up: cuBLAS workspaces and other one-time allocations stay for the process
+        model(ids, **cache_kwargs(CompressedCache(model, KVSpec())), use_cache=True)
+    results = {}
+    for name, policy in policies(model).items():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        cache = CompressedCache(model, KVSpec(evict=policy))
+        with torch.no_grad(), scoring_hooks(model, cache):
+            logits = model(ids, **cache_kwargs(cache), use_cache=True).logits
+        del logits
+        torch.cuda.synchronize()
+        results[name] = (torch.cuda.memory_allocated() - base, cache.nbytes)
+        assert cache.nbytes == expected_nbytes(name, cache), name
+        del cache
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() - base < 1 << 20, name
+    print(results)
+    for name, (held, nbytes) in results.items():
+        # the caching allocator rounds blocks up to 512 bytes (small) or 2 MiB segments' blocks (large)
+        assert held == pytest.approx(nbytes, rel=0.05, abs=64 * 1024), (name, held, nbytes)

@@ -222,7 +222,7 @@ def test_base_equals_the_composition_and_parses():
         assert torch.equal(la.positions(), lb.positions())
         assert torch.equal(la.key_channels(), lb.key_channels())
         assert torch.equal(la.segments[0].fp_k.view(), lb.segments[0].fp_k.view())
-    with pytest.raises(LMCompressError, match="composed cannot contain decoding"):
+    with pytest.raises(LMCompressError, match=r"think cannot take base=decoding \(composed cannot contain decoding"):
         ThinK(base=DecodingCompression(base=Knorm(), interval=4, target_size=40), key_channel_compression_ratio=0.5)
 
 

@@ -125,8 +125,11 @@ class ThinK(EvictionPolicy):
 
             if not isinstance(self.base, EvictionPolicy) or isinstance(self.base, ThinK):
                 raise LMCompressError(f"think: base={self.base!r} must be a token-eviction policy (snapkv, ...)")
-            # the same rules as a composition (one that compresses each prefill chunk); raises otherwise
-            chain = ComposedPolicy(policies=(self.base, dataclasses.replace(self, base=None)))
+            # the same rules as a composition (one that compresses each prefill chunk)
+            try:
+                chain = ComposedPolicy(policies=(self.base, dataclasses.replace(self, base=None)))
+            except LMCompressError as err:
+                raise LMCompressError(f"think cannot take base={self.base.name} ({err})") from None
             object.__setattr__(self, "_chain", chain)
         r = self.key_channel_compression_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)):

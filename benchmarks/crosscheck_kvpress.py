@@ -21,7 +21,8 @@ n = 3000 where we keep 300).
 
 Methods: the ``METHOD_CLASSES`` table (scorers built with a ratio, and ``adakv_`` + any of them) and the
 ``H11B_PRESSES`` block (kvpress's wrappers and other scorers: ChunkKV, BlockPress, ChunkPress, per-layer ratios,
-composition, LagKV, CUR, NonCausalAttn, CapPress, EntropyGatedChunkKV, KeyRerotation).
+composition, LagKV, CUR, NonCausalAttn, CapPress, EntropyGatedChunkKV, KeyRerotation; ThinK alone and after SnapKV:
+kept key channel sets are compared too).
 """
 
 from __future__ import annotations
@@ -126,6 +127,25 @@ H11B_PRESSES = {
                              lambda ev, r: ev.KeyRerotation(base=ev.Knorm(ratio=r)),
                              {"match": "norm", "start": "held"}),
 }
+
+
+# ---- issue 11, s2: ThinK (key channel pruning). The ratio is ThinK's key_channel_compression_ratio (and the
+# SnapKV ratio in the composition). kvpress zeroes the pruned channels: its kept channels of a (layer, head) are
+# those where some held key is non-zero; its kept tokens are matched back on those channels only.
+H11B_PRESSES.update({
+    "think": (lambda kp, r: kp.ThinKPress(key_channel_compression_ratio=r),
+              lambda ev, r: ev.ThinK(key_channel_compression_ratio=r), {"channels": True}),
+    "composed_snapkv_think": (
+        lambda kp, r: kp.ComposedPress([kp.SnapKVPress(compression_ratio=r),
+                                        kp.ThinKPress(key_channel_compression_ratio=r)]),
+        lambda ev, r: ev.ComposedPolicy(policies=(ev.SnapKV(ratio=r), ev.ThinK(key_channel_compression_ratio=r))),
+        {"channels": True}),
+})
+
+
+def _prunes_channels(method: str) -> bool:
+    return H11B_PRESSES.get(method, (None, None, {}))[2].get("channels", False)
+# ---- end of the s2 block
 
 
 def match_norms(kept: torch.Tensor, full: torch.Tensor) -> tuple[list[int], float]:
@@ -249,7 +269,7 @@ def run_kvpress_side(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 with press(model):
                     model.model(input_ids=ids, **cache_kwargs(cache))
-                kept, worst = [], 0.0
+                kept, worst, channels = [], 0.0, []
                 for li, layer in enumerate(cache.layers):
                     heads = []
                     if method.startswith(MASKED):
@@ -257,6 +277,15 @@ def run_kvpress_side(args: argparse.Namespace) -> None:
                         for h in range(layer.keys.shape[1]):
                             drop = set(masked[2][(masked[0] == 0) & (masked[1] == h)].tolist())
                             heads.append([j for j in range(n) if j not in drop])
+                    elif _prunes_channels(method):  # ThinK: kept channels = not all zero; match on them
+                        chans = []
+                        for h in range(layer.keys.shape[1]):
+                            ch = (layer.keys[0, h] != 0).any(dim=0).nonzero().squeeze(-1)
+                            idx, dist = match_rows(layer.keys[0, h][:, ch], full_keys[impl][li][h][:, ch])
+                            heads.append(idx)
+                            chans.append(ch.tolist())
+                            worst = max(worst, dist)
+                        channels.append(chans)
                     else:
                         by_norm = H11B_PRESSES.get(method, (None, None, {}))[2].get("match") == "norm"
                         for h in range(layer.keys.shape[1]):
@@ -269,6 +298,8 @@ def run_kvpress_side(args: argparse.Namespace) -> None:
                 logits = continuation_logits(model, suffix, cache, cache.get_seq_length() if held_start else n)
             out["runs"][f"{method}@{ratio}"] = {"kept": kept, "logits": logits, "match_dist": worst,
                                                 "impl": impl, "seconds": time.time() - t0}
+            if channels:
+                out["runs"][f"{method}@{ratio}"]["channels"] = channels
             print(f"kvpress {method} {ratio}: {time.time() - t0:.1f}s, match distance {worst:.2e}", flush=True)
     torch.save(out, args.result)
 
@@ -316,6 +347,9 @@ def run_our_side(args: argparse.Namespace, ids: torch.Tensor, suffix: torch.Tens
                              for h in range(layer.num_heads)] for li, layer in enumerate(cache.layers)]
                 logits = continuation_logits(model, suffix, cache, ids.shape[1])
             out["runs"][f"{method}@{ratio}"] = {"kept": kept, "logits": logits, "seconds": time.time() - t0}
+            if _prunes_channels(method):
+                out["runs"][f"{method}@{ratio}"]["channels"] = [
+                    [ch.tolist() for ch in layer.key_channels()[0]] for layer in cache.layers]
             print(f"lmcompress {method} {ratio}: {time.time() - t0:.1f}s", flush=True)
     return out
 
@@ -357,6 +391,11 @@ def compare(ours: dict, ref: dict, n: int) -> list[dict]:
             "kvpress_match_dist": theirs.get("match_dist", 0.0),
             **s1_extra(method, mine, theirs, n),
         })
+        if "channels" in mine:  # ThinK: kept key channel sets per (layer, head)
+            pairs = [(set(a), set(b)) for la, lb in zip(mine["channels"], theirs["channels"]) for a, b in zip(la, lb)]
+            rows[-1]["identical_channel_sets"] = sum(a == b for a, b in pairs)
+            rows[-1]["channels_kept_differently"] = sum(len(a ^ b) // 2 for a, b in pairs)
+            rows[-1]["kept_channels_per_head"] = sum(len(b) for _, b in pairs) / len(pairs)
     return rows
 
 
@@ -378,6 +417,12 @@ def markdown(rows: list[dict]) -> str:
             f"{r['kept_per_head']:.1f} | {r['max_abs_logit_diff']:.2e} | {r['next_token_max_abs_diff']:.2e} | "
             f"{r['top1_agree']} |"
         )
+    channel_rows = [r for r in rows if "identical_channel_sets" in r]
+    if channel_rows:
+        lines += ["", "| method | ratio | identical (layer, head) kept key channel sets | channels kept differently | "
+                  "kept channels/head |", "|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['ratio']} | {r['identical_channel_sets']}/{r['heads']} | "
+                  f"{r['channels_kept_differently']} | {r['kept_channels_per_head']:.1f} |" for r in channel_rows]
     return "\n".join(lines)
 
 

@@ -40,6 +40,7 @@ def _policy_examples(num_layers: int) -> list:
         evict.CriticalAdaKV(base=evict.SnapKV(ratio=0.5, window_size=W)),
         evict.DMS(window_size=4, alpha_scale=1.0, initial_alpha_offset=0.0),
         evict.SimLayerKV(lazy_threshold=0.0, n_recent=W, n_initial=4),  # every layer lazy: 4 + 8 tokens kept
+        evict.ThinK(key_channel_compression_ratio=0.5, window_size=W),
     ]
 
 

@@ -5,11 +5,6 @@ ragged heads and CAKE's per-layer budgets alike."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,22 +13,9 @@ from lmcompress._compat import cache_kwargs
 from lmcompress.kv import CompressedCache, KVSpec
 from lmcompress.kv.evict import CAKE, AdaKV, Knorm, SnapKV
 
+from .memory_helpers import N, allocator_freed, wide_tiny_llama
+
 pytestmark = pytest.mark.model
-
-SRC = str(Path(__file__).resolve().parents[2] / "src")
-
-
-def wide_tiny_llama(device: str = "cpu"):
-    """A 2-layer Llama with 8 KV heads of 64 channels: 8 KiB of fp32 K+V per token and layer, so a 1k-token
-    cache is large enough to measure through the allocator."""
-    import transformers as tf
-
-    config = tf.LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=8, num_key_value_heads=8, head_dim=64,
-                            max_position_embeddings=4096, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()
-
 
 SPECS = {
     "none": None,
@@ -41,7 +23,6 @@ SPECS = {
     "adakv_snapkv_0.75": AdaKV(base=SnapKV(ratio=0.75, window_size=16)),
     "cake_256": CAKE(budget=256, window_size=16),
 }
-N = 1024
 
 
 def kv_entry_bytes(layer) -> int:
@@ -73,46 +54,11 @@ def test_nbytes_drop_in_proportion():
     assert nbytes == kv + 4 * held
 
 
-ALLOCATOR_SCRIPT = textwrap.dedent("""
-    import gc, json, sys
-    import torch
-    sys.path.insert(0, {tests!r})
-    from test_evict_memory import SPECS, N, wide_tiny_llama
-    from lmcompress._compat import cache_kwargs
-    from lmcompress.kv import CompressedCache, KVSpec
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-
-    torch.set_num_threads(1)
-    model = wide_tiny_llama()
-    ids = torch.randint(0, 128, (1, N))
-    out = {{}}
-    for name, policy in SPECS.items():
-        cache = CompressedCache(model, KVSpec(evict=policy))
-        with torch.no_grad():
-            logits = model(ids, **cache_kwargs(cache), use_cache=True).logits
-        del logits
-        gc.collect()
-        with_cache = rss()
-        nbytes = cache.nbytes
-        del cache
-        gc.collect()
-        out[name] = {{"freed": with_cache - rss(), "nbytes": nbytes}}
-    print(json.dumps(out))
-""")
-
-
 def test_allocator_releases_what_nbytes_reports():
     """In a subprocess where glibc serves every allocation >= 8 KiB by mmap, deleting a cache returns its
     storage to the OS: the resident memory freed matches ``nbytes`` (within page rounding and per-head buffers
     below the threshold), so evicted entries are really gone."""
-    script = ALLOCATOR_SCRIPT.format(tests=str(Path(__file__).parent))
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="8192", PYTHONPATH=SRC, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = allocator_freed("kv.test_evict_memory", "SPECS")
     full = result["none"]["nbytes"]
     assert full == 2 * 2 * 8 * N * 64 * 4  # 2 layers, K+V, 8 heads, fp32 (no positions without eviction)
     for name, r in result.items():

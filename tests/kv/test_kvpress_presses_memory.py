@@ -5,11 +5,6 @@ much resident memory as ``nbytes`` reports (a quarter of the uncompressed cache 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,7 +29,7 @@ from lmcompress.kv.evict import (
     SnapKV,
 )
 
-from .test_evict_memory import SRC, N, wide_tiny_llama
+from .memory_helpers import N, allocator_freed, wide_tiny_llama
 
 pytestmark = pytest.mark.model
 
@@ -71,44 +66,8 @@ def test_nbytes_is_a_quarter_at_ratio_075():
         assert cache.nbytes == held * (2 * 64 * 4 + 4), name  # fp32 K + V and an int32 position per entry
 
 
-SCRIPT = textwrap.dedent("""
-    import gc, json, sys
-    import torch
-    sys.path.insert(0, {tests!r})
-    from kv.test_kvpress_presses_memory import SPECS
-    from kv.test_evict_memory import N, wide_tiny_llama
-    from lmcompress._compat import cache_kwargs
-    from lmcompress.kv import CompressedCache, KVSpec
-
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
-
-    torch.set_num_threads(1)
-    model = wide_tiny_llama()
-    ids = torch.randint(0, 128, (1, N))
-    out = {{}}
-    for name, policy in SPECS.items():
-        cache = CompressedCache(model, KVSpec(evict=policy))
-        with torch.no_grad():
-            logits = model(ids, **cache_kwargs(cache), use_cache=True).logits
-        del logits
-        gc.collect()
-        with_cache = rss()
-        nbytes = cache.nbytes
-        del cache
-        gc.collect()
-        out[name] = {{"freed": with_cache - rss(), "nbytes": nbytes}}
-    print(json.dumps(out))
-""")
-
-
 def test_allocator_releases_what_nbytes_reports():
-    script = SCRIPT.format(tests=str(Path(__file__).parents[1]))  # the tests folder: kv/ is a package
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="8192", PYTHONPATH=SRC, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = allocator_freed("kv.test_kvpress_presses_memory", "SPECS")
     print(json.dumps(result))  # the BENCHMARKS.md table (pytest -s)
     for name, r in result.items():
         assert r["freed"] == pytest.approx(r["nbytes"], rel=0.05, abs=100_000), (name, r)

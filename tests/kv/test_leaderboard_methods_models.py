@@ -1,5 +1,5 @@
-"""Issue-11 methods of helper h11a (KVzip, KVzip+, CriticalKV, CriticalAdaKV, DuoAttention) and of s1 (QFilter,
-SimLayerKV) on every tiny architecture,
+"""Issue-11 methods of helper h11a (KVzip, KVzip+, CriticalKV, CriticalAdaKV, DuoAttention), of s1 (QFilter,
+SimLayerKV) and ThinK (alone and after SnapKV) on every tiny architecture,
 alone and with KIVI-2: exact kept counts after the prompt, bytes = the kept entries' storage, a hand-written
 greedy loop that matches ``generate()`` on the same spec, all inside ``scoring_hooks``."""
 
@@ -13,6 +13,7 @@ import torch
 from lmcompress._compat import cache_kwargs
 from lmcompress.kv import CompressedCache, KVSpec, scoring_hooks
 from lmcompress.kv.evict import (
+    ComposedPolicy,
     CriticalAdaKV,
     CriticalKV,
     DuoAttention,
@@ -21,6 +22,7 @@ from lmcompress.kv.evict import (
     QFilter,
     SimLayerKV,
     SnapKV,
+    ThinK,
 )
 from lmcompress.kv.evict.calibration_files import model_identity, save_calibration
 from lmcompress.kv.evict.duo_calibration import KIND, head_scores
@@ -50,6 +52,9 @@ def methods() -> dict:
         # every layer lazy (a mass of probabilities is > 0): 4 initial + 24 recent of the 40 tokens (more than
         # KIVI's 16-token residual, so some are packed)
         "simlayerkv": SimLayerKV(lazy_threshold=0.0, n_recent=24, n_initial=4),
+        "think": ThinK(key_channel_compression_ratio=0.5, window_size=4),
+        "think_snapkv": ComposedPolicy(policies=(SnapKV(ratio=RATIO, window_size=4),
+                                                 ThinK(key_channel_compression_ratio=0.5, window_size=4))),
     }
 
 
@@ -84,7 +89,9 @@ def check_counts(name: str, layers: list, policy) -> None:
     counts = [layer.held_per_head() for layer in layers]
     heads = sum(c.numel() for c in counts)
     total = sum(int(c.sum()) for c in counts)
-    if name in ("criticalkv", "qfilter"):
+    if name == "think":
+        assert all(c.unique().tolist() == [N] for c in counts)
+    elif name in ("criticalkv", "qfilter", "think_snapkv"):
         assert all(c.unique().tolist() == [UNIFORM] for c in counts)
     elif name == "criticaladakv":
         for c in counts:
@@ -117,7 +124,16 @@ def test_method_on_architecture(arch_model, name, quant, tmp_path):
         check_counts(name, layers, policy)
         assert cache.get_seq_length() == N
         assert cache.nbytes == sum(t.numel() * t.element_size() for t in cache.tensors())
-        if quant == "fp":  # K + V (fp32) + int32 position per kept entry, nothing else
+        if name.startswith("think"):  # half the key channels per head, the same in every token
+            for layer in layers:
+                channels = layer.key_channels()
+                assert channels.shape == (1, layer.num_heads, layer.head_dim // 2)
+        if quant == "fp" and name.startswith("think"):  # K's kept channels + V (fp32) (+ int32 position once
+            for layer in layers:  # tokens are evicted) per entry, + the int64 kept channel indices per head
+                dk, pos = layer.head_dim // 2, 4 if name == "think_snapkv" else 0
+                assert layer.nbytes == (int(layer.held_per_head().sum()) * ((dk + layer.head_dim) * 4 + pos)
+                                        + layer.num_heads * dk * 8)
+        elif quant == "fp":  # K + V (fp32) + int32 position per kept entry, nothing else
             for layer in layers:
                 assert layer.nbytes == int(layer.held_per_head().sum()) * (2 * layer.head_dim * 4 + 4)
         else:

@@ -67,6 +67,10 @@ class TokenBuffer:
         self.data = fresh
         self.length = x.shape[2]
 
+    def drop_front(self, n: int, headroom: int = 0) -> None:
+        """Free the oldest ``n`` valid tokens; hold the rest (+ ``headroom`` spare slots)."""
+        self.replace(self.data[:, :, n : self.length], headroom)
+
     def gather(self, index: torch.Tensor, headroom: int = 0) -> None:
         """Keep tokens ``index: [B, H, k]`` (per batch row and head) in that order; frees the rest."""
         idx = index.reshape(*index.shape, *([1] * (self.data.dim() - 3)))

@@ -112,8 +112,9 @@ class CompressedLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def _new_segment(self) -> KVSegment:
+        evicts = self.evict is not None and getattr(self.evict, "evicts_tokens", True)  # not ThinK alone
         return KVSegment(self.quant, self.layer_idx, self.head_dim, self.dtype,
-                         track_positions=self.evict is not None, reserve=self.reserve, rope=self.rope)
+                         track_positions=evicts, reserve=self.reserve, rope=self.rope)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append ``[B, Hkv, q, D]`` states in full precision; returns ``(handle, handle)``."""
@@ -449,6 +450,29 @@ class CompressedLayer(CacheLayerMixin):
         seg = self.segments[0]
         seg.rewrite_keys(keys, positions)
         seg.commit()
+
+    def prune_key_channels(self, channels: torch.Tensor) -> None:
+        """Store only the key channels ``channels: [B, Hkv, Dk]`` (int64) of every held token (ThinK; see
+        :meth:`KVSegment.prune_key_channels`: the first call fixes the channels, later calls prune the newer
+        tokens with them)."""
+        if self.static is not None:
+            raise LMCompressError("key channels cannot be pruned in static decode mode")
+        self._inputs_cache = None
+        if not self.ragged:
+            self.segments[0].prune_key_channels(channels)
+            return
+        for i, seg in enumerate(self.segments):
+            b, h = divmod(i, self.num_heads)
+            seg.prune_key_channels(channels[b : b + 1, h : h + 1])
+
+    def key_channels(self) -> torch.Tensor | None:
+        """``[B, Hkv, Dk]`` int64 kept key channels after ThinK's pruning, or None (keys stored whole)."""
+        if not self.segments or self.segments[0].key_channels is None:
+            return None
+        if not self.ragged:
+            return self.segments[0].key_channels
+        return torch.cat([s.key_channels for s in self.segments], dim=0).view(
+            self.batch_size, self.num_heads, -1)
 
     # ------------------------------------------------------------------------------------ static mode
     def begin_static(self, new_tokens: int, ring_start: int | None) -> None:

@@ -13,7 +13,10 @@ Contents, oldest tokens first (all along dim 2):
 * ``pos``: ``[B, H, n]`` int32 logical positions (only when the layer evicts);
 * ``aux``: named ``[B, H, n]`` float32 per-token values that eviction policies keep beside the tokens
   (accumulated attention for H2O, arrival scores for threshold eviction, CAKE's indicator); they are gathered
-  with the tokens on eviction.
+  with the tokens on eviction;
+* ``key_channels``: ``[B, H, Dk]`` int64 kept key channels once ThinK pruned the keys (then ``fp_k`` is a
+  :class:`~lmcompress.kv.pruned_keys.PrunedKeyBuffer` and the store's key codec a
+  :class:`~lmcompress.kv.pruned_keys.GatheredKeyCodec`: the dropped channels are not stored).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .buffers import TokenBuffer, gather_tokens
+from .pruned_keys import GatheredKeyCodec, PrunedKeyBuffer
 from .quant.base import KVQuantizer
 from .quant.observation import AttentionObservation
 from .quant.store import PackedStore
@@ -64,6 +68,8 @@ class KVSegment:
         self.aux: dict[str, TokenBuffer] = {}
         self.aux_fill: dict[str, float] = {}
         self.last_position = -1  # position of the newest token (for untracked positions)
+        #: ``[B, H, Dk]`` int64 kept key channels after ThinK's pruning, else None.
+        self.key_channels: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------ sizes
     @property
@@ -81,9 +87,63 @@ class KVSegment:
     def tensors(self) -> list[torch.Tensor]:
         out = [] if self.store is None else self.store.tensors()
         for buf in (self.fp_k, self.fp_v, self.pos, *self.aux.values()):
-            if buf is not None:
+            if isinstance(buf, PrunedKeyBuffer):
+                out.extend(buf.tensors())
+            elif buf is not None:
                 out.append(buf.data)
+        if self.key_channels is not None:
+            out.append(self.key_channels)
         return out
+
+    @property
+    def pruned_prefix(self) -> int:
+        """How many of the oldest held tokens have channel-pruned keys (0 without ThinK): every packed token and
+        the pruned part of the full-precision keys."""
+        if self.key_channels is None:
+            return 0
+        fp = self.fp_k.pruned_length if isinstance(self.fp_k, PrunedKeyBuffer) else 0
+        return self.packed_length + fp
+
+    def prune_key_channels(self, channels: torch.Tensor) -> None:
+        """Store only the key channels ``channels: [B, H, Dk]`` (int64, ascending) of every held token (ThinK).
+
+        The first call fixes the channels (packed keys are re-encoded with the kept channels only); later calls
+        prune the tokens appended since with the same channels (``channels`` is then ignored).
+
+        Raises:
+            LMCompressError: the quantizer's storage cannot hold pruned keys (pre-RoPE or attention-aware
+                stores), or its key codec cannot quantize ``Dk`` channels.
+        """
+        from ..errors import LMCompressError
+        from .quant.kivi_store import KIVIStore
+        from .quant.store import PackedStore
+
+        if self.key_channels is not None:
+            if isinstance(self.fp_k, PrunedKeyBuffer):
+                self.fp_k.prune_all()
+            elif self.fp_k is not None:
+                self.fp_k = PrunedKeyBuffer.from_keys(self.fp_k.view(), self.key_channels, self.fp_length)
+            return
+        channels = channels.to(torch.int64).contiguous()
+        if self.store is not None:
+            if type(self.store) not in (PackedStore, KIVIStore):
+                raise LMCompressError(
+                    f"think cannot store pruned key channels in {type(self.quant).__name__}'s storage; allowed "
+                    "quantizers: int, uniform, kivi, normal, fp8, rotated, turbo (codec-based storage)")
+            codec = GatheredKeyCodec(self.store.key_codec, channels)
+            try:
+                codec.validate(self.head_dim)
+            except LMCompressError as err:
+                raise LMCompressError(f"think keeps {channels.shape[-1]} of {self.head_dim} key channels, which "
+                                      f"the quantizer's key codec cannot store: {err}") from None
+            old = self.store.dequantize()[0] if self.store.length else None
+            self.store.key_codec = codec
+            if old is not None:
+                self.store._k = {}
+                self.store._append_parts(self.store._k, codec.encode(old))
+        self.key_channels = channels
+        if self.fp_k is not None:
+            self.fp_k = PrunedKeyBuffer.from_keys(self.fp_k.view(), channels, self.fp_length)
 
     def positions(self, batch: int, heads: int, device: torch.device) -> torch.Tensor:
         """``[B, H, held]`` int32 logical positions (oldest first)."""
@@ -156,7 +216,9 @@ class KVSegment:
         q = query.shape[2]
         observe = self.store is not None and self.store.needs_attention
         lse = None
-        if self.packed_length == 0:
+        if self.packed_length == 0 and q == 1 and isinstance(self.fp_k, PrunedKeyBuffer):
+            out = self.fp_k.attend_one(query, self.fp_v.view(), mask, scaling)  # ThinK: gathered queries
+        elif self.packed_length == 0:
             keys, values = self.fp_k.view(), self.fp_v.view()
             sdpa_mask = mask
             if mask is not None and mask.shape[1] not in (1, query.shape[1]):  # per KV head -> per query head
@@ -249,9 +311,10 @@ class KVSegment:
                     buf.gather(index, headroom=self.reserve)
             return
         keys, values = self.all_tokens()
+        pruned = (index < self.pruned_prefix).sum(dim=-1)
         if self.store is not None:  # a fresh store (carrying per-token statistics of the kept tokens, if any)
             self.store = self.store.emptied(index)
-        self._replace_fp(gather_tokens(keys, index), gather_tokens(values, index))
+        self._replace_fp(gather_tokens(keys, index), gather_tokens(values, index), pruned)
         if self.pos is not None:
             self.pos.gather(index, headroom=self.reserve)
         for buf in self.aux.values():
@@ -260,7 +323,12 @@ class KVSegment:
     def rewrite_keys(self, keys: torch.Tensor, positions: torch.Tensor) -> None:
         """Replace every held key by ``keys: [B, H, held, D]`` and its position by ``positions: [B, H, held]``;
         values stay (packed ones come back in full precision until the next :meth:`commit`). For key
-        re-rotation."""
+        re-rotation (not of channel-pruned keys: RoPE would mix a dropped channel back in)."""
+        if self.key_channels is not None:
+            from ..errors import LMCompressError
+
+            raise LMCompressError("key re-rotation cannot rewrite channel-pruned keys (think); "
+                                  "compose think with policies that keep keys as they are")
         _, values = self.all_tokens()
         if self.store is not None:
             index = torch.arange(self.held, device=keys.device).expand(*keys.shape[:2], self.held)
@@ -270,7 +338,18 @@ class KVSegment:
             self.pos.replace(positions.to(torch.int32).contiguous(), headroom=self.reserve)
         self.last_position = int(positions[0, 0, -1])
 
-    def _replace_fp(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _replace_fp(self, keys: torch.Tensor, values: torch.Tensor,
+                    pruned: torch.Tensor | int | None = None) -> None:
+        """Hold exactly ``keys`` / ``values: [B, H, m, D]`` in full precision; with pruned key channels the
+        oldest ``pruned`` tokens (an int or ``[B, H]`` counts) are stored pruned."""
+        if self.key_channels is not None:
+            self.fp_k = PrunedKeyBuffer.from_keys(keys, self.key_channels, 0 if pruned is None else pruned,
+                                                  headroom=self._fp_headroom())
+            if self.fp_v is None:
+                self.fp_v = TokenBuffer(values, headroom=self._fp_headroom())
+            else:
+                self.fp_v.replace(values, headroom=self._fp_headroom())
+            return
         if self.fp_k is None:
             self.fp_k = TokenBuffer(keys, headroom=self._fp_headroom())
             self.fp_v = TokenBuffer(values, headroom=self._fp_headroom())
@@ -290,14 +369,19 @@ class KVSegment:
         keys, values = self.all_tokens()
         b_count, h_count = keys.shape[:2]
         pos = self.positions(b_count, h_count, keys.device)
+        prefix = self.pruned_prefix
         out = []
         for b in range(b_count):
             for h in range(h_count):
                 idx = kept[b][h].to(device=keys.device, dtype=torch.int64)
                 seg = KVSegment(self.quant, self.layer_idx, self.head_dim, self.dtype,
                                 track_positions=True, reserve=self.reserve, rope=self.rope)
+                if self.key_channels is not None:  # this head's channels; its store quantizes only those
+                    seg.key_channels = self.key_channels[b : b + 1, h : h + 1].contiguous()
+                    if seg.store is not None:
+                        seg.store.key_codec = GatheredKeyCodec(seg.store.key_codec, seg.key_channels)
                 seg._replace_fp(keys[b : b + 1, h : h + 1, idx].contiguous(),
-                                values[b : b + 1, h : h + 1, idx].contiguous())
+                                values[b : b + 1, h : h + 1, idx].contiguous(), int((idx < prefix).sum()))
                 seg.pos = TokenBuffer(pos[b : b + 1, h : h + 1, idx].to(torch.int32).contiguous(),
                                       headroom=self.reserve)
                 for name, buf in self.aux.items():
@@ -309,6 +393,7 @@ class KVSegment:
         self.fp_k = self.fp_v = self.pos = None
         self.store = None
         self.aux = {}
+        self.key_channels = None
         return out
 
     def drop_newest(self, q: int) -> None:
@@ -349,8 +434,7 @@ class KVSegment:
             self.store.append(fk[:, :, :movable], fv[:, :, :movable], positions=pos)
         else:
             self.store.append(fk[:, :, :movable], fv[:, :, :movable])
-        rest_k, rest_v = fk[:, :, movable:], fv[:, :, movable:]
         # spare slots for the next tokens: a few, not a second window (they are held and counted in nbytes)
         headroom = max(1, min(residual, RESIDUAL_HEADROOM))
-        self.fp_k.replace(rest_k, headroom=headroom)
-        self.fp_v.replace(rest_v, headroom=headroom)
+        self.fp_k.drop_front(movable, headroom=headroom)
+        self.fp_v.drop_front(movable, headroom=headroom)

@@ -53,6 +53,7 @@ from .ratio_decoding import CompressionRatioDecoding
 from .simlayerkv import SimLayerKV
 from .snapkv import SnapKV
 from .streaming import StreamingLLM
+from .think import ThinK
 from .threshold import ThresholdEviction
 from .tova import TOVA
 
@@ -97,5 +98,6 @@ __all__ = [
     "SimLayerKV",
     "SnapKV",
     "StreamingLLM",
+    "ThinK",
     "ThresholdEviction",
 ]

@@ -37,7 +37,7 @@ class ComposedPolicy(EvictionPolicy):
     policy that evicted one of the newest tokens shortens that run; SnapKV and StreamingLLM keep it). Policies
     with their own cache hooks (CAKE, decoding compression, threshold eviction, composition itself) are not
     accepted, as in kvpress, which also refuses AdaKV and KVzip (AdaKV works here: the later policies score its
-    ragged heads).
+    ragged heads). ThinK (key channel pruning, no token evicted) may sit anywhere in the chain.
 
     Attributes:
         policies: two or more eviction policies (a tuple or list).
@@ -57,7 +57,9 @@ class ComposedPolicy(EvictionPolicy):
         for p in policies:
             if not isinstance(p, EvictionPolicy):
                 raise LMCompressError(f"composed: {p!r} is not an eviction policy")
-            if type(p).after_forward is not EvictionPolicy.after_forward or p.new_layer_state() is not None:
+            chained = getattr(p, "composes_in_chain", False)  # ThinK: its own after_forward, no token evicted
+            if not chained and (type(p).after_forward is not EvictionPolicy.after_forward
+                                or p.new_layer_state() is not None):
                 raise LMCompressError(
                     f"composed cannot contain {p.name} (it compresses through its own cache hooks); "
                     "allowed: policies that compress each prefill chunk (scorers, adakv, chunkkv, block, ...)"
@@ -92,6 +94,9 @@ class ComposedPolicy(EvictionPolicy):
             if p.is_noop:
                 continue
             t = held_query_suffix(layer, q)
+            if getattr(p, "composes_in_chain", False):
+                p.after_forward(layer, query[:, :, q - t :], scaling, module)
+                continue
             layer.keep(p.keep_mask(layer.score_inputs(query[:, :, q - t :], scaling, module)))
 
     def to_dict(self) -> dict:

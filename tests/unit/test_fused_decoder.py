@@ -88,6 +88,23 @@ def test_swap_keeps_logits_and_cache(concat):
     assert fuse_decoder(model) == {"attention": 0, "mlp": 4 * 0}  # already fused
 
 
+def test_4bit_projections_concatenate_and_keep_logits():
+    from lmcompress.weights import RTNConfig, quantize_
+    from lmcompress.weights.linear import WQLinear
+
+    model = tiny_model("llama")
+    quantize_(model, RTNConfig(group_size=32), progress=False)
+    ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(ids).logits
+        fuse_decoder(model)
+        after = model(ids).logits
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert isinstance(attn.qkv_proj, WQLinear) and attn.qkv_proj.out_features == 64 + 2 * 32
+    assert isinstance(mlp.gate_up_proj, WQLinear)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
 def test_other_architectures_keep_their_attention():
     model = tiny_model("qwen3")  # q_norm/k_norm: not Llama's attention; its MLP is the gated SiLU one
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(1))

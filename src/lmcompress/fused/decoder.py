@@ -3,7 +3,7 @@ kernels per decode step (BENCHMARKS.md section 5.5: a batch-1 step of an 8B Llam
 them tiny).
 
 * :class:`FusedAttention`: q, k and v from one concatenated projection (one GEMV instead of three, for plain
-  ``nn.Linear`` projections; quantized ones stay separate), RoPE on q and k in one Triton kernel that also
+  ``nn.Linear`` and for 4-bit ``WQLinear`` projections; other kinds stay separate), RoPE on q and k in one Triton kernel that also
   writes them in attention's ``[B, H, S, D]`` layout (:mod:`.rope_kernel`); then the cache update, the model's
   attention function and ``o_proj`` as transformers does.
 * :class:`FusedMLP`: gate and up from one concatenated projection, ``silu(gate) * up`` in one Triton kernel
@@ -60,11 +60,32 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return nn.functional.silu(gate) * up
 
 
-def _concat_linear(parts: list[nn.Module]) -> nn.Linear | None:
-    """One ``nn.Linear`` whose outputs are ``parts``' outputs side by side, or None unless every part is a plain
-    ``nn.Linear`` with the same input size, dtype, device and bias presence."""
-    if not all(type(p) is nn.Linear for p in parts):
+def _concat_wqlinear(parts: list[nn.Module]) -> nn.Module | None:
+    """One ``WQLinear`` whose outputs are ``parts``' outputs side by side (AutoAWQ's GEMM layout packs 8 output
+    columns per int32 and every part has a multiple of 8 columns, so codes, zeros and scales concatenate along
+    the output dim), or None unless the parts agree in input size, group size, device and bias presence."""
+    from ..weights.linear import WQLinear
+
+    if not all(type(p) is WQLinear for p in parts):
         return None
+    first = parts[0]
+    has_bias = first.bias is not None
+    if any(p.in_features != first.in_features or p.group_size != first.group_size
+           or p.qweight.device != first.qweight.device or (p.bias is not None) != has_bias for p in parts):
+        return None
+    fused = WQLinear(first.in_features, sum(p.out_features for p in parts), group_size=first.group_size,
+                     bias=has_bias, bias_dtype=first.bias.dtype if has_bias else torch.float16, device="meta")
+    for name in ("qweight", "qzeros", "scales") + (("bias",) if has_bias else ()):
+        fused._buffers[name] = torch.cat([p._buffers[name] for p in parts], dim=-1)
+    return fused
+
+
+def _concat_linear(parts: list[nn.Module]) -> nn.Module | None:
+    """One ``nn.Linear`` (or ``WQLinear``) whose outputs are ``parts``' outputs side by side, or None unless every
+    part is a plain ``nn.Linear`` (every part a ``WQLinear``) with the same input size, dtype, device and bias
+    presence."""
+    if not all(type(p) is nn.Linear for p in parts):
+        return _concat_wqlinear(parts)
     w0 = parts[0].weight
     has_bias = parts[0].bias is not None
     if any(p.in_features != parts[0].in_features or p.weight.dtype != w0.dtype or p.weight.device != w0.device

@@ -70,13 +70,15 @@ def test_fused_graph_replay_matches_eager_static_and_unfused_decode():
                 logits[use_graph].append(dec.logits.float().clone())
             assert (dec.graph is not None) == use_graph
             dec.close()
+        # the unfused model fed the same tokens (teacher forcing: near-tied logits of a random model may pick
+        # another greedy token after a rounding difference, and then every later step differs)
         dyn = CompressedCache(plain, spec)
-        tok = plain(ids, **cache_kwargs(dyn)).logits[:, -1].argmax(-1, keepdim=True)
-        ref = []
-        for _ in range(64):
-            lg = plain(tok, **cache_kwargs(dyn)).logits[:, -1]
-            tok = lg.argmax(-1, keepdim=True)
-            ref.append(lg.float())
+        plain(ids, **cache_kwargs(dyn))
+        ref, fed = [], [first, *tokens[True][:-1]]  # first: the fused prefill's token fed to the graph run
+        for t in fed:
+            ref.append(plain(torch.tensor([[t]], device="cuda"), **cache_kwargs(dyn)).logits[:, -1].float())
     assert tokens[True] == tokens[False]
     err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(logits[True], ref))
     assert err < 5e-2, err  # bf16: concatenated projections and SiLU's exp round differently
+    agree = sum(int(a.argmax()) == int(b.argmax()) for a, b in zip(logits[True], ref))
+    assert agree >= 56, agree  # of 64 steps

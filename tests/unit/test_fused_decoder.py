@@ -1,5 +1,5 @@
 """fuse_decoder: the RoPE and SwiGLU Triton kernels (under the interpreter, in a subprocess) against
-transformers' arithmetic; the module swap keeps logits (concatenated projections sum in the same order on the
+transformers' arithmetic (RoPE bit for bit, SwiGLU within one unit in the last place); the module swap keeps logits (concatenated projections sum in the same order on the
 CPU here, so within float rounding); the static decode path over a fused model gives the eager path's tokens."""
 
 from __future__ import annotations
@@ -35,19 +35,11 @@ for b, s, hq, hk, d, dtype in ((1, 1, 8, 2, 32, torch.bfloat16), (2, 5, 4, 4, 16
     qo, ko = rope_qk(q, k, cos, sin)
     qr, kr = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     assert qo.shape == qr.shape and ko.shape == kr.shape and qo.is_contiguous()
-    from transformers.models.llama.modeling_llama import rotate_half
-    for a, r, x in ((qo, qr, q), (ko, kr, k)):
-        if dtype != torch.bfloat16:
-            assert torch.equal(a, r), (dtype, (a - r).abs().max())
-            continue
-        # the interpreter converts fp32 to bf16 by truncation, not rounding: bound the error by the terms' size
-        x = x.transpose(1, 2).float()
-        size = x.abs() * cos.float().abs().unsqueeze(1) + rotate_half(x).abs() * sin.float().abs().unsqueeze(1)
-        assert bool(((a.float() - r.float()).abs() <= 4 * torch.finfo(dtype).eps * size + 1e-6).all())
+    assert torch.equal(qo, qr) and torch.equal(ko, kr), (dtype, (qo - qr).abs().max(), (ko - kr).abs().max())
     gu = (torch.randn(b, s, 2 * 48) * 3).to(dtype)
     g, u = gu[..., :48], gu[..., 48:]
     out, ref = swiglu(g, u), torch.nn.functional.silu(g) * u
-    ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(1e-3) * (4 if dtype == torch.bfloat16 else 2)
+    ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(1e-3) * 2
     assert out.shape == ref.shape and int(((out.float() - ref.float()).abs() > ulp + 1e-6).sum()) == 0, dtype
 print("ok")
 """

@@ -27,6 +27,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .spec import KVSpec
 
 
+def _triton() -> bool:
+    from ..triton_support import triton_available
+
+    return triton_available()
+
+
 def _policy_chain(policy: EvictionPolicy) -> list[EvictionPolicy]:
     """``policy`` and the policies it wraps (``base``, recursively)."""
     chain = [policy]
@@ -76,7 +82,8 @@ class StaticClock:
         device: where the counters live.
     """
 
-    def __init__(self, held: int, seen: int, capacity: int, ring_start: int | None, device: torch.device) -> None:
+    def __init__(self, held: int, seen: int, capacity: int, ring_start: int | None, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.capacity, self.ring_start = capacity, ring_start
         self.length = torch.tensor([held], device=device, dtype=torch.int64)
         self.slot = torch.tensor([held if held < capacity else (ring_start or 0)], device=device,
@@ -86,7 +93,12 @@ class StaticClock:
         #: set by :meth:`tick`: the slot and position of this step's token, and the mask of valid slots.
         self.cur_slot = torch.zeros(1, device=device, dtype=torch.int64)
         self.cur_pos = torch.zeros((1, 1, 1), device=device, dtype=torch.int32)
-        self.mask = torch.zeros((1, 1, 1, capacity), device=device, dtype=torch.bool)
+        self.valid = torch.zeros(capacity, device=device, dtype=torch.bool)
+        #: additive attention mask ``[1, 1, 1, capacity]`` in the KV dtype: 0 on valid slots, -inf elsewhere (SDPA
+        #: takes it as is; a bool mask is converted on every call, i.e. in every layer)
+        self.mask = torch.zeros((1, 1, 1, capacity), device=device, dtype=dtype)
+        self._zero = torch.zeros((), device=device, dtype=dtype)
+        self._neg_inf = torch.full((), float("-inf"), device=device, dtype=dtype)
         self.owner: object | None = None
 
     def tick(self) -> None:
@@ -95,7 +107,8 @@ class StaticClock:
         self.cur_pos.copy_(self.next_pos.view(1, 1, 1))
         self.next_pos.add_(1)
         self.length.copy_(torch.clamp(self.length + 1, max=self.capacity))
-        torch.lt(self.slot_ids, self.length, out=self.mask.view(self.capacity))
+        torch.lt(self.slot_ids, self.length, out=self.valid)
+        torch.where(self.valid, self._zero, self._neg_inf, out=self.mask.view(self.capacity))
         nxt = self.slot + 1
         if self.ring_start is None:
             self.slot.copy_(nxt)
@@ -139,10 +152,10 @@ class StaticSlots:
         self.capacity = capacity
         self.ring_start = ring_start
         device = self.k.device
-        key = (held, seen, capacity, ring_start, str(device))
+        key = (held, seen, capacity, ring_start, str(device), self.k.dtype)
         clocks = {} if clocks is None else clocks
         if key not in clocks:
-            clocks[key] = StaticClock(held, seen, capacity, ring_start, device)
+            clocks[key] = StaticClock(held, seen, capacity, ring_start, device, self.k.dtype)
         self.clock = clocks[key]
         if self.clock.owner is None:
             self.clock.owner = self
@@ -162,6 +175,13 @@ class StaticSlots:
         clock = self.clock
         if clock.owner is self:
             clock.tick()
+        if self.k.is_cuda and self.k.is_contiguous() and self.v.is_contiguous() and _triton():
+            from .kernels.slot_write import slot_write
+
+            pos = self.pos if self.pos is not None and self.pos.is_contiguous() else None
+            if pos is not None or self.pos is None:
+                slot_write(self.k, self.v, pos, clock.cur_slot, clock.cur_pos, keys, values)
+                return
         self.k.index_copy_(2, clock.cur_slot, keys)
         self.v.index_copy_(2, clock.cur_slot, values)
         if self.pos is not None:

@@ -74,9 +74,14 @@ SETUPS: dict[str, tuple[str, str]] = {
     "ours none, fused": ("bf16F", "none"),
     "ours snapkv 8x, fused": ("bf16F", f"snapkv:ratio={RATIO_8X}"),
     "ours int4w + snapkv 8x, fused": ("int4F", f"snapkv:ratio={RATIO_8X}"),
+    # fixed budgets (1/8 of a 32k prompt), for prefills that evict at every chunk (chunked_prefill)
+    "ours streaming_llm 4096, fused": ("bf16F", "streaming_llm:budget=4096"),
+    "ours snapkv 4096, fused": ("bf16F", "snapkv:budget=4096"),
+    "ours int4w + streaming_llm 4096, fused": ("int4F", "streaming_llm:budget=4096"),
 }
 FUSED_KINDS = ("bf16f", "bf16F", "int4F")
-BATCH_SETUPS = ("hf eager", "ours none", "ours snapkv 8x", "ours int4w + snapkv 8x")
+BATCH_SETUPS = ("hf eager", "ours none", "ours snapkv 8x", "ours int4w + snapkv 8x", "ours none, fused",
+                "ours snapkv 8x, fused", "ours int4w + snapkv 8x, fused")
 
 
 def build_model(layers: int, smoke: bool, device: torch.device):
@@ -171,16 +176,24 @@ def _hf_eager(model, ids, new_tokens, clock):
     return ttft, times[4:], kv, "eager", cache
 
 
-def _prefill(model, ids, cache, chunk: int) -> torch.Tensor:
-    """The prompt into ``cache``: one forward, or :func:`chunked_prefill` of ``chunk`` tokens; ``[B, 1]`` next
-    tokens."""
-    if chunk:
-        return chunked_prefill(model, ids, cache, chunk).argmax(-1, keepdim=True)
+def parse_chunk(text: str) -> tuple[int, bool]:
+    """``"0"`` (one forward), ``"4096"`` (chunks, compression at the last) or ``"4096e"`` (evict at every chunk)
+    -> ``(chunk, evict_each_chunk)``."""
+    each = text.endswith("e")
+    return int(text[:-1] if each else text), each
+
+
+def _prefill(model, ids, cache, chunk: int | str) -> torch.Tensor:
+    """The prompt into ``cache``: one forward, or :func:`chunked_prefill` (``chunk`` as :func:`parse_chunk`
+    reads it); ``[B, 1]`` next tokens."""
+    size, each = parse_chunk(str(chunk))
+    if size:
+        return chunked_prefill(model, ids, cache, size, evict_each_chunk=each).argmax(-1, keepdim=True)
     out = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
     return out.logits[:, -1:].argmax(-1)
 
 
-def _ours(model, ids, new_tokens, clock, method, eager_tokens, chunk=0):
+def _ours(model, ids, new_tokens, clock, method, eager_tokens, chunk="0"):
     cache = CompressedCache(model, parse_method(method), reserve=new_tokens + 1)
     t0 = clock.now()
     tok = _prefill(model, ids, cache, chunk)
@@ -210,7 +223,7 @@ def _ours(model, ids, new_tokens, clock, method, eager_tokens, chunk=0):
 
 @torch.inference_mode()
 def run_one(model, setup: str, ctx: int, batch: int, new_tokens: int, eager_tokens: int,
-            device: torch.device, chunk: int = 0) -> dict:
+            device: torch.device, chunk: str = "0") -> dict:
     """One prefill + decode of ``setup``: ``new_tokens`` steps on the static/compiled paths, ``eager_tokens``
     on eager ones."""
     clock = Clock(device)
@@ -231,7 +244,7 @@ def run_one(model, setup: str, ctx: int, batch: int, new_tokens: int, eager_toke
     peak = torch.cuda.max_memory_allocated() / GiB if clock.cuda else float("nan")
     del cache
     return {"context": ctx, "batch": batch, "setup": setup, "path": path, "ttft_s": round(ttft, 3),
-            **({"prefill_chunk": chunk} if chunk else {}),
+            **({"prefill_chunk": chunk} if chunk != "0" else {}),
             "decode_ms": round(med * 1e3, 3), "tok_s": round(batch / med, 1), "peak_gib": round(peak, 2),
             "kv_bytes": int(kv)}
 
@@ -331,11 +344,13 @@ def ttft_phase(args, ensure, models: dict, device: torch.device) -> list[dict]:
     for setup in args.ttft_setups:
         ensure(SETUPS[setup][0])
     for chunk in args.ttft_chunks:
-        samples: dict[str, list[float]] = {s: [] for s in args.ttft_setups}
         peaks: dict[str, float] = {s: 0.0 for s in args.ttft_setups}
         kv: dict[str, int] = {}
+        each = parse_chunk(chunk)[1]
+        setups = [s for s in args.ttft_setups if not each or "budget" in SETUPS[s][1] or SETUPS[s][1] == "none"]
+        samples = {s: [] for s in setups}
         for rep in range(args.ttft_repeats + 1):  # the first round is a warm-up, not counted
-            for setup in args.ttft_setups:
+            for setup in setups:
                 kind, method = SETUPS[setup]
                 model = models[kind]
                 idle = sum(model_bytes(m) for k, m in models.items() if k != kind)
@@ -373,10 +388,10 @@ def print_ttft(rows: list[dict]) -> None:
     print("\n| setup | prefill chunk | repeats | TTFT median s | IQR s | vs first setup | peak GiB | weights GiB | "
           "KV GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
-    base: dict[int, float] = {}
+    base: dict[str, float] = {}
     for r in rows:
         ref = base.setdefault(r["prefill_chunk"], r["ttft_median_s"])
-        print(f"| {r['setup']} | {r['prefill_chunk'] or 'none'} | {r['repeats']} | {r['ttft_median_s']} | "
+        print(f"| {r['setup']} | {r['prefill_chunk'] if r['prefill_chunk'] != '0' else 'none'} | {r['repeats']} | {r['ttft_median_s']} | "
               f"{r['ttft_q1_s']}-{r['ttft_q3_s']} | {100 * (r['ttft_median_s'] / ref - 1):+.1f}% | "
               f"{r['peak_gib']} | {r['weights_gib']} | {r['kv_gib']} |")
 
@@ -414,14 +429,16 @@ def main() -> None:
     ap.add_argument("--kvpress-path", default=None, help="PYTHONPATH with kvpress + transformers<5.3")
     ap.add_argument("--kvpress-timeout", type=float, default=150)
     ap.add_argument("--time-budget", type=float, default=1e9, help="skip runs that start after this many s")
-    ap.add_argument("--prefill-chunk", type=int, default=0,
-                    help="our setups prefill in chunks of this many tokens (chunked_prefill); 0: one forward")
+    ap.add_argument("--prefill-chunk", default="0",
+                    help="our setups prefill in chunks of this many tokens (chunked_prefill; a trailing e: evict "
+                         "at every chunk); 0: one forward")
     ap.add_argument("--ttft-repeats", type=int, default=0,
                     help="first, this many interleaved prefills of each --ttft-setups at --contexts[0], batch 1")
     ap.add_argument("--ttft-setups", nargs="+", default=["ours none, fused", "ours snapkv 8x, fused"],
                     choices=[s for s in SETUPS if not SETUPS[s][1].startswith("hf_")], metavar="SETUP")
-    ap.add_argument("--ttft-chunks", type=int, nargs="+", default=[0, 4096],
-                    help="prefill chunk sizes of the TTFT phase (0: one forward)")
+    ap.add_argument("--ttft-chunks", nargs="+", default=["0", "4096"],
+                    help="prefill chunk sizes of the TTFT phase (0: one forward; 4096e: evict at every chunk, "
+                         "budget setups only)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the script only")
     args = ap.parse_args()
@@ -431,8 +448,8 @@ def main() -> None:
         args.contexts, args.compiled_contexts, args.layers = [256], [], 2
         args.batches, args.batch_context = [2], 256
         args.new_tokens, args.eager_tokens = 8, 8
-        args.ttft_chunks = [c if c == 0 else 64 for c in args.ttft_chunks]
-        args.prefill_chunk = min(args.prefill_chunk, 64)
+        args.ttft_chunks = [c if c == "0" else ("64e" if c.endswith("e") else "64") for c in args.ttft_chunks]
+        args.prefill_chunk = "0" if args.prefill_chunk == "0" else "64"
     os.makedirs(args.out, exist_ok=True)
     rows: list[dict] = []
     out_file = Path(args.out) / "decode_gpu.json"

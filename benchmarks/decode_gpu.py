@@ -50,6 +50,7 @@ if _SRC.is_dir():
     sys.path.insert(0, str(_SRC))
 
 from lmcompress.errors import LMCompressError  # noqa: E402
+from lmcompress.eval.chunked_prefill import chunked_prefill  # noqa: E402
 from lmcompress.eval.graph_decode import StaticDecoder  # noqa: E402
 from lmcompress.kv import CompressedCache  # noqa: E402
 from lmcompress.kv.parse import parse_method  # noqa: E402
@@ -69,8 +70,18 @@ SETUPS: dict[str, tuple[str, str]] = {
     # the same bf16 model with its RMSNorms fused into one Triton kernel each (lmcompress.fused)
     "ours none, fused norm": ("bf16f", "none"),
     "ours snapkv 8x, fused norm": ("bf16f", f"snapkv:ratio={RATIO_8X}"),
+    # fused norms + fused decoder modules (concatenated qkv / gate-up, one-kernel RoPE and SwiGLU)
+    "ours none, fused": ("bf16F", "none"),
+    "ours snapkv 8x, fused": ("bf16F", f"snapkv:ratio={RATIO_8X}"),
+    "ours int4w + snapkv 8x, fused": ("int4F", f"snapkv:ratio={RATIO_8X}"),
+    # fixed budgets (1/8 of a 32k prompt), for prefills that evict at every chunk (chunked_prefill)
+    "ours streaming_llm 4096, fused": ("bf16F", "streaming_llm:budget=4096"),
+    "ours snapkv 4096, fused": ("bf16F", "snapkv:budget=4096"),
+    "ours int4w + streaming_llm 4096, fused": ("int4F", "streaming_llm:budget=4096"),
 }
-BATCH_SETUPS = ("hf eager", "ours none", "ours snapkv 8x", "ours int4w + snapkv 8x")
+FUSED_KINDS = ("bf16f", "bf16F", "int4F")
+BATCH_SETUPS = ("hf eager", "ours none", "ours snapkv 8x", "ours int4w + snapkv 8x", "ours none, fused",
+                "ours snapkv 8x, fused", "ours int4w + snapkv 8x, fused")
 
 
 def build_model(layers: int, smoke: bool, device: torch.device):
@@ -165,13 +176,30 @@ def _hf_eager(model, ids, new_tokens, clock):
     return ttft, times[4:], kv, "eager", cache
 
 
-def _ours(model, ids, new_tokens, clock, method, eager_tokens):
+def parse_chunk(text: str) -> tuple[int, bool]:
+    """``"0"`` (one forward), ``"4096"`` (chunks, compression at the last) or ``"4096e"`` (evict at every chunk)
+    -> ``(chunk, evict_each_chunk)``."""
+    each = text.endswith("e")
+    return int(text[:-1] if each else text), each
+
+
+def _prefill(model, ids, cache, chunk: int | str) -> torch.Tensor:
+    """The prompt into ``cache``: one forward, or :func:`chunked_prefill` (``chunk`` as :func:`parse_chunk`
+    reads it); ``[B, 1]`` next tokens."""
+    size, each = parse_chunk(str(chunk))
+    if size:
+        return chunked_prefill(model, ids, cache, size, evict_each_chunk=each).argmax(-1, keepdim=True)
+    out = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1:].argmax(-1)
+
+
+def _ours(model, ids, new_tokens, clock, method, eager_tokens, chunk="0"):
     cache = CompressedCache(model, parse_method(method), reserve=new_tokens + 1)
     t0 = clock.now()
-    out = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+    tok = _prefill(model, ids, cache, chunk)
     ttft = clock.now() - t0
     kv = cache.nbytes
-    tok, times = out.logits[:, -1:].argmax(-1), []
+    times = []
     try:
         dec = StaticDecoder(model, cache, new_tokens)
     except LMCompressError:
@@ -195,7 +223,7 @@ def _ours(model, ids, new_tokens, clock, method, eager_tokens):
 
 @torch.inference_mode()
 def run_one(model, setup: str, ctx: int, batch: int, new_tokens: int, eager_tokens: int,
-            device: torch.device) -> dict:
+            device: torch.device, chunk: str = "0") -> dict:
     """One prefill + decode of ``setup``: ``new_tokens`` steps on the static/compiled paths, ``eager_tokens``
     on eager ones."""
     clock = Clock(device)
@@ -210,12 +238,13 @@ def run_one(model, setup: str, ctx: int, batch: int, new_tokens: int, eager_toke
     elif method == "hf_compiled":
         res = _hf_compiled(model, ids, new_tokens, clock)
     else:
-        res = _ours(model, ids, new_tokens, clock, method, eager_tokens)
+        res = _ours(model, ids, new_tokens, clock, method, eager_tokens, chunk)
     ttft, times, kv, path, cache = res
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / GiB if clock.cuda else float("nan")
     del cache
     return {"context": ctx, "batch": batch, "setup": setup, "path": path, "ttft_s": round(ttft, 3),
+            **({"prefill_chunk": chunk} if chunk != "0" else {}),
             "decode_ms": round(med * 1e3, 3), "tok_s": round(batch / med, 1), "peak_gib": round(peak, 2),
             "kv_bytes": int(kv)}
 
@@ -277,13 +306,23 @@ def plan(args) -> list[tuple[str, str, int, int]]:
     return runs
 
 
-def int4_model(args, device: torch.device):
-    """The same random model (same seed) with RTN 4-bit weights (AWQ's format); the W4A16 tuner has run for
-    decode shapes (M = 1) and the prefill bucket has the default configuration, outside every timed region."""
+def fuse(model) -> dict:
+    """Fused norms and decoder modules (:mod:`lmcompress.fused`) in place; returns the counts."""
+    from lmcompress.fused import fuse_decoder, fuse_rmsnorm
+
+    return {"norms": fuse_rmsnorm(model), **fuse_decoder(model)}
+
+
+def int4_model(args, device: torch.device, fused: bool = False):
+    """The same random model (same seed) with RTN 4-bit weights (AWQ's format), ``fused`` or not; the W4A16 tuner
+    has run for decode shapes (M = 1) and the prefill bucket has the default configuration, outside every timed
+    region."""
     from lmcompress.weights import RTNConfig, quantize_
 
     model = build_model(args.layers, args.cpu_smoke, device)
     quantize_(model, RTNConfig(group_size=128), device=device, progress=False)
+    if fused:
+        fuse(model)
     with torch.inference_mode():
         os.environ["LMCOMPRESS_W4A16_TUNE"] = "0"
         ids = torch.randint(100, 1000, (1, 512), device=device)
@@ -293,6 +332,68 @@ def int4_model(args, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     return model
+
+
+def ttft_phase(args, ensure, models: dict, device: torch.device) -> list[dict]:
+    """TTFT (prefill of ``--contexts[0]`` tokens, batch 1, compression included) of every ``--ttft-setups``,
+    ``--ttft-repeats`` times, the setups interleaved within each repeat so that drift hits them alike; for each
+    ``--ttft-chunks`` size. Peak memory per prefill, the idle models' bytes subtracted (max over repeats)."""
+    ctx = args.contexts[0]
+    clock = Clock(device)
+    rows = []
+    for setup in args.ttft_setups:
+        ensure(SETUPS[setup][0])
+    for chunk in args.ttft_chunks:
+        peaks: dict[str, float] = {s: 0.0 for s in args.ttft_setups}
+        kv: dict[str, int] = {}
+        each = parse_chunk(chunk)[1]
+        setups = [s for s in args.ttft_setups if not each or "budget" in SETUPS[s][1] or SETUPS[s][1] == "none"]
+        samples = {s: [] for s in setups}
+        for rep in range(args.ttft_repeats + 1):  # the first round is a warm-up, not counted
+            for setup in setups:
+                kind, method = SETUPS[setup]
+                model = models[kind]
+                idle = sum(model_bytes(m) for k, m in models.items() if k != kind)
+                if clock.cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                gen = torch.Generator(device=device).manual_seed(rep)
+                ids = torch.randint(100, model.config.vocab_size - 1, (1, ctx), device=device, generator=gen)
+                with torch.inference_mode():
+                    cache = CompressedCache(model, parse_method(method), reserve=1)
+                    t0 = clock.now()
+                    _prefill(model, ids, cache, chunk)
+                    elapsed = clock.now() - t0
+                kv[setup] = cache.nbytes
+                del cache
+                if rep == 0:
+                    continue
+                samples[setup].append(elapsed)
+                if clock.cuda:
+                    peaks[setup] = max(peaks[setup], (torch.cuda.max_memory_allocated() - idle) / GiB)
+        for setup, ts in samples.items():
+            q1, med, q3 = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else (ts[0],) * 3
+            rows.append({"phase": "ttft", "context": ctx, "batch": 1, "setup": setup, "prefill_chunk": chunk,
+                         "repeats": len(ts), "ttft_median_s": round(med, 4), "ttft_q1_s": round(q1, 4),
+                         "ttft_q3_s": round(q3, 4), "ttft_all_s": [round(t, 4) for t in ts],
+                         "peak_gib": round(peaks[setup], 2), "kv_gib": round(kv[setup] / GiB, 3),
+                         "weights_gib": round(model_bytes(models[SETUPS[setup][0]]) / GiB, 2)})
+    return rows
+
+
+def print_ttft(rows: list[dict]) -> None:
+    if not rows:
+        return
+    print("\n| setup | prefill chunk | repeats | TTFT median s | IQR s | vs first setup | peak GiB | weights GiB | "
+          "KV GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base: dict[str, float] = {}
+    for r in rows:
+        ref = base.setdefault(r["prefill_chunk"], r["ttft_median_s"])
+        print(f"| {r['setup']} | {r['prefill_chunk'] if r['prefill_chunk'] != '0' else 'none'} | {r['repeats']} | {r['ttft_median_s']} | "
+              f"{r['ttft_q1_s']}-{r['ttft_q3_s']} | {100 * (r['ttft_median_s'] / ref - 1):+.1f}% | "
+              f"{r['peak_gib']} | {r['weights_gib']} | {r['kv_gib']} |")
 
 
 def model_bytes(model) -> int:
@@ -328,6 +429,16 @@ def main() -> None:
     ap.add_argument("--kvpress-path", default=None, help="PYTHONPATH with kvpress + transformers<5.3")
     ap.add_argument("--kvpress-timeout", type=float, default=150)
     ap.add_argument("--time-budget", type=float, default=1e9, help="skip runs that start after this many s")
+    ap.add_argument("--prefill-chunk", default="0",
+                    help="our setups prefill in chunks of this many tokens (chunked_prefill; a trailing e: evict "
+                         "at every chunk); 0: one forward")
+    ap.add_argument("--ttft-repeats", type=int, default=0,
+                    help="first, this many interleaved prefills of each --ttft-setups at --contexts[0], batch 1")
+    ap.add_argument("--ttft-setups", nargs="+", default=["ours none, fused", "ours snapkv 8x, fused"],
+                    choices=[s for s in SETUPS if not SETUPS[s][1].startswith("hf_")], metavar="SETUP")
+    ap.add_argument("--ttft-chunks", nargs="+", default=["0", "4096"],
+                    help="prefill chunk sizes of the TTFT phase (0: one forward; 4096e: evict at every chunk, "
+                         "budget setups only)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the script only")
     args = ap.parse_args()
@@ -337,6 +448,8 @@ def main() -> None:
         args.contexts, args.compiled_contexts, args.layers = [256], [], 2
         args.batches, args.batch_context = [2], 256
         args.new_tokens, args.eager_tokens = 8, 8
+        args.ttft_chunks = [c if c == "0" else ("64e" if c.endswith("e") else "64") for c in args.ttft_chunks]
+        args.prefill_chunk = "0" if args.prefill_chunk == "0" else "64"
     os.makedirs(args.out, exist_ok=True)
     rows: list[dict] = []
     out_file = Path(args.out) / "decode_gpu.json"
@@ -360,6 +473,29 @@ def main() -> None:
     for setup in ("hf eager", "ours none"):  # warm-up: kernels, allocator, lmcompress hooks
         run_one(model, setup, min(1024, args.contexts[0]), 1, 8, 8, device)
     models = {"bf16": model}
+
+    def ensure(kind: str):
+        if kind == "bf16f" and kind not in models:
+            from lmcompress.fused import fuse_rmsnorm
+
+            models[kind] = build_model(args.layers, args.cpu_smoke, device)
+            header["fused_norms"] = fuse_rmsnorm(models[kind])
+        if kind == "bf16F" and kind not in models:
+            models[kind] = build_model(args.layers, args.cpu_smoke, device)
+            header["fused"] = fuse(models[kind])
+        if kind not in models:
+            t0 = time.perf_counter()
+            models[kind] = int4_model(args, device, fused=kind == "int4F")
+            header[f"weights_read_gib_{kind}"] = round(read_bytes_per_step(models[kind]) / GiB, 3)
+            header[f"{kind}_setup_s"] = round(time.perf_counter() - t0, 1)
+            print(json.dumps(header), flush=True)
+        return models[kind]
+
+    if args.ttft_repeats:
+        for row in ttft_phase(args, ensure, models, device):
+            rows.append(row)
+            save()
+            print(json.dumps(row), flush=True)
     for kind, setup, ctx, batch in plan(args):
         if time.perf_counter() - start > args.time_budget:
             row = {"context": ctx, "batch": batch, "setup": setup, "error": "skipped (time budget)"}
@@ -367,21 +503,12 @@ def main() -> None:
             save()
             print(json.dumps(row), flush=True)
             continue
-        if kind == "bf16f" and kind not in models:
-            from lmcompress.fused import fuse_rmsnorm
-
-            models[kind] = build_model(args.layers, args.cpu_smoke, device)
-            header["fused_norms"] = fuse_rmsnorm(models[kind])
-        if kind not in models:
-            t0 = time.perf_counter()
-            models[kind] = int4_model(args, device)
-            header["weights_read_gib_int4"] = round(read_bytes_per_step(models[kind]) / GiB, 3)
-            header["int4_setup_s"] = round(time.perf_counter() - t0, 1)
-            print(json.dumps(header), flush=True)
+        ensure(kind)
         # both models stay resident: a run's peak leaves out the other model's weights
         idle = sum(model_bytes(m) for k, m in models.items() if k != kind)
         try:
-            row = run_one(models[kind], setup, ctx, batch, args.new_tokens, args.eager_tokens, device)
+            row = run_one(models[kind], setup, ctx, batch, args.new_tokens, args.eager_tokens, device,
+                          args.prefill_chunk)
             row["peak_gib"] = round(row["peak_gib"] - idle / GiB, 2)
             row = add_floor(row, read_bytes_per_step(models[kind]), bandwidth)
         except torch.cuda.OutOfMemoryError as exc:
@@ -397,7 +524,8 @@ def main() -> None:
     header["seconds"] = round(time.perf_counter() - start, 1)
     save()
     print(json.dumps(header))
-    print_table(rows)
+    print_table([r for r in rows if r.get("phase") != "ttft"])
+    print_ttft([r for r in rows if r.get("phase") == "ttft"])
 
 
 if __name__ == "__main__":

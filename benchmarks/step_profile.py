@@ -34,11 +34,25 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--method", default="snapkv:ratio=0.875")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--fused", action="store_true", help="fused norms and decoder modules (lmcompress.fused)")
+    ap.add_argument("--int4", action="store_true",
+                    help="RTN 4-bit weights (W4A16 kernels tuned for M = 1 first, as decode_gpu.py does)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    model = build_model(args.layers, False, torch.device("cuda"))
+    if args.int4:
+        from decode_gpu import int4_model
+
+        model = int4_model(argparse.Namespace(layers=args.layers, cpu_smoke=False), torch.device("cuda"),
+                           fused=args.fused)
+    else:
+        model = build_model(args.layers, False, torch.device("cuda"))
+    if args.fused and not args.int4:
+        from lmcompress.fused import fuse_decoder, fuse_rmsnorm
+
+        fuse_rmsnorm(model)
+        fuse_decoder(model)
     ids = torch.randint(100, 120000, (1, args.context), device="cuda")
-    result = {"context": args.context, "method": args.method}
+    result = {"context": args.context, "method": args.method, "fused": args.fused, "int4": args.int4}
     for use_graph in (False, True):
         cache = CompressedCache(model, parse_method(args.method), reserve=80)
         first = model(ids, **cache_kwargs(cache), use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
@@ -63,8 +77,8 @@ def main() -> None:
             for e in kernels:
                 by_time[e.name[:60]] += dur[id(e)]
             result.update(kernels_per_step=len(kernels) / steps, kernel_ms_per_step=total_us / steps / 1e3,
-                          top_by_time={k: round(v / steps, 1) for k, v in by_time.most_common(12)},
-                          top_by_count={k: v / steps for k, v in names.most_common(12)})
+                          top_by_time={k: round(v / steps, 1) for k, v in by_time.most_common(20)},
+                          top_by_count={k: v / steps for k, v in names.most_common(20)})
         else:
             times = []
             for _ in range(30):
@@ -79,7 +93,7 @@ def main() -> None:
     result["overhead_us_per_kernel"] = (result["graph_step_ms"] - result["kernel_ms_per_step"]) * 1e3 / result[
         "kernels_per_step"]
     print(json.dumps(result, indent=1))
-    Path(args.out, "step_profile.json").write_text(json.dumps(result, indent=1))
+    Path(args.out, f"step_profile{'_int4' if args.int4 else ''}{'_fused' if args.fused else ''}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

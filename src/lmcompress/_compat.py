@@ -296,3 +296,54 @@ def register_named_attention(name: str, fn: Callable[..., Any]) -> None:
     with :func:`set_attention` (DMS retrofitting's training attention)."""
     AttentionInterface.register(name, fn)
     AttentionMaskInterface.register(name, sdpa_mask)
+
+
+# ----------------------------------------------------------------------------------------------- fused decoder
+
+
+#: attention classes whose forward is Llama's (projections, RoPE with ``rotate_half``, cache update, attention
+#: function, ``o_proj``; checked against their source in transformers 5.17 and 5.24); no sliding window or norms.
+LLAMA_ATTENTION_CLASSES = ("LlamaAttention",)
+#: MLP classes computing ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
+GATED_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+
+def _children_of_class(model: torch.nn.Module, names: tuple[str, ...]
+                       ) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    out = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child).__name__ in names:
+                out.append((parent, name, child))
+    return out
+
+
+def llama_attention_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """``(parent, attribute name, module)`` of every Llama attention module with separate q/k/v projections."""
+    return [(p, n, m) for p, n, m in _children_of_class(model, LLAMA_ATTENTION_CLASSES)
+            if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "head_dim"))]
+
+
+def silu_mlp_modules(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """``(parent, attribute name, module)`` of every gated MLP whose activation is SiLU."""
+    return [(p, n, m) for p, n, m in _children_of_class(model, GATED_MLP_CLASSES)
+            if type(getattr(m, "act_fn", None)).__name__ in ("SiLUActivation", "SiLU")
+            and all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj"))]
+
+
+def attention_function(config: Any) -> Callable[..., Any]:
+    """The attention function a transformers attention module calls for ``config._attn_implementation``
+    (``eager`` -> Llama's ``eager_attention_forward``)."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    impl = getattr(config, "_attn_implementation", None)
+    if impl in (None, "eager"):
+        return eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def update_cache(cache: Any, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cos: torch.Tensor,
+                 sin: torch.Tensor, cache_position: torch.Tensor | None) -> tuple[Any, Any]:
+    """``cache.update`` as transformers' Llama attention calls it (5.17 reads ``cache_position`` from the
+    ``cache_kwargs`` dict; 5.24 ignores it)."""
+    return cache.update(key, value, layer_idx, {"sin": sin, "cos": cos, "cache_position": cache_position})

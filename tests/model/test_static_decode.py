@@ -81,3 +81,27 @@ def test_pipeline_static_decode_gives_the_eager_answer():
     assert static.token_ids == eager.token_ids and len(eager.token_ids) == 8
     with pytest.raises(LMCompressError, match="static decode cannot run"):
         answer(model, ctx, q, KVSpec(quant=IntKV(bits=8, group_size=16)), max_new_tokens=4, decode="static")
+
+
+def test_layers_share_one_clock_that_advances_once_per_step():
+    """One set of slot counters (and one mask) per slot layout: every layer of a uniform cache shares the first
+    layer's clock; a decode step advances it by one token, and the mask marks exactly the valid slots."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        cache = CompressedCache(model, KVSpec(evict=SnapKV(ratio=0.5, window_size=8)))
+        first = int(model(ids, **cache_kwargs(cache)).logits[:, -1].argmax(-1))
+        dec = StaticDecoder(model, cache, 10)
+        clocks = {id(layer.static.clock) for layer in cache.layers}
+        clock = cache.layers[0].static.clock
+        assert len(clocks) == 1 and clock.owner is cache.layers[0].static
+        dec.start(first, 40)
+        dec.run(3)
+        assert int(clock.length) == 20 + 3 and int(clock.next_pos) == 43
+        assert clock.mask.dtype == torch.float32 and clock.mask.shape == (1, 1, 1, 30)
+        assert torch.equal(clock.mask[0, 0, 0] == 0, torch.arange(30) < 23)
+        assert bool(torch.isneginf(clock.mask[0, 0, 0, 23:]).all())
+        positions = cache.layers[3].static.pos[0, 0, 20:23].tolist()
+        dec.close()
+    assert positions == [40, 41, 42]
+    assert cache.held_tokens()[0] == 23

@@ -87,7 +87,9 @@ class StaticDecoder:
             self._eager(1)
             self._eager_steps += 1
             if self.use_graph and self._eager_steps >= WARMUP_STEPS:
-                self._capture()
+                last = self.logits
+                self._capture()  # records a step without running it; self.logits is now the graph's output
+                self.logits.copy_(last)  # so that it holds this (eager) step's logits until the next replay
 
     @torch.inference_mode()
     def generate(self, steps: int, eos_token_ids: list[int] | tuple[int, ...] = ()) -> list[int]:

@@ -159,9 +159,10 @@ class CompressedCache(Cache):
                 raise LMCompressError("rolling static decode needs evict=StreamingLLM (its window rolls); "
                                       f"got {self.spec.label()}")
             ring_start = self.spec.evict.n_sink
+        clocks: dict = {}  # one set of device counters per slot layout, shared by the layers (kv/static.py)
         try:
             for layer in self.layers:
-                layer.begin_static(new_tokens, ring_start if layer.evict is not None else None)
+                layer.begin_static(new_tokens, ring_start if layer.evict is not None else None, clocks)
         except LMCompressError:
             self.end_static()
             raise

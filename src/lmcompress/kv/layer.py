@@ -475,12 +475,13 @@ class CompressedLayer(CacheLayerMixin):
             self.batch_size, self.num_heads, -1)
 
     # ------------------------------------------------------------------------------------ static mode
-    def begin_static(self, new_tokens: int, ring_start: int | None) -> None:
+    def begin_static(self, new_tokens: int, ring_start: int | None, clocks: dict | None = None) -> None:
         """Switch to fixed-shape decode storage (see :mod:`lmcompress.kv.static`).
 
         Args:
             new_tokens: decode steps to make room for (append mode).
             ring_start: None for append mode; else rolling mode with fixed capacity, overwriting from this slot.
+            clocks: the slot counters of the cache's earlier layers, shared where the slot layout matches.
         """
         seg = self._uniform
         if seg is None or seg.fp_k is None or seg.store is not None or seg.aux:
@@ -495,7 +496,8 @@ class CompressedLayer(CacheLayerMixin):
             capacity = seg.held
         else:
             capacity = seg.held + new_tokens
-        self.static = StaticSlots(seg.fp_k, seg.fp_v, seg.pos, seg.held, self.seen, capacity, ring_start)
+        self.static = StaticSlots(seg.fp_k, seg.fp_v, seg.pos, seg.held, self.seen, capacity, ring_start,
+                                  clocks)
 
     def end_static(self) -> None:
         """Back to the dynamic layout, with the tokens written while static."""

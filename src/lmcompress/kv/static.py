@@ -27,6 +27,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .spec import KVSpec
 
 
+def _triton() -> bool:
+    from ..triton_support import triton_available
+
+    return triton_available()
+
+
 def _policy_chain(policy: EvictionPolicy) -> list[EvictionPolicy]:
     """``policy`` and the policies it wraps (``base``, recursively)."""
     chain = [policy]
@@ -60,6 +66,63 @@ def static_decode_supported(spec: KVSpec) -> str | None:
 
 
 
+class StaticClock:
+    """The device-side counters of static slots, shared by every layer with the same slot layout (capacity,
+    ring start, held tokens, next position), so that a decode step advances them once instead of once per layer.
+
+    The first :class:`StaticSlots` bound to a clock owns it: its :meth:`StaticSlots.write` calls :meth:`tick`
+    before writing, and the layers after it (later in the same step) read the slot, position and mask the tick
+    set. Layers run in order, so the owner (the lowest layer) ticks first in every step.
+
+    Args:
+        held: tokens valid now (the first ``held`` slots).
+        seen: the next token's logical position.
+        capacity: number of slots.
+        ring_start: None for append mode, else the first slot a rolling overwrite may use.
+        device: where the counters live.
+    """
+
+    def __init__(self, held: int, seen: int, capacity: int, ring_start: int | None, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.capacity, self.ring_start = capacity, ring_start
+        self.length = torch.tensor([held], device=device, dtype=torch.int64)
+        self.slot = torch.tensor([held if held < capacity else (ring_start or 0)], device=device,
+                                 dtype=torch.int64)
+        self.next_pos = torch.tensor([seen], device=device, dtype=torch.int64)
+        self.slot_ids = torch.arange(capacity, device=device)
+        #: set by :meth:`tick`: the slot and position of this step's token, and the mask of valid slots.
+        self.cur_slot = torch.zeros(1, device=device, dtype=torch.int64)
+        self.cur_pos = torch.zeros((1, 1, 1), device=device, dtype=torch.int32)
+        self.valid = torch.zeros(capacity, device=device, dtype=torch.bool)
+        #: additive attention mask ``[1, 1, 1, capacity]`` in the KV dtype: 0 on valid slots, -inf elsewhere (SDPA
+        #: takes it as is; a bool mask is converted on every call, i.e. in every layer)
+        self.mask = torch.zeros((1, 1, 1, capacity), device=device, dtype=dtype)
+        self._zero = torch.zeros((), device=device, dtype=dtype)
+        self._neg_inf = torch.full((), float("-inf"), device=device, dtype=dtype)
+        self.owner: object | None = None
+
+    def tick(self) -> None:
+        """Claim the next slot for this step's token (device-side only)."""
+        self.cur_slot.copy_(self.slot)
+        self.cur_pos.copy_(self.next_pos.view(1, 1, 1))
+        self.next_pos.add_(1)
+        self.length.copy_(torch.clamp(self.length + 1, max=self.capacity))
+        torch.lt(self.slot_ids, self.length, out=self.valid)
+        torch.where(self.valid, self._zero, self._neg_inf, out=self.mask.view(self.capacity))
+        nxt = self.slot + 1
+        if self.ring_start is None:
+            self.slot.copy_(nxt)
+        else:
+            self.slot.copy_(torch.where(nxt < self.capacity, nxt, torch.full_like(nxt, self.ring_start)))
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        return (self.length.clone(), self.slot.clone(), self.next_pos.clone())
+
+    def restore(self, state: tuple[torch.Tensor, ...]) -> None:
+        for dst, src in zip((self.length, self.slot, self.next_pos), state):
+            dst.copy_(src)
+
+
 class StaticSlots:
     """Fixed-shape decode storage of one layer's ``[B, H]`` heads.
 
@@ -70,10 +133,13 @@ class StaticSlots:
         seen: the next token's logical position.
         capacity: number of slots.
         ring_start: None for append mode, else the first slot a rolling overwrite may use.
+        clocks: clocks of the layers set up before this one in the same cache, by slot layout; this layer
+            shares the matching one (or adds its own). None: a private clock.
     """
 
     def __init__(self, fp_k: TokenBuffer, fp_v: TokenBuffer, pos: TokenBuffer | None, held: int, seen: int,
-                 capacity: int, ring_start: int | None) -> None:
+                 capacity: int, ring_start: int | None,
+                 clocks: dict[tuple, StaticClock] | None = None) -> None:
         for buf in (fp_k, fp_v, pos):
             if buf is not None and buf.capacity != capacity:
                 buf.replace(buf.view(), headroom=capacity - buf.length)
@@ -86,33 +152,47 @@ class StaticSlots:
         self.capacity = capacity
         self.ring_start = ring_start
         device = self.k.device
-        self.length = torch.tensor([held], device=device, dtype=torch.int64)
-        self.slot = torch.tensor([held if held < capacity else (ring_start or 0)], device=device,
-                                 dtype=torch.int64)
-        self.next_pos = torch.tensor([seen], device=device, dtype=torch.int64)
-        self.slot_ids = torch.arange(capacity, device=device)
+        key = (held, seen, capacity, ring_start, str(device), self.k.dtype)
+        clocks = {} if clocks is None else clocks
+        if key not in clocks:
+            clocks[key] = StaticClock(held, seen, capacity, ring_start, device, self.k.dtype)
+        self.clock = clocks[key]
+        if self.clock.owner is None:
+            self.clock.owner = self
         self.steps = 0
 
+    @property
+    def length(self) -> torch.Tensor:
+        return self.clock.length
+
+    @property
+    def next_pos(self) -> torch.Tensor:
+        return self.clock.next_pos
+
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write one token's ``[B, H, 1, D]`` key and value into the current slot; advance (device-side)."""
-        self.k.index_copy_(2, self.slot, keys)
-        self.v.index_copy_(2, self.slot, values)
+        """Write one token's ``[B, H, 1, D]`` key and value into this step's slot (the owner of the clock
+        advances it first; device-side only)."""
+        clock = self.clock
+        if clock.owner is self:
+            clock.tick()
+        if self.k.is_cuda and self.k.is_contiguous() and self.v.is_contiguous() and _triton():
+            from .kernels.slot_write import slot_write
+
+            pos = self.pos if self.pos is not None and self.pos.is_contiguous() else None
+            if pos is not None or self.pos is None:
+                slot_write(self.k, self.v, pos, clock.cur_slot, clock.cur_pos, keys, values)
+                return
+        self.k.index_copy_(2, clock.cur_slot, keys)
+        self.v.index_copy_(2, clock.cur_slot, values)
         if self.pos is not None:
             b, h = self.pos.shape[:2]
-            self.pos.index_copy_(2, self.slot, self.next_pos.to(torch.int32).view(1, 1, 1).expand(b, h, 1))
-        self.next_pos.add_(1)
-        self.length.copy_(torch.clamp(self.length + 1, max=self.capacity))
-        nxt = self.slot + 1
-        if self.ring_start is None:
-            self.slot.copy_(nxt)
-        else:
-            self.slot.copy_(torch.where(nxt < self.capacity, nxt, torch.full_like(nxt, self.ring_start)))
+            self.pos.index_copy_(2, clock.cur_slot, clock.cur_pos.expand(b, h, 1))
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """``query: [B, Hq, 1, D]`` over the valid slots -> ``[B, Hq, 1, D]``."""
-        mask = (self.slot_ids < self.length).view(1, 1, 1, self.capacity)
         return torch.nn.functional.scaled_dot_product_attention(
-            query, self.k, self.v, attn_mask=mask, scale=scaling, enable_gqa=query.shape[1] != self.k.shape[1])
+            query, self.k, self.v, attn_mask=self.clock.mask, scale=scaling,
+            enable_gqa=query.shape[1] != self.k.shape[1])
 
     def release(self) -> tuple[int, int]:
         """Hand the storage back to the dynamic layout: returns ``(held, seen)`` and restores ascending
@@ -130,8 +210,7 @@ class StaticSlots:
         return held, seen
 
     def state(self) -> tuple[torch.Tensor, ...]:
-        return (self.length.clone(), self.slot.clone(), self.next_pos.clone())
+        return self.clock.state()
 
     def restore(self, state: tuple[torch.Tensor, ...]) -> None:
-        for dst, src in zip((self.length, self.slot, self.next_pos), state):
-            dst.copy_(src)
+        self.clock.restore(state)

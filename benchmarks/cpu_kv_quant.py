@@ -240,10 +240,11 @@ class _null:
         return False
 
 
-def multiple_choice(model, tok, config, task: str, limit: int | None) -> dict:
+def multiple_choice(model, tok, config, task: str, limit: int | None, shots: int = 0) -> dict:
     from lmcompress.eval.tasks.multiple_choice import bigbench_questions, evaluate
 
-    res = evaluate(model, tok, bigbench_questions(task, limit), lambda m: make_cache(m, config), cache_bytes)
+    res = evaluate(model, tok, bigbench_questions(task, limit, shots=shots), lambda m: make_cache(m, config),
+                   cache_bytes)
     return {"accuracy": res["accuracy"], "accuracy_mean": res["accuracy_mean"], "questions": res["questions"],
             "prompt_tokens": res["prompt_tokens"], "ratio": res["ratio_bf16"], "bytes_bf16": res["kv_bytes_bf16"]}
 
@@ -304,7 +305,7 @@ def run(args) -> None:
         configs.update(kvquant_grid(model, tok))
     if args.only:
         configs = {k: v for k, v in configs.items() if any(k.startswith(p) for p in args.only)}
-    keys = {"ppl": ("context", "eval", "chunk"), "mc": ("task", "limit"), "needle": ("tokens", "trials"),
+    keys = {"ppl": ("context", "eval", "chunk"), "mc": ("task", "limit", "shots"), "needle": ("tokens", "trials"),
             "kverr": ("tokens", "chunk", "trials")}[args.cmd]
     extra = {"cmd": args.cmd, **{k: getattr(args, k) for k in keys}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -322,7 +323,7 @@ def run(args) -> None:
                     task = Perplexity(context_tokens=args.context, eval_tokens=args.eval, chunk=args.chunk)
                     res["task_ppl"] = task.run(RunContext(model, tok, config)).metrics["perplexity"]
             elif args.cmd == "mc":
-                res = multiple_choice(model, tok, config, args.task, args.limit)
+                res = multiple_choice(model, tok, config, args.task, args.limit, args.shots)
             elif args.cmd == "needle":
                 res = needle(model, tok, config, args.tokens, args.trials)
             else:
@@ -368,6 +369,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=64, help="ppl: eval chunk; kverr: continuation")
     parser.add_argument("--task", default="general_knowledge")
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--shots", type=int, default=0, help="mc: solved examples prepended to every prompt")
     parser.add_argument("--trials", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="labels starting with these prefixes")

@@ -140,7 +140,8 @@ def make_run_executor(args: argparse.Namespace, grid):
     import torch
 
     from .runner.executors import InlineExecutor
-    from .runner.parallel import LocalExecutor, RayExecutor
+    from .runner.parallel import LocalExecutor
+    from .runner.ray_executor import RayExecutor
 
     progress = not args.quiet
     if args.executor == "inline":
@@ -161,9 +162,13 @@ def make_run_executor(args: argparse.Namespace, grid):
         devices = ([d.strip() for d in args.devices.split(",") if d.strip()] if args.devices
                    else [grid.device] * args.workers)
         return LocalExecutor(devices, grid.dtype, progress=progress, reuse_stale=args.reuse_stale, keep_going=True)
-    gpus = 0.0 if grid.device == "cpu" else 1.0
+    from .sizes import parse_bytes
+
+    gpus = args.ray_gpus if args.ray_gpus is not None else (0.0 if grid.device == "cpu" else 1.0)
+    memory = parse_bytes(args.ray_memory, "--ray-memory") if args.ray_memory is not None else None
     return RayExecutor(args.ray_address, args.workers, gpus, grid.dtype, progress=progress,
-                       reuse_stale=args.reuse_stale)
+                       cpus_per_task=args.ray_cpus, memory_per_task=memory, reuse_stale=args.reuse_stale,
+                       keep_going=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -175,9 +180,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)  # every grid problem is reported before anything loads
     check_run_inputs(grid, args.executor)
     if args.executor == "ray":
-        from .runner.parallel import check_ray_address
+        from .runner.ray_executor import check_ray_address
 
         check_ray_address(args.ray_address)  # before the store is touched
+    executor = make_run_executor(args, grid)  # (its options are checked here, before the store is touched)
     out = check_output_dir(args.out or f"out/run/{grid.name}")
     store_path = Path(args.store) if args.store else out / "results.sqlite"
     if args.dry_run:
@@ -196,7 +202,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         cells = plan(grid, store, args.reuse_stale, args.retry_failed)
         print(plan_text(grid, cells, store.records("ok"), store_path, verbose=False), file=sys.stderr)
         runs = [c["run"] for c in cells if c["action"] != "skip"]
-        executor = make_run_executor(args, grid)
         records = executor.run(runs, store) if runs else []
     ok = [r for r in records if r["status"] == "ok"]
     failed = [c for c in cells if c["action"] == "skip"] + [r for r in records if r["status"] != "ok"]
@@ -332,9 +337,14 @@ def add_run_subcommands(sub) -> None:
     r.add_argument("--executor", default="inline", choices=("inline", "local", "ray"),
                    help="inline (default), local (worker processes) or ray")
     r.add_argument("--workers", type=int, default=1,
-                   help="local: worker processes on the grid's device (default 1); ray: actors")
+                   help="local: worker processes on the grid's device (default 1); ray: cells in flight at once")
     r.add_argument("--devices", default=None, help="local: one worker per device, e.g. cuda:0,cuda:1")
     r.add_argument("--ray-address", default=None, help="ray: cluster address (default: a local one)")
+    r.add_argument("--ray-gpus", type=float, default=None,
+                   help="ray: GPUs each cell's task requests (default 1 for a cuda grid, 0 for cpu)")
+    r.add_argument("--ray-cpus", type=float, default=1.0, help="ray: CPUs each cell's task requests (default 1)")
+    r.add_argument("--ray-memory", default=None,
+                   help="ray: memory each cell's task requests, e.g. 16GiB (default: none requested)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
 

@@ -123,10 +123,17 @@ def check_run_inputs(grid, executor: str) -> None:
 
     if executor != "ray":
         check_device(grid.device)
+    if grid.placement is not None and executor == "local":
+        raise GridError(f"{grid.source}: {next(iter(grid.placement.to_dict()))}: --executor local runs one model per "
+                        "device; allowed: a grid spread over several devices runs inline or on Ray")
     for model in sorted({r.model for r in grid.runs}):
         if executor != "ray":
             try:
                 check_model_source(model)
+                if grid.placement is not None:
+                    from .placement import check_model_placement
+
+                    check_model_placement(model, grid.placement)
             except LMCompressError as exc:
                 raise GridError(f"{grid.source}: models: {exc}") from None
         limit = known_max_positions(model)
@@ -152,7 +159,7 @@ def make_run_executor(args: argparse.Namespace, grid):
         dtype = getattr(torch, grid.dtype)
 
         def loader(name: str):
-            model, tok = load_model(name, dtype=dtype, device=grid.device, quiet=True)
+            model, tok = load_model(name, dtype=dtype, device=grid.device, quiet=True, placement=grid.placement)
             check_context_fits(model, longest_sequence(r.task for r in grid.runs if r.model == name))
             return model, tok
 
@@ -164,11 +171,12 @@ def make_run_executor(args: argparse.Namespace, grid):
         return LocalExecutor(devices, grid.dtype, progress=progress, reuse_stale=args.reuse_stale, keep_going=True)
     from .sizes import parse_bytes
 
-    gpus = args.ray_gpus if args.ray_gpus is not None else (0.0 if grid.device == "cpu" else 1.0)
+    gpus_needed = len([d for d in grid.placement.devices() if d.startswith("cuda")]) if grid.placement else 1
+    gpus = args.ray_gpus if args.ray_gpus is not None else (0.0 if grid.device == "cpu" else float(gpus_needed))
     memory = parse_bytes(args.ray_memory, "--ray-memory") if args.ray_memory is not None else None
     return RayExecutor(args.ray_address, args.workers, gpus, grid.dtype, progress=progress,
                        cpus_per_task=args.ray_cpus, memory_per_task=memory, reuse_stale=args.reuse_stale,
-                       keep_going=True)
+                       keep_going=True, placement=grid.placement)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

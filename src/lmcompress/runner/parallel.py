@@ -28,9 +28,9 @@ from .store import ResultStore
 
 
 def _execute(run_dict: dict[str, Any], device: str, dtype_name: str, models: dict,
-             warmup: bool = True) -> tuple[dict, float, float]:
-    """Run one spec (models cached per worker, each warmed up after its load); returns (result dict,
-    started_at, duration)."""
+             warmup: bool = True, placement: Any = None) -> tuple[dict, float, float]:
+    """Run one spec (models cached per worker, each warmed up after its load; ``placement``: see
+    :func:`lmcompress.models.load_model`); returns (result dict, started_at, duration)."""
     import torch
 
     from ..eval.tasks.base import RunContext
@@ -39,7 +39,8 @@ def _execute(run_dict: dict[str, Any], device: str, dtype_name: str, models: dic
     run = RunSpec.from_dict(run_dict)
     if run.model not in models:
         models.clear()
-        models[run.model] = load_model(run.model, dtype=getattr(torch, dtype_name), device=device, quiet=True)
+        models[run.model] = load_model(run.model, dtype=getattr(torch, dtype_name), device=device, quiet=True,
+                                       placement=placement)
         if warmup:
             warm_up_for(models[run.model][0], run)
     model, tokenizer = models[run.model]

@@ -30,11 +30,13 @@ _MODELS: dict = {}
 _PREPARED: set[str] = set()
 
 
-def run_cell(key: str, run_dict: dict[str, Any], device: str, dtype: str, warmup: bool) -> dict[str, Any]:
+def run_cell(key: str, run_dict: dict[str, Any], device: str, dtype: str, warmup: bool,
+             placement: dict[str, Any] | None = None) -> dict[str, Any]:
     """The body of one cell's Ray task. Returns ``key``, ``device``, ``resources`` (what Ray assigned to this task,
     read back inside it: ``{"CPU": 1.0, "GPU": 1.0, "memory": ...}``), ``started``, ``duration`` and either
     ``result`` (the task's result dict) or ``error`` (:func:`failure_text`), ``message`` (its first line) and
-    ``bad_input`` (an :class:`LMCompressError`). Exceptions of the task are returned, not raised."""
+    ``bad_input`` (an :class:`LMCompressError`). ``placement``: a :meth:`Placement.to_dict` to spread the model
+    over the task's devices (checked on the worker's node). Exceptions of the task are returned, not raised."""
     import ray
     import torch
 
@@ -52,7 +54,10 @@ def run_cell(key: str, run_dict: dict[str, Any], device: str, dtype: str, warmup
         if device not in _PREPARED:
             prepare_measurement(device)
             _PREPARED.add(device)
-        result, started, duration = _execute(run_dict, device, dtype, _MODELS, warmup)
+        from ..placement import parse_placement
+
+        placed = parse_placement(**placement) if placement else None
+        result, started, duration = _execute(run_dict, device, dtype, _MODELS, warmup, placed)
         out.update(result=result, started=started, duration=duration)
     except Exception as exc:
         out.update(error=failure_text(exc), message=str(exc), bad_input=isinstance(exc, LMCompressError),
@@ -109,6 +114,8 @@ class RayExecutor(_Options):
         cpus_per_task: CPUs each cell's task requests.
         memory_per_task: bytes of memory each cell's task requests (Ray's ``memory`` resource; None: none).
         init_kwargs: extra ``ray.init`` arguments for a local Ray started here (e.g. ``num_cpus=2``).
+        placement: a :class:`~lmcompress.placement.Placement` spreading each model over the task's devices (its
+            ``cuda:N`` are the task's GPUs, numbered within ``CUDA_VISIBLE_DEVICES``).
         reuse_stale, warmup, claim_timeout_s, heartbeat_s, keep_going: as for
             :class:`~lmcompress.runner.executors.InlineExecutor`.
     """
@@ -117,7 +124,7 @@ class RayExecutor(_Options):
                  dtype: str = "bfloat16", progress: bool = True, *, cpus_per_task: float = 1.0,
                  memory_per_task: int | None = None, init_kwargs: dict[str, Any] | None = None,
                  reuse_stale: bool = False, warmup: bool = True, claim_timeout_s: float = 60.0,
-                 heartbeat_s: float = 5.0, keep_going: bool = False) -> None:
+                 heartbeat_s: float = 5.0, keep_going: bool = False, placement: Any = None) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise LMCompressError(f"--workers={workers!r} is not allowed; it must be an integer >= 1")
         for name, value in (("GPUs per task", gpus_per_task), ("CPUs per task", cpus_per_task)):
@@ -130,6 +137,7 @@ class RayExecutor(_Options):
         self.cpus, self.memory = float(cpus_per_task), memory_per_task
         self.init_kwargs = dict(init_kwargs or {})
         self.keep_going = keep_going
+        self.placement = placement.to_dict() if placement is not None else None
         #: after :meth:`run`: cells stored as failed by this run.
         self.failures = 0
         #: after :meth:`run`: per key run here, the resources Ray assigned to its task (read back inside it).
@@ -188,7 +196,8 @@ class RayExecutor(_Options):
                             remote = ray.remote(max_calls=0)(run_cell)
                         run, key = cell
                         spec = run.to_dict()
-                        ref = remote.options(**options).remote(key, spec, self.device_kind, self.dtype, self.warmup)
+                        ref = remote.options(**options).remote(key, spec, self.device_kind, self.dtype, self.warmup,
+                                                              self.placement)
                         in_flight[ref] = (key, spec)
                     if not in_flight:
                         continue

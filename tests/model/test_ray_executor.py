@@ -82,3 +82,27 @@ def test_a_request_no_node_holds_fails_at_once(tmp_path, local_ray):
                                                   r"memory=1048576\.00GiB \(largest node: CPU=2, memory="):
             executor.run([run], store)
         assert store.records(None) == [] and store.claims() == []
+
+
+def test_ray_tasks_load_the_model_over_the_grid_placement(tmp_path, local_ray):
+    from lmcompress.placement import parse_placement
+
+    layers = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(4)), "model.norm", "model.rotary_emb",
+              "lm_head"]
+    placement = parse_placement(device_map={name: "cpu" for name in layers})
+    runs = grid_runs()[:2]
+    with ResultStore(tmp_path / "inline.sqlite") as store:
+        from lmcompress.runner.executors import InlineExecutor
+
+        inline = InlineExecutor(progress=False).run(runs, store)
+    executor = RayExecutor(workers=1, gpus_per_task=0, dtype="float32", progress=False, placement=placement)
+    with ResultStore(tmp_path / "placed.sqlite") as store:
+        placed = executor.run(runs, store)
+    assert [deterministic(r) for r in inline] == [deterministic(r) for r in placed]
+    assert all(r["status"] == "ok" for r in placed)
+    # the placement really reaches the task: caps no model fits fail there, with accelerate's placement named
+    tight = RayExecutor(workers=1, gpus_per_task=0, dtype="float32", progress=False, keep_going=True,
+                        placement=parse_placement(devices={"cpu": "4KiB"}))
+    with ResultStore(tmp_path / "tight.sqlite") as store:
+        [rec] = tight.run(runs[:1], store)
+    assert rec["status"] == "failed" and "the model does not fit these caps" in rec["error"]

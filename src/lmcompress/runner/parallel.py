@@ -37,13 +37,14 @@ def _execute(run_dict: dict[str, Any], device: str, dtype_name: str, models: dic
     from ..models import load_model
 
     run = RunSpec.from_dict(run_dict)
-    if run.model not in models:
+    loaded = (run.model, repr(placement))  # (a model placed over devices is another load)
+    if loaded not in models:
         models.clear()
-        models[run.model] = load_model(run.model, dtype=getattr(torch, dtype_name), device=device, quiet=True,
-                                       placement=placement)
+        models[loaded] = load_model(run.model, dtype=getattr(torch, dtype_name), device=device, quiet=True,
+                                    placement=placement)
         if warmup:
-            warm_up_for(models[run.model][0], run)
-    model, tokenizer = models[run.model]
+            warm_up_for(models[loaded][0], run)
+    model, tokenizer = models[loaded]
     started = time.time()
     result = run.task.run(RunContext(model, tokenizer, run.kv, run.model))
     return result.to_dict(), started, time.time() - started

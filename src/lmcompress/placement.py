@@ -150,14 +150,19 @@ def place_model(model: torch.nn.Module, placement: Placement) -> torch.nn.Module
         logger.setLevel(level)
 
 
+def _device_name(d: int | str | torch.device) -> str:
+    """An accelerate device-map value as a name: ``1`` -> ``cuda:1``; ``cpu``, ``disk``, ``cuda:0`` as they are."""
+    if isinstance(d, int) and not isinstance(d, bool):
+        return f"cuda:{d}"
+    return str(d) if str(d) in ("cpu", "disk") else str(torch.device(d))
+
+
 def model_devices(model: torch.nn.Module) -> list[str]:
-    """The devices a model's modules run on: those of its accelerate device map if it has one (CPU offload
-    entries run on the first GPU), else those of its parameters."""
+    """The devices a model's weights are placed on, in first-seen order: the values of its accelerate device map
+    if it has one (``cpu`` beside GPUs included: offloaded weights), else its parameters' devices."""
     device_map = getattr(model, "hf_device_map", None)
     if device_map:
-        named = [str(torch.device(f"cuda:{d}" if isinstance(d, int) else d)) for d in device_map.values()]
-        gpus = [d for d in named if d not in ("cpu", "disk")]
-        return list(dict.fromkeys(gpus or named))
+        return list(dict.fromkeys(_device_name(d) for d in device_map.values()))
     return list(dict.fromkeys(str(p.device) for p in model.parameters()))
 
 

@@ -96,7 +96,8 @@ def plan_text(grid, cells: list[dict[str, Any]], stored: list[dict[str, Any]], s
     counts = {s: sum(c["state"] == s for c in cells) for s in ("done", "stale", "failed", "todo")}
     to_run = [c for c in cells if c["action"] == "run"]
     lines = [f"grid {grid.name} ({grid.source}): {d['models']} models x {d['kv_specs']} KV specs x {d['tasks']} "
-             f"tasks = {d['cells']} cells on {grid.device}/{grid.dtype}",
+             f"tasks = {d['cells']} cells on {grid.device}/{grid.dtype}"
+             + (f", each model spread over {', '.join(grid.placement.devices())}" if grid.placement else ""),
              f"store {store_path}: {counts['done']} done, {counts['stale']} stale (another code version), "
              f"{counts['failed']} failed, {counts['todo']} not run"]
     skipped = sum(c["action"] == "skip" for c in cells)

@@ -112,3 +112,10 @@ def test_bad_maps_exit_2_with_one_line_naming_the_value(tmp_path, capsys, extra,
     assert len(err) == 1 and message in err[0], err
     assert str(grid) in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_names_the_devices_a_model_is_spread_over(tmp_path, capsys):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(GRID + "devices: {cpu: 1GiB}\n")
+    assert main(["run", str(grid), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "1 cells on cpu/float32, each model spread over cpu" in capsys.readouterr().out

@@ -179,7 +179,8 @@ def rotary_cos_sin(rotary: torch.nn.Module, config: Any, layer_idx: int, positio
         cos, sin = rotary(x, pos, layer_type=layer_type)
     else:
         cos, sin = rotary(x, pos)
-    return cos[0].float(), sin[0].float()
+    # (on the caller's device: a model spread over devices may keep its rotary module on another one)
+    return cos[0].float().to(device), sin[0].float().to(device)
 
 
 # ----------------------------------------------------------------------------------------------- pipelines

@@ -184,7 +184,8 @@ def make_executor(args: argparse.Namespace, dtype, loader):
     """The executor named by ``--executor``: inline (this process), local (one process per ``--devices``
     entry) or ray (``--workers`` actors on a Ray cluster at ``--ray-address``)."""
     from .runner.executors import InlineExecutor
-    from .runner.parallel import LocalExecutor, RayExecutor
+    from .runner.parallel import LocalExecutor
+    from .runner.ray_executor import RayExecutor
 
     dtype_name = str(dtype).removeprefix("torch.")
     if args.executor == "inline":

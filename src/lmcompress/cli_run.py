@@ -96,7 +96,8 @@ def plan_text(grid, cells: list[dict[str, Any]], stored: list[dict[str, Any]], s
     counts = {s: sum(c["state"] == s for c in cells) for s in ("done", "stale", "failed", "todo")}
     to_run = [c for c in cells if c["action"] == "run"]
     lines = [f"grid {grid.name} ({grid.source}): {d['models']} models x {d['kv_specs']} KV specs x {d['tasks']} "
-             f"tasks = {d['cells']} cells on {grid.device}/{grid.dtype}",
+             f"tasks = {d['cells']} cells on {grid.device}/{grid.dtype}"
+             + (f", each model spread over {', '.join(grid.placement.devices())}" if grid.placement else ""),
              f"store {store_path}: {counts['done']} done, {counts['stale']} stale (another code version), "
              f"{counts['failed']} failed, {counts['todo']} not run"]
     skipped = sum(c["action"] == "skip" for c in cells)
@@ -123,10 +124,17 @@ def check_run_inputs(grid, executor: str) -> None:
 
     if executor != "ray":
         check_device(grid.device)
+    if grid.placement is not None and executor == "local":
+        raise GridError(f"{grid.source}: {next(iter(grid.placement.to_dict()))}: --executor local runs one model per "
+                        "device; allowed: a grid spread over several devices runs inline or on Ray")
     for model in sorted({r.model for r in grid.runs}):
         if executor != "ray":
             try:
                 check_model_source(model)
+                if grid.placement is not None:
+                    from .placement import check_model_placement
+
+                    check_model_placement(model, grid.placement)
             except LMCompressError as exc:
                 raise GridError(f"{grid.source}: models: {exc}") from None
         limit = known_max_positions(model)
@@ -140,7 +148,8 @@ def make_run_executor(args: argparse.Namespace, grid):
     import torch
 
     from .runner.executors import InlineExecutor
-    from .runner.parallel import LocalExecutor, RayExecutor
+    from .runner.parallel import LocalExecutor
+    from .runner.ray_executor import RayExecutor
 
     progress = not args.quiet
     if args.executor == "inline":
@@ -151,7 +160,7 @@ def make_run_executor(args: argparse.Namespace, grid):
         dtype = getattr(torch, grid.dtype)
 
         def loader(name: str):
-            model, tok = load_model(name, dtype=dtype, device=grid.device, quiet=True)
+            model, tok = load_model(name, dtype=dtype, device=grid.device, quiet=True, placement=grid.placement)
             check_context_fits(model, longest_sequence(r.task for r in grid.runs if r.model == name))
             return model, tok
 
@@ -161,9 +170,14 @@ def make_run_executor(args: argparse.Namespace, grid):
         devices = ([d.strip() for d in args.devices.split(",") if d.strip()] if args.devices
                    else [grid.device] * args.workers)
         return LocalExecutor(devices, grid.dtype, progress=progress, reuse_stale=args.reuse_stale, keep_going=True)
-    gpus = 0.0 if grid.device == "cpu" else 1.0
+    from .sizes import parse_bytes
+
+    gpus_needed = len([d for d in grid.placement.devices() if d.startswith("cuda")]) if grid.placement else 1
+    gpus = args.ray_gpus if args.ray_gpus is not None else (0.0 if grid.device == "cpu" else float(gpus_needed))
+    memory = parse_bytes(args.ray_memory, "--ray-memory") if args.ray_memory is not None else None
     return RayExecutor(args.ray_address, args.workers, gpus, grid.dtype, progress=progress,
-                       reuse_stale=args.reuse_stale)
+                       cpus_per_task=args.ray_cpus, memory_per_task=memory, reuse_stale=args.reuse_stale,
+                       keep_going=True, placement=grid.placement)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -175,9 +189,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)  # every grid problem is reported before anything loads
     check_run_inputs(grid, args.executor)
     if args.executor == "ray":
-        from .runner.parallel import check_ray_address
+        from .runner.ray_executor import check_ray_address
 
         check_ray_address(args.ray_address)  # before the store is touched
+    executor = make_run_executor(args, grid)  # (its options are checked here, before the store is touched)
     out = check_output_dir(args.out or f"out/run/{grid.name}")
     store_path = Path(args.store) if args.store else out / "results.sqlite"
     if args.dry_run:
@@ -196,7 +211,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         cells = plan(grid, store, args.reuse_stale, args.retry_failed)
         print(plan_text(grid, cells, store.records("ok"), store_path, verbose=False), file=sys.stderr)
         runs = [c["run"] for c in cells if c["action"] != "skip"]
-        executor = make_run_executor(args, grid)
         records = executor.run(runs, store) if runs else []
     ok = [r for r in records if r["status"] == "ok"]
     failed = [c for c in cells if c["action"] == "skip"] + [r for r in records if r["status"] != "ok"]
@@ -332,9 +346,14 @@ def add_run_subcommands(sub) -> None:
     r.add_argument("--executor", default="inline", choices=("inline", "local", "ray"),
                    help="inline (default), local (worker processes) or ray")
     r.add_argument("--workers", type=int, default=1,
-                   help="local: worker processes on the grid's device (default 1); ray: actors")
+                   help="local: worker processes on the grid's device (default 1); ray: cells in flight at once")
     r.add_argument("--devices", default=None, help="local: one worker per device, e.g. cuda:0,cuda:1")
     r.add_argument("--ray-address", default=None, help="ray: cluster address (default: a local one)")
+    r.add_argument("--ray-gpus", type=float, default=None,
+                   help="ray: GPUs each cell's task requests (default 1 for a cuda grid, 0 for cpu)")
+    r.add_argument("--ray-cpus", type=float, default=1.0, help="ray: CPUs each cell's task requests (default 1)")
+    r.add_argument("--ray-memory", default=None,
+                   help="ray: memory each cell's task requests, e.g. 16GiB (default: none requested)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
 

@@ -301,6 +301,7 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
     quiet: bool = False,
+    placement: Any = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM and its tokenizer.
 
@@ -313,6 +314,9 @@ def load_model(
         device: where to put the model.
         attn_implementation: optional attention implementation to select (``"lmcompress"``, ``"sdpa"``, ...).
         quiet: hide transformers' loading progress bars.
+        placement: a :class:`lmcompress.placement.Placement` (a memory cap per device, or an explicit map of
+            modules to devices): the model is loaded on the CPU and dispatched over those devices with
+            accelerate's hooks (``device`` is then ignored). Not for 4-bit checkpoint folders.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer is ``None`` for tiny test models and folders without one.
@@ -325,6 +329,8 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = name_or_path
+    if placement is not None:
+        device = "cpu"  # loaded here, then dispatched
     if name in TINY_MODELS:
         model = tiny_model(name.removeprefix("tiny-"), dtype=dtype).to(device)
         tokenizer = None
@@ -333,6 +339,9 @@ def load_model(
         if name not in EMBEDDED_MODELS:  # (embedded files are checked against their sha256)
             check_model_files(Path(folder) / gguf_file if gguf_file else folder)
         if gguf_file is None and _is_quantized_folder(Path(folder)):
+            if placement is not None:
+                raise LMCompressError(f"model {name!r} is a 4-bit checkpoint; spreading one over several devices "
+                                      "is not supported; allowed: a plain model, or one device")
             return _load_quantized_folder(Path(folder), dtype, device, attn_implementation, quiet)
         kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
         with _quiet_progress(quiet):
@@ -343,6 +352,10 @@ def load_model(
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
         model = model.to(device).eval()
     _check_architecture(model.config, name)
+    if placement is not None:
+        from .placement import place_model
+
+        model = place_model(model, placement)
     _select_attention(model, attn_implementation)
     return model, tokenizer
 

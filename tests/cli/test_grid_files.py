@@ -121,3 +121,24 @@ def test_unreachable_ray_address_fails_fast_with_one_line(tmp_path, capsys):
     assert err[-1].startswith(f"lmcompress: error: Ray cluster at --ray-address='127.0.0.1:{port}' cannot be reached")
     assert main(["run", str(grid), "--out", str(tmp_path / "out"), "--executor", "ray", "--ray-address", "nohost"]) == 2
     assert "is not HOST:PORT or ray://HOST:PORT" in capsys.readouterr().err
+
+
+def test_ray_options_reach_the_executor_and_bad_ones_fail_before_the_store(tmp_path, capsys):
+    import argparse
+
+    from lmcompress.cli_run import make_run_executor
+
+    grid = load_grid(write(tmp_path, "models: [tiny-llama]\nkv: [none]\ntasks: [decode_cost]\n"))
+    args = argparse.Namespace(executor="ray", quiet=True, reuse_stale=False, ray_address=None, workers=3,
+                              ray_gpus=None, ray_cpus=2.0, ray_memory="1.5GiB")
+    ex = make_run_executor(args, grid)
+    assert ex.task_options() == {"num_cpus": 2.0, "num_gpus": 0.0, "memory": 3 << 29}  # cpu grid: no GPUs
+    assert ex.workers == 3 and ex.keep_going and ex.device_kind == "cpu"
+    path = str(write(tmp_path, "models: [tiny-llama]\nkv: [none]\ntasks: [decode_cost]\n"))
+    for flags, message in ((["--ray-memory", "20 gigs"], "--ray-memory='20 gigs' is not a size; allowed:"),
+                           (["--ray-memory", "0GiB"], "--ray-memory='0GiB' is not a size > 0"),
+                           (["--ray-gpus", "-1"], "GPUs per task=-1.0 is not allowed; it must be >= 0")):
+        assert main(["run", path, "--out", str(tmp_path / "out"), "--executor", "ray", "--quiet", *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
+        assert not (tmp_path / "out").exists()  # nothing was created

@@ -1,6 +1,7 @@
 """The Ray executor's driver loop (claims, store writes, keys) against an in-process stand-in for the ``ray``
-module: actors are plain objects and ``.remote`` calls run at once. This checks the driver's claim path, not
-Ray itself (Ray is not installed in CI; issue 14 adds a real local-cluster test)."""
+module: ``.options(...).remote(...)`` runs the task at once, in this process. This checks the driver's claim path
+(another host's live claim is waited out) without starting Ray; tests/model/test_ray_executor.py runs the same
+executor on a real local Ray."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from lmcompress.eval.tasks import DecodeCost
 from lmcompress.kv import KVSpec, StreamingLLM
-from lmcompress.runner.parallel import RayExecutor
+from lmcompress.runner.ray_executor import RayExecutor
 from lmcompress.runner.spec import RunSpec
 from lmcompress.runner.store import ResultStore
 
@@ -23,38 +24,47 @@ class _Ref:
         self.value = value
 
 
-def _fake_ray() -> types.ModuleType:
+def _fake_ray(submitted: list) -> types.ModuleType:
     ray = types.ModuleType("ray")
-    state = {"init": False}
+    state = {"init": False, "options": {}}
 
-    def remote(**_resources):
-        def wrap(cls):
-            class Handle:
-                def __init__(self, obj):
-                    self._obj = obj
+    def remote(**_decorator_options):
+        def wrap(fn):
+            def options(**opts):
+                def call(*args):
+                    submitted.append(opts)
+                    state["options"] = opts
+                    return _Ref(fn(*args))
 
-                def __getattr__(self, name):
-                    method = getattr(self._obj, name)
-                    return types.SimpleNamespace(remote=lambda *a: _Ref(method(*a)))
+                return types.SimpleNamespace(remote=call)
 
-            return types.SimpleNamespace(remote=lambda *a: Handle(cls(*a)))
+            return types.SimpleNamespace(options=options)
 
         return wrap
+
+    def assigned():
+        o = state["options"]
+        return {"CPU": o["num_cpus"], **({"memory": o["memory"]} if "memory" in o else {})}
 
     ray.remote = remote
     ray.is_initialized = lambda: state["init"]
     ray.init = lambda **_kw: state.update(init=True)
+    ray.shutdown = lambda: state.update(init=False)
+    ray.nodes = lambda: [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 8.0 * 2**30}}]
+    ray.get_runtime_context = lambda: types.SimpleNamespace(get_assigned_resources=assigned)
     ray.wait = lambda refs, num_returns=1: (refs[:num_returns], refs[num_returns:])
     ray.get = lambda ref: ref.value
+    ray.exceptions = types.SimpleNamespace(RayError=RuntimeError)
     return ray
 
 
 def test_ray_driver_claims_skips_busy_cells_and_stores_results(tmp_path, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "ray", _fake_ray())
+    submitted: list = []
+    monkeypatch.setitem(__import__("sys").modules, "ray", _fake_ray(submitted))
     runs = [RunSpec("tiny-llama", KVSpec(evict=StreamingLLM(ratio=0.5)), DecodeCost(length=64, new_tokens=4, seed=s))
             for s in range(3)]
-    executor = RayExecutor(workers=2, gpus_per_worker=0.0, dtype="float32", progress=False, claim_timeout_s=1.0,
-                           heartbeat_s=0.2, warmup=True)
+    executor = RayExecutor(workers=2, gpus_per_task=0.0, dtype="float32", progress=False, claim_timeout_s=1.0,
+                           heartbeat_s=0.2, warmup=True, memory_per_task=2**28)
     keys = [r.key("float32", "cpu") for r in runs]
     with ResultStore(tmp_path / "s.sqlite") as store:
         now = time.time()  # another host's live claim on the first cell; it expires after 1 s
@@ -67,5 +77,6 @@ def test_ray_driver_claims_skips_busy_cells_and_stores_results(tmp_path, monkeyp
         assert records[0]["started_at"] >= now + 1.0  # taken over only once the other claim expired
         assert all(r["result"]["costs"]["kv_bytes"] > 0 for r in records)
         assert store.claims() == []
+        assert submitted == [{"num_cpus": 1.0, "num_gpus": 0.0, "memory": 2**28}] * 3  # one task per cell
         again = executor.run(runs, store)  # all stored by this code version: nothing recomputed
         assert [r["started_at"] for r in again] == [r["started_at"] for r in records]

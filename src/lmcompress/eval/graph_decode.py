@@ -31,6 +31,14 @@ class StaticDecoder:
 
     def __init__(self, model: torch.nn.Module, cache: CompressedCache, max_new_tokens: int, *,
                  rolling: bool = False, use_graph: bool | None = None) -> None:
+        from ..errors import LMCompressError
+        from ..placement import model_devices
+
+        devices = model_devices(model)
+        if len(devices) > 1:
+            raise LMCompressError(f"static decode runs a fixed-shape step on one device (a CUDA graph on CUDA); this "
+                                  f"model is spread over {', '.join(devices)}; allowed: decode='eager' (or 'auto', "
+                                  "which falls back to it)")
         self.model, self.cache = model, cache
         self.device = next(model.parameters()).device
         self.use_graph = (self.device.type == "cuda") if use_graph is None else use_graph

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..triton_support import on_tensor_device
+
 
 @triton.jit
 def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_stride, out_stride, eps, BLOCK: tl.constexpr):
@@ -25,6 +27,7 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, n_cols, x_stride, out_stride, eps, BL
     tl.store(out_ptr + row * out_stride + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@on_tensor_device
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x: [..., hidden]``, ``weight: [hidden]`` -> ``[..., hidden]`` in ``promote(weight, x)`` dtype."""
     hidden = x.shape[-1]

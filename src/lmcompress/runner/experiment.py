@@ -60,7 +60,7 @@ def run_experiment(experiment: Experiment, store: str | Path | ResultStore, exec
         experiment: the experiment.
         store: a result store or its path (opened and closed here).
         executor: anything with ``run(runs, store) -> records`` (:class:`~lmcompress.runner.executors.InlineExecutor`,
-            :class:`~lmcompress.runner.parallel.LocalExecutor`, :class:`~lmcompress.runner.parallel.RayExecutor`);
+            :class:`~lmcompress.runner.parallel.LocalExecutor`, :class:`~lmcompress.runner.ray_executor.RayExecutor`);
             default: an inline executor on ``experiment.device`` / ``dtype`` that stores failing cells as failed
             and goes on.
     """

@@ -5,6 +5,9 @@ Format (every key but ``models``, ``kv`` and ``tasks`` optional)::
     name: smoke                        # a label (default: the file name)
     device: cpu                        # where models run (default cpu)
     dtype: float32                     # float32 | bfloat16 | float16
+    devices: {cuda:0: 20GiB, cuda:1: 20GiB}   # optional: one model over several devices, a cap per device
+    # device_map: {model.embed_tokens: cuda:0, ..., lm_head: cuda:1}  # or an explicit map (not both); see
+    #                                                                  # lmcompress.placement
     models:                            # names, paths (an AWQ / compressed-tensors folder), or {path: ...}
       - smollm2-135m
     ratios: [0.5, 0.75]                # swept for eviction methods without their own ratio / budget
@@ -37,7 +40,7 @@ from ..errors import LMCompressError
 from .spec import RunSpec
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "grids"
-TOP_KEYS = ("name", "description", "device", "dtype", "models", "ratios", "kv", "tasks")
+TOP_KEYS = ("name", "description", "device", "dtype", "devices", "device_map", "models", "ratios", "kv", "tasks")
 DTYPES = ("float32", "bfloat16", "float16")
 
 Path_ = tuple[Any, ...]
@@ -56,6 +59,8 @@ class Grid:
     device: str
     dtype: str
     runs: list[RunSpec]
+    #: one model over several devices (``devices`` caps or an explicit ``device_map``), or None.
+    placement: Any = None
 
 
 def presets() -> list[str]:
@@ -143,6 +148,7 @@ def expand(data: Any, where: _Where, default_name: str = "grid") -> Grid:
     dtype = str(data.get("dtype", "float32"))
     if dtype not in DTYPES:
         raise where.error(("dtype",), f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+    placement = _placement(data, device, where)
     models = _models(_list(data, "models", where), where)
     ratios = _ratios(data.get("ratios"), ("ratios",), where) if "ratios" in data else None
     specs = _kv_specs(_list(data, "kv", where), ratios, where)
@@ -154,7 +160,28 @@ def expand(data: Any, where: _Where, default_name: str = "grid") -> Grid:
         dup = next(r for r, k in zip(runs, keys) if k in seen or seen.add(k))  # type: ignore[func-returns-value]
         raise where.error(("kv",), f"the grid lists the cell {dup.model} / {dup.kv.label()} / {dup.task.label()} "
                                    "twice; allowed: each cell once")
-    return Grid(str(data.get("name", default_name)), where.source, device, dtype, runs)
+    return Grid(str(data.get("name", default_name)), where.source, device, dtype, runs, placement)
+
+
+def _placement(data: dict, device: str, where: _Where):
+    """The grid's :class:`~lmcompress.placement.Placement` (its devices all of the grid's device type, or cpu)."""
+    import torch
+
+    from ..placement import parse_placement
+
+    key = "devices" if "devices" in data else "device_map"
+    try:
+        placement = parse_placement(data.get("devices"), data.get("device_map"))
+    except LMCompressError as exc:
+        raise where.error((key,), str(exc)) from None
+    if placement is None:
+        return None
+    kind = torch.device(device).type
+    other = [d for d in placement.devices() if torch.device(d).type not in (kind, "cpu")]
+    if other:
+        raise where.error((key,), f"{other[0]} is not a {kind} device (the grid's device: {device}); allowed: "
+                                  f"{kind} devices, or cpu")
+    return placement
 
 
 def _list(data: dict, key: str, where: _Where) -> list:

@@ -1,6 +1,7 @@
-"""Fan-out executors: runs spread over local devices (one worker process per device) or a Ray cluster.
+"""Fan-out over local devices: one worker process per device (the Ray executor, which shares this module's
+per-cell function, is :mod:`lmcompress.runner.ray_executor`).
 
-Both keep the store contract of :class:`~lmcompress.runner.executors.InlineExecutor`: the driver claims each
+It keeps the store contract of :class:`~lmcompress.runner.executors.InlineExecutor`: the driver claims each
 cell before handing it to a worker (the same :class:`~lmcompress.runner.claims.Claimer` path, so runners sharing
 a store compute each cell once) and keeps at most one cell per worker in flight; a run is skipped when its key is
 stored by the current code version (or any, with ``reuse_stale``), and each finished run is committed as soon as
@@ -27,21 +28,23 @@ from .store import ResultStore
 
 
 def _execute(run_dict: dict[str, Any], device: str, dtype_name: str, models: dict,
-             warmup: bool = True) -> tuple[dict, float, float]:
-    """Run one spec (models cached per worker, each warmed up after its load); returns (result dict,
-    started_at, duration)."""
+             warmup: bool = True, placement: Any = None) -> tuple[dict, float, float]:
+    """Run one spec (models cached per worker, each warmed up after its load; ``placement``: see
+    :func:`lmcompress.models.load_model`); returns (result dict, started_at, duration)."""
     import torch
 
     from ..eval.tasks.base import RunContext
     from ..models import load_model
 
     run = RunSpec.from_dict(run_dict)
-    if run.model not in models:
+    loaded = (run.model, repr(placement))  # (a model placed over devices is another load)
+    if loaded not in models:
         models.clear()
-        models[run.model] = load_model(run.model, dtype=getattr(torch, dtype_name), device=device, quiet=True)
+        models[loaded] = load_model(run.model, dtype=getattr(torch, dtype_name), device=device, quiet=True,
+                                    placement=placement)
         if warmup:
-            warm_up_for(models[run.model][0], run)
-    model, tokenizer = models[run.model]
+            warm_up_for(models[loaded][0], run)
+    model, tokenizer = models[loaded]
     started = time.time()
     result = run.task.run(RunContext(model, tokenizer, run.kv, run.model))
     return result.to_dict(), started, time.time() - started
@@ -187,105 +190,3 @@ class LocalExecutor(_Options):
             if kind == "error":
                 raise LMCompressError(info)
             raise RuntimeError(f"run {key} crashed in a worker:\n{info}")
-
-
-def check_ray_address(address: str | None, timeout_s: float = 3.0) -> None:
-    """Fail fast, with one line, on a Ray address that cannot be reached: ``HOST:PORT`` or ``ray://HOST:PORT``
-    must accept a TCP connection within ``timeout_s`` (``None``, ``auto`` and ``local`` are left to Ray)."""
-    import socket
-
-    if address is None or address in ("auto", "local"):
-        return
-    hostport = address.removeprefix("ray://")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise LMCompressError(f"--ray-address={address!r} is not HOST:PORT or ray://HOST:PORT; allowed: e.g. "
-                              "10.0.0.5:6379, ray://head:10001, auto")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise LMCompressError(f"Ray cluster at --ray-address={address!r} cannot be reached ({exc.strerror or exc}); "
-                              "start it (ray start --head) or pass another address") from None
-
-
-class RayExecutor(_Options):
-    """Runs on a Ray cluster: one actor per GPU (or per CPU worker), each caching its model; the driver claims
-    cells and writes results to the store as they arrive. Needs ``pip install ray``.
-
-    Args:
-        address: Ray cluster address (None: start or join a local one).
-        workers: number of actors.
-        gpus_per_worker: GPUs each actor reserves (0 for CPU actors; the runs' device type follows from it).
-        dtype: model dtype name.
-        reuse_stale, warmup, claim_timeout_s, heartbeat_s: as for
-            :class:`~lmcompress.runner.executors.InlineExecutor`.
-    """
-
-    def __init__(self, address: str | None = None, workers: int = 1, gpus_per_worker: float = 1.0,
-                 dtype: str = "bfloat16", progress: bool = True, *, reuse_stale: bool = False,
-                 warmup: bool = True, claim_timeout_s: float = 60.0, heartbeat_s: float = 5.0) -> None:
-        self.address, self.workers, self.gpus, self.dtype, self.progress = (
-            address, workers, gpus_per_worker, dtype, progress)
-        self._set_options(reuse_stale, warmup, claim_timeout_s, heartbeat_s)
-
-    def run(self, runs: Sequence[RunSpec], store: ResultStore) -> list[dict[str, Any]]:
-        check_ray_address(self.address)
-        try:
-            import ray
-        except ImportError:
-            raise LMCompressError("the ray executor needs Ray: pip install ray") from None
-        from tqdm.auto import tqdm
-
-        device_kind = "cuda" if self.gpus > 0 else "cpu"
-        keys = [r.key(self.dtype, device_kind) for r in runs]
-        pending = pending_cells(runs, keys)
-        claimer = self._claimer(store)
-
-        @ray.remote(num_gpus=self.gpus)
-        class Worker:
-            def __init__(self, dtype: str, warmup: bool) -> None:
-                import torch
-
-                from ..eval.perf import prepare_measurement
-
-                self.models: dict = {}
-                self.dtype, self.warmup = dtype, warmup
-                self.device = "cuda" if torch.cuda.is_available() else "cpu"
-                prepare_measurement(self.device)
-
-            def run(self, key: str, run_dict: dict) -> tuple[str, dict, dict, float, float, str]:
-                result, started, duration = _execute(run_dict, self.device, self.dtype, self.models, self.warmup)
-                return key, run_dict, result, started, duration, self.device
-
-        bar = tqdm(total=len(runs), disable=not self.progress, unit="run",
-                   desc=f"runs on {self.workers} ray workers", dynamic_ncols=True)
-        try:
-            with claimer:
-                actors: list = []
-                idle: list = []
-                in_flight: dict = {}
-                while pending or in_flight:
-                    while pending and (idle or len(actors) < self.workers):
-                        cell = claimer.next_cell(pending, on_done=lambda _k: bar.update(1), wait=not in_flight)
-                        if cell is None:
-                            break
-                        if not actors:
-                            if not ray.is_initialized():
-                                ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
-                            actors = [Worker.remote(self.dtype, self.warmup) for _ in range(self.workers)]
-                            idle = list(actors)
-                        actor = idle.pop()
-                        run, key = cell
-                        in_flight[actor.run.remote(key, run.to_dict())] = actor
-                    if not in_flight:
-                        continue
-                    ready, _ = ray.wait(list(in_flight), num_returns=1)
-                    idle.append(in_flight.pop(ready[0]))
-                    key, run_dict, result, started, duration, device = ray.get(ready[0])
-                    prov = provenance.provenance(run_dict, self.dtype, device_kind, claimer.code_version)
-                    store.put(key, run_dict, result, provenance=prov.to_dict(), device=f"ray:{device}",
-                              started_at=started, duration_s=duration, owner=claimer.owner)
-                    bar.update(1)
-        finally:
-            bar.close()
-        return finished_records(store, keys, claimer.code_version)

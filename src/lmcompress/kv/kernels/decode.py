@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...triton_support import on_tensor_device
+
 LOG2E = 1.4426950408889634
 def _unpack_asm(shift: int, bits: int) -> str:
     """PTX for four packed bytes (one 32-bit register) -> their code at ``shift`` as four fp16 integers."""
@@ -318,6 +320,7 @@ def num_splits(batch_heads: int, tokens: int, block: int, slots: int) -> int:
     return max(1, min(triton.cdiv(tokens, block), slots // batch_heads))
 
 
+@on_tensor_device
 def decode_attention(
     query: torch.Tensor,
     keys: dict[str, torch.Tensor],

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...triton_support import on_tensor_device
+
 
 @triton.jit
 def _fp16_down(x):
@@ -114,6 +116,7 @@ def _pack_channel_kernel(
     tl.store(Z + base + chan, zero)
 
 
+@on_tensor_device
 def quantize_pack(x: torch.Tensor, bits: int, granularity: str, group_size: int) -> dict[str, torch.Tensor]:
     """Asymmetric quantization of ``x: [B, H, T, D]`` (any strides with a unit channel stride) into packed parts.
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
+from ...triton_support import on_tensor_device
 from .gemm_t import gemm_t_kernel
 from .gemv_wide import gemv_wide_kernel
 from .w4a16 import dequant_kernel, gemm_kernel, gemm_repeat_kernel, gemv_kernel, splitk_reduce_kernel
@@ -231,6 +232,7 @@ def _zeroed_counters(device: torch.device, size: int) -> torch.Tensor:
     return buf
 
 
+@on_tensor_device
 def launch(
     x: torch.Tensor,
     qweight: torch.Tensor,

@@ -145,3 +145,32 @@ def test_two_processes_compute_each_cell_once(tmp_path):
 def test_claimer_rejects_heartbeat_not_below_timeout(tmp_path):
     with ResultStore(tmp_path / "s.sqlite") as store, pytest.raises(ValueError, match="heartbeat_s"):
         Claimer(store, timeout_s=1.0, heartbeat_s=1.0)
+
+
+
+def test_journal_mode_switch_is_retried_while_locked():
+    """Two runners creating one store together: SQLite can answer the WAL switch with "database is locked" at
+    once, without its busy timeout (seen once in the two-process test above); the switch is retried, and any
+    other error is raised."""
+    import sqlite3
+
+    import pytest
+
+    from lmcompress.runner.store import _switch_to_wal
+
+    class Flaky:
+        def __init__(self, failures: int, message: str = "database is locked") -> None:
+            self.failures, self.message, self.calls = failures, message, []
+
+        def execute(self, sql: str):
+            self.calls.append(sql)
+            if len(self.calls) <= self.failures:
+                raise sqlite3.OperationalError(self.message)
+
+    db = Flaky(3)
+    _switch_to_wal(db)
+    assert db.calls == ["PRAGMA journal_mode=WAL"] * 4
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        _switch_to_wal(Flaky(1, "disk I/O error"))
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _switch_to_wal(Flaky(10**6), wait_s=0.05)

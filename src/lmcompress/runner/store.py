@@ -183,6 +183,23 @@ def owner_alive(host: str, pid: int, heartbeat: float, timeout_s: float, now: fl
     return True
 
 
+def _switch_to_wal(db: sqlite3.Connection, wait_s: float = 30.0) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another process holds the file's lock: switching the journal
+    mode needs the file to itself, and SQLite answers "database is locked" at once instead of waiting on the
+    busy timeout (two runners opening one new store together)."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.01
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 class ResultStore:
     """Args:
     path: the SQLite file (created with its folder if missing; see :func:`inspect_store` for what is refused).
@@ -203,7 +220,7 @@ class ResultStore:
                              "(lmcompress report reads a read-only store)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(self._db)
         self._db.execute("PRAGMA synchronous=NORMAL")
         if kind == "new":  # tables and meta rows in one transaction: a concurrent opener sees none or all
             self._db.executescript(

@@ -84,10 +84,13 @@ def check_store_dispatch(device: str) -> None:
     """The layer-level dispatch over KIVI's store (packed keys, values partly in its full-precision window) and
     over a per-token store equals the reference attention over the dequantized states."""
     from lmcompress.kv.kernels import dispatch
-    from lmcompress.kv.quant import KIVI, IntKV
+    from lmcompress.kv.quant import KIVI, IntKV, Rotated
 
     g = torch.Generator().manual_seed(3)
-    for quant in (KIVI(bits=2, group_size=32, residual=64), IntKV(bits=4, group_size=32)):
+    kivi, int4 = KIVI(bits=2, group_size=32, residual=64), IntKV(bits=4, group_size=32)
+    # rotated formats: the same kernels with the query rotated in and the output rotated back
+    for quant in (kivi, int4, Rotated(base=kivi), Rotated(base=int4, keys=False), Rotated(base=int4, values=False)):
+        assert dispatch.kernel_format(quant.new_store(0, 64, torch.float32)) is not None, quant
         store = quant.new_store(0, 64, torch.float32)
         for _ in range(3):
             store.append(torch.randn(1, 2, 64, 64, generator=g).to(device),

@@ -10,7 +10,7 @@ from random_ids import ids
 from lmcompress._compat import cache_kwargs
 from lmcompress.kv import CompressedCache, KVSpec
 from lmcompress.kv.kernels import cpu_decode
-from lmcompress.kv.quant import KIVI, IntKV
+from lmcompress.kv.quant import KIVI, IntKV, Rotated
 from lmcompress.models import TINY_ARCHS
 
 pytestmark = pytest.mark.model
@@ -21,6 +21,8 @@ QUANTS = {
     "int2-g16": IntKV(bits=2, group_size=16),
     "kivi2": KIVI(bits=2, group_size=8, residual=16),
     "kivi4": KIVI(bits=4, group_size=16, residual=32),
+    "rotated-int4": Rotated(base=IntKV(bits=4, group_size=16)),
+    "rotated-values-kivi2": Rotated(base=KIVI(bits=2, group_size=8, residual=16), keys=False),
 }
 
 

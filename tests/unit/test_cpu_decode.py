@@ -106,3 +106,21 @@ def test_unsupported_formats_fall_back(monkeypatch):
     monkeypatch.setenv("LMCOMPRESS_NO_KERNELS", "1")
     assert cpu_decode.decode_attention(ok, k[:, :, :0], v[:, :, :0], q, 0.1) is None
     assert cpu_decode.decode_attention(ok, k[:, :, :0], v[:, :, :0], torch.randn(1, 2, 2, d), 0.1) is None
+
+
+@pytest.mark.parametrize("keys,values", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("base", ["int4", "kivi2"])
+def test_rotated_formats(base, keys, values):
+    """Rotated stores (``rotated:base=...``): the query is rotated in, the packed part's output rotated back; the
+    result equals attention over the store's dequantized (un-rotated) states."""
+    from lmcompress.kv.quant import KIVI, IntKV, Rotated
+
+    inner = IntKV(bits=4, group_size=32) if base == "int4" else KIVI(bits=2, group_size=32, residual=64)
+    store = Rotated(base=inner, keys=keys, values=values).new_store(3, 64, torch.float32)
+    k, v = _states(1, 2, 192, 64, seed=10)
+    store.append(k, v)
+    fk, fv = _states(1, 2, 4, 64, seed=11)
+    q = torch.randn(1, 4, 1, 64, generator=torch.Generator().manual_seed(12)) * 0.5
+    assert cpu_decode.supported(store)
+    torch.testing.assert_close(cpu_decode.decode_attention(store, fk, fv, q, 0.125),
+                               _reference(store, fk, fv, q, 0.125), rtol=1e-5, atol=1e-5)

@@ -17,8 +17,9 @@ cached between steps: the only per-step temporaries are the float codes of one b
 and the ``[B, Hq, T]`` scores.
 
 Used by :meth:`~lmcompress.kv.segment.KVSegment.attend` for one query on the CPU (the CUDA counterpart is the
-Triton kernel of :mod:`.decode`); other formats (symmetric, codebooks, rotations, outliers, QAQ, ``layer``
-granularity) return None and the block-wise reference runs. ``LMCOMPRESS_NO_KERNELS=1`` forces the reference.
+Triton kernel of :mod:`.decode`). Rotated formats around these codecs are read with the query rotated in and the
+output rotated back (:mod:`.rotated`); other formats (symmetric, codebooks, outliers, QAQ, ``layer`` granularity)
+return None and the block-wise reference runs. ``LMCOMPRESS_NO_KERNELS=1`` forces the reference.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..quant.kivi_store import KIVIStore
 from ..quant.packing import unpack_float
 from ..quant.store import PackedStore
 from ..quant.uniform import UniformCodec
+from . import rotated
 
 #: widths read as byte planes of 32-bit words (:func:`_codes`); others are unpacked
 WORD_BITS = (1, 2, 4)
@@ -50,8 +52,8 @@ def _readable(codec, key: bool) -> bool:
 
 def supported(store) -> bool:
     """Whether this path reads ``store``'s format (plain or KIVI stores of asymmetric uniform codes)."""
-    return (type(store) in (PackedStore, KIVIStore) and _readable(store.key_codec, True)
-            and _readable(store.value_codec, False))
+    return (type(store) in (PackedStore, KIVIStore) and _readable(rotated.inner(store.key_codec), True)
+            and _readable(rotated.inner(store.value_codec), False))
 
 
 def _byte_aligned(codec: UniformCodec, d: int) -> bool:
@@ -211,11 +213,15 @@ def decode_attention(store, fp_keys: torch.Tensor, fp_values: torch.Tensor, quer
     vparts = store.parts("values")
     m = fp_keys.shape[2]
     scores = qg.new_empty((b, hkv, g, n + m))
-    scores[..., :n] = _key_scores(store.key_codec, kparts, n, qg)
+    kc, vc = rotated.inner(store.key_codec), rotated.inner(store.value_codec)
+    scores[..., :n] = _key_scores(kc, kparts, n, rotated.rotate_query(qg, store.key_codec))
     if m:
         scores[..., n:] = torch.matmul(qg, fp_keys.float().transpose(-1, -2))
     p = torch.softmax(scores.mul_(scaling), dim=-1)
-    out = _value_sum(store.value_codec, vparts, p[..., :vp], d) if vp else qg.new_zeros((b, hkv, g, d))
+    if vp:  # rotated values: the packed part's sum comes out in the rotated basis
+        out = rotated.unrotate_output(_value_sum(vc, vparts, p[..., :vp], d), store.value_codec)
+    else:
+        out = qg.new_zeros((b, hkv, g, d))
     if fp_v.shape[2]:
         out += torch.matmul(p[..., vp:], fp_v.float())
     return out.reshape(b, hq, 1, d).to(query.dtype)

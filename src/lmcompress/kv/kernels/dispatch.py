@@ -1,6 +1,7 @@
 """When the Triton kernels run: CUDA tensors, Triton importable, and a storage format the kernels read.
 
-Everything else (CPU, outliers, symmetric or codebook codecs, QAQ's mixed-bit buckets, 1/3-bit codes, head_dim
+Rotated formats (``RotatedCodec`` around such a codec) run the same kernels with the query rotated in and the output
+rotated back (:mod:`.rotated`). Everything else (CPU, outliers, symmetric or codebook codecs, QAQ's mixed-bit buckets, 1/3-bit codes, head_dim
 or groups that are not powers of two) returns None and the torch reference path runs. Set
 ``LMCOMPRESS_NO_KERNELS=1`` to force the reference path (for comparisons).
 """
@@ -15,6 +16,7 @@ from ...triton_support import triton_available
 from ..quant.kivi_store import KIVIStore
 from ..quant.store import PackedStore
 from ..quant.uniform import UniformCodec
+from . import rotated
 
 KERNEL_BITS = (2, 4, 8)
 
@@ -54,7 +56,7 @@ def kernel_format(store) -> dict | None:
     """Kernel arguments describing ``store``'s layout, or None when the decode kernel cannot read it."""
     if type(store) not in (PackedStore, KIVIStore):
         return None
-    kc, vc = store.key_codec, store.value_codec
+    kc, vc = rotated.inner(store.key_codec), rotated.inner(store.value_codec)  # rotated: read as the inner codec
     d = store.head_dim
     if not (packable(kc, d) and packable(vc, d)) or kc.bits != vc.bits or vc.granularity == "channel":
         return None
@@ -76,7 +78,7 @@ def decode_attention(store, fp_keys: torch.Tensor, fp_values: torch.Tensor, quer
         return None
     from . import decode
 
-    keys, values, packed, tail_k, tail_v = store.kernel_view()
+    keys, values, packed, tail_k, tail_v = store.kernel_view()  # tail keys come decoded (original basis)
     if tail_k is not None:  # KIVI: the newest values of the packed region are in full precision
         fp_keys = torch.cat([tail_k.to(fp_keys.dtype), fp_keys], dim=2)
         fp_values = torch.cat([tail_v.to(fp_values.dtype), fp_values], dim=2)
@@ -85,5 +87,7 @@ def decode_attention(store, fp_keys: torch.Tensor, fp_values: torch.Tensor, quer
         out = query.new_zeros((b, hq, 1, d))
         lse = torch.full((b, hq, 1), -torch.inf, device=query.device)
     else:
-        out, lse = decode.decode_attention(query, keys, values, scaling=scaling, tokens=packed, **fmt)
+        q_rot = rotated.rotate_query(query, store.key_codec)  # rotated keys: q R . k R = q . k
+        out, lse = decode.decode_attention(q_rot, keys, values, scaling=scaling, tokens=packed, **fmt)
+        out = rotated.unrotate_output(out, store.value_codec)  # rotated values: (sum p v R) R^T
     return decode.merge_full_precision(out, lse, query, fp_keys, fp_values, scaling)

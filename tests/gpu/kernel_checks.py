@@ -84,10 +84,15 @@ def check_store_dispatch(device: str) -> None:
     """The layer-level dispatch over KIVI's store (packed keys, values partly in its full-precision window) and
     over a per-token store equals the reference attention over the dequantized states."""
     from lmcompress.kv.kernels import dispatch
-    from lmcompress.kv.quant import KIVI, IntKV
+    from lmcompress.kv.quant import KIVI, IntKV, Rotated, TurboKV
 
     g = torch.Generator().manual_seed(3)
-    for quant in (KIVI(bits=2, group_size=32, residual=64), IntKV(bits=4, group_size=32)):
+    kivi, int4 = KIVI(bits=2, group_size=32, residual=64), IntKV(bits=4, group_size=32)
+    # rotated formats: the same kernels with the query rotated in and the output rotated back
+    # and Lloyd-Max codebook codes (TurboKV: rotated, per head or per 32 channels) through a lookup table
+    for quant in (kivi, int4, Rotated(base=kivi), Rotated(base=int4, keys=False), Rotated(base=int4, values=False),
+                  TurboKV(key_bits=2, value_bits=2), TurboKV(key_bits=4, value_bits=4, group_size=32)):
+        assert dispatch.kernel_format(quant.new_store(0, 64, torch.float32)) is not None, quant
         store = quant.new_store(0, 64, torch.float32)
         for _ in range(3):
             store.append(torch.randn(1, 2, 64, 64, generator=g).to(device),
@@ -99,6 +104,27 @@ def check_store_dispatch(device: str) -> None:
         k, v = store.dequantize()
         ref = attend_blocks(q, [(k, v, None), (fk, fv, None)], 0.125)
         assert float((out.cpu() - ref.cpu()).abs().max()) < 1e-4, quant
+
+
+def check_codebook_half(device: str) -> None:
+    """Lloyd-Max codebook codes on the bf16 path (codes looked up, dequantized in fp16): within the bf16 path's
+    error of fp32 attention over the dequantized states."""
+    from lmcompress.kv.kernels import dispatch
+    from lmcompress.kv.quant import TurboKV
+
+    g = torch.Generator().manual_seed(5)
+    store = TurboKV(key_bits=2, value_bits=2).new_store(0, 64, torch.bfloat16)
+    store.append(torch.randn(1, 2, 96, 64, generator=g).bfloat16().to(device),
+                 torch.randn(1, 2, 96, 64, generator=g).bfloat16().to(device))
+    fk = torch.randn(1, 2, 3, 64, generator=g).bfloat16().to(device)
+    fv = torch.randn(1, 2, 3, 64, generator=g).bfloat16().to(device)
+    q = torch.randn(1, 4, 1, 64, generator=g).bfloat16().to(device)
+    out = dispatch.decode_attention(store, fk, fv, q, 0.125) if device == "cuda" else _dispatch_cpu(
+        dispatch, store, fk, fv, q)
+    k, v = store.dequantize()
+    ref = attend_blocks(q.float(), [(k.float(), v.float(), None), (fk.float(), fv.float(), None)], 0.125)
+    err = float((out.float().cpu() - ref.cpu()).abs().max()) / float(ref.abs().max())
+    assert err < 1e-2, err
 
 
 def _dispatch_cpu(dispatch, store, fk, fv, q):
@@ -119,4 +145,5 @@ if __name__ == "__main__":  # run by the CPU test under TRITON_INTERPRET=1
     check_decode("cpu", torch.bfloat16, tokens=128, batch=1, splits=1, options={"block_n": 64})
     check_merge("cpu")
     check_store_dispatch("cpu")
+    check_codebook_half("cpu")
     print("ok")

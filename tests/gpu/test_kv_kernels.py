@@ -51,6 +51,13 @@ def test_store_dispatch_on_gpu():
 
 
 @cuda
+def test_codebook_codes_on_the_half_path_on_gpu():
+    from kernel_checks import check_codebook_half
+
+    check_codebook_half("cuda")
+
+
+@cuda
 def test_cache_uses_kernels_on_gpu():
     """A model decoding with a KIVI cache on CUDA goes through the kernel and matches the reference path."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -201,8 +201,9 @@ class KVSegment:
                evicting: bool = False) -> torch.Tensor:
         """Attention of ``query: [B, H*G, q, D]`` over this segment.
 
-        Packed storage is read block by block by the torch reference, or, for one query on CUDA, by the Triton
-        decode kernel when the storage format has one (``kv/kernels/dispatch.py``).
+        Packed storage is read block by block by the torch reference, or, for one query, by the Triton decode
+        kernel on CUDA (``kv/kernels/dispatch.py``) or the codes-level CPU path (``kv/kernels/cpu_decode.py``)
+        when the storage format has one.
 
         Args:
             mask: bool ``[B or 1, 1 or H, q, held]`` (True = visible; per KV head for DMS) or None.
@@ -229,10 +230,16 @@ class KVSegment:
             )
         else:
             out = None
-            if query.is_cuda and q == 1 and not observe and (mask is None or bool(mask.all())):
-                from .kernels import dispatch
+            if q == 1 and not observe and (mask is None or bool(mask.all())):
+                if query.is_cuda:
+                    from .kernels import dispatch
 
-                out = dispatch.decode_attention(self.store, self.fp_k.view(), self.fp_v.view(), query, scaling)
+                    out = dispatch.decode_attention(self.store, self.fp_k.view(), self.fp_v.view(), query, scaling)
+                else:
+                    from .kernels import cpu_decode
+
+                    out = cpu_decode.decode_attention(self.store, self.fp_k.view(), self.fp_v.view(), query,
+                                                      scaling)
             if out is None:
                 out, lse = self._reference_attention(query, mask, scaling, observe)
         if observe:

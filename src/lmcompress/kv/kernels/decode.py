@@ -102,6 +102,26 @@ def _slot(codes, S: tl.constexpr, BITS: tl.constexpr, UNPACK: tl.constexpr):
 
 
 @triton.jit
+def _lut32(codes, L, USE: tl.constexpr):
+    """Codes (exact fp16 integers) -> float32 values: the codebook entry ``L[code]`` (``USE``), else the code."""
+    if USE:
+        out = tl.load(L + codes.to(tl.int32))
+    else:
+        out = codes.to(tl.float32)
+    return out
+
+
+@triton.jit
+def _lut16(codes, L, USE: tl.constexpr):
+    """As :func:`_lut32`, in fp16 (the fp16 dequantization of the bf16/fp16 path)."""
+    if USE:
+        out = tl.load(L + codes.to(tl.int32)).to(tl.float16)
+    else:
+        out = codes
+    return out
+
+
+@triton.jit
 def _dot_qk(a, b):
     """``a [H, K] @ b[N, K]^T`` with fp32 ``a`` split into two fp16 halves (hi + lo, ~22 mantissa bits) on the
     tensor cores; ``b`` must be exact in fp16 (codes) or is split by the caller."""
@@ -126,7 +146,7 @@ def _pick(x0, x1, x2, x3, S: tl.constexpr):
 
 @triton.jit
 def _decode_kernel(
-    Q, KC, KS, KZ, VC, VS, VZ, PO, PML,
+    Q, KC, KS, KZ, VC, VS, VZ, KL, VL, PO, PML,
     T, tokens_per_split, qk_scale,
     sq_b, sq_h,
     skc_b, skc_h, skc_t, sks_b, sks_h, sks_t, sks_d,
@@ -134,7 +154,7 @@ def _decode_kernel(
     spo_b, spo_h, spo_s, spm_b, spm_h, spm_s,
     HKV: tl.constexpr, G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     BITS: tl.constexpr, KEY_TB: tl.constexpr, KEY_GD: tl.constexpr, VAL_GD: tl.constexpr,
-    PRECISE: tl.constexpr, UNPACK: tl.constexpr,
+    PRECISE: tl.constexpr, UNPACK: tl.constexpr, KEY_LUT: tl.constexpr, VAL_LUT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -220,13 +240,13 @@ def _decode_kernel(
                     kz = tl.load(kz_base + rows + cols, mask=nmask[:, None], other=0.0)
                 codes = _slot(kc, s, BITS, UNPACK)
                 if PRECISE:
-                    k_s = codes.to(tl.float32) * ks.to(tl.float32) + kz.to(tl.float32)
+                    k_s = _lut32(codes, KL, KEY_LUT) * ks.to(tl.float32) + kz.to(tl.float32)
                     k_hi = k_s.to(tl.float16)
                     k_lo = (k_s - k_hi.to(tl.float32)).to(tl.float16)
                     qs = _pick(q0, q1, q2, q3, s)
                     qk += _dot_qk(qs, k_hi) + tl.dot(qs.to(tl.float16), tl.trans(k_lo), out_dtype=tl.float32)
                 else:  # dequantized in fp16 (scale and zero are fp16; one rounding)
-                    qk = tl.dot(_pick(h0, h1, h2, h3, s), tl.trans(codes * ks + kz), qk)
+                    qk = tl.dot(_pick(h0, h1, h2, h3, s), tl.trans(_lut16(codes, KL, KEY_LUT) * ks + kz), qk)
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -242,14 +262,14 @@ def _decode_kernel(
         for s in tl.static_range(PER):
             codes = _slot(vc, s, BITS, UNPACK)
             if PRECISE:  # fp32 queries: split p and v in fp16 halves (~fp32 accuracy)
-                v_s = codes.to(tl.float32) * vs.to(tl.float32) + vz.to(tl.float32)
+                v_s = _lut32(codes, VL, VAL_LUT) * vs.to(tl.float32) + vz.to(tl.float32)
                 v_hi = v_s.to(tl.float16)
                 v_lo = (v_s - v_hi.to(tl.float32)).to(tl.float16)
                 p_lo = (p - p_hi.to(tl.float32)).to(tl.float16)
                 pv = tl.dot(p_hi, v_hi, out_dtype=tl.float32)
                 pv += tl.dot(p_lo, v_hi, out_dtype=tl.float32) + tl.dot(p_hi, v_lo, out_dtype=tl.float32)
             else:
-                pv = tl.dot(p_hi, codes * vs + vz, out_dtype=tl.float32)
+                pv = tl.dot(p_hi, _lut16(codes, VL, VAL_LUT) * vs + vz, out_dtype=tl.float32)
             if s == 0:
                 acc0 = acc0 * alpha[:, None] + pv
             elif s == 1:
@@ -338,6 +358,8 @@ def decode_attention(
     num_warps: int | None = None,
     maxnreg: int | None = None,
     num_stages: int | None = None,
+    key_lut: torch.Tensor | None = None,
+    value_lut: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query: [B, Hq, 1, D]`` over packed keys/values (parts of the uniform codec).
 
@@ -348,6 +370,8 @@ def decode_attention(
         key_group, value_group: channels per scale group (``D`` for one per head; ignored for per-channel keys).
         scaling: softmax scale.
         tokens: attend over the first ``tokens`` tokens only (default: all the key codes hold).
+        key_lut, value_lut: float32 codebooks ``[2**bits]`` (codebook codes, e.g. Lloyd-Max: the value of code
+            ``c`` is ``lut[c] * scale + zero``; per-token keys only), or None for uniform codes.
         splits, block_n, unpack, num_warps, maxnreg, num_stages: override :func:`choose_config`'s launch
             configuration (benchmarks, tests); ``unpack`` 0/1/2 as in ``_slot``.
 
@@ -383,8 +407,12 @@ def decode_attention(
     ks_t = ks.stride(2)
     ks_d = ks.stride(3) if ks.shape[3] > 1 else 0
     vs_d = vs.stride(3) if vs.shape[3] > 1 else 0
+    if key_lut is not None and key_token_block != 1:
+        raise ValueError("codebook keys must be quantized per token (key_token_block=1)")
+    kl = ks if key_lut is None else key_lut.float().contiguous()  # any pointer when unused
+    vl = vs if value_lut is None else value_lut.float().contiguous()
     _decode_kernel[(b * hkv, splits)](
-        q, kc, ks, kz, vc, vs, vz, partial, pml,
+        q, kc, ks, kz, vc, vs, vz, kl, vl, partial, pml,
         t, tokens_per_split, scaling * LOG2E,
         q.stride(0), q.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks_t, ks_d,
@@ -392,7 +420,8 @@ def decode_attention(
         partial.stride(0), partial.stride(1), partial.stride(2), pml.stride(0), pml.stride(1), pml.stride(2),
         HKV=hkv, G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n, D=d, BITS=bits,
         KEY_TB=key_token_block, KEY_GD=key_group if key_token_block == 1 else 1, VAL_GD=value_group,
-        PRECISE=precise, UNPACK=default_unpack() if unpack is None else unpack, **launch,
+        PRECISE=precise, UNPACK=default_unpack() if unpack is None else unpack,
+        KEY_LUT=key_lut is not None, VAL_LUT=value_lut is not None, **launch,
     )
     out = torch.empty((b, hq, 1, d), dtype=torch.float32, device=query.device)
     lse = torch.empty((b, hq, 1), dtype=torch.float32, device=query.device)

@@ -86,6 +86,11 @@ class KIVIStore(PackedStore):
             return super().parts("keys")
         return {name: buf.slice(0, self.value_packed) for name, buf in self._v.items()}
 
+    def value_window_view(self) -> torch.Tensor | None:
+        """The full-precision values of tokens ``[value_packed, length)``, ``[B, H, length - value_packed, D]``
+        (a view), or None before the first append."""
+        return None if self._vfp is None else self._vfp.view()
+
     def kernel_view(self) -> tuple[dict, dict, int, torch.Tensor | None, torch.Tensor | None]:
         """For the decode kernel: packed key parts, packed value parts, the tokens both cover
         (``value_packed``), and the rest of the store as full-precision ``(keys, values)`` (keys dequantized)."""

@@ -164,3 +164,19 @@ def test_dms_folder_identity_covers_its_dms_keys(tmp_path):
     assert {k: v for k, v in ia.items() if k not in ("name", "dms")} == {
         k: v for k, v in ib.items() if k not in ("name", "dms")}  # the stamps alone do not tell them apart
     assert "dms" not in model_identity("tiny-llama")
+
+
+def test_grid_file_pairs_models_and_specs_the_same_way(tmp_path):
+    from lmcompress.runner.grid import GridError, load_grid
+
+    dms = dms_folder(tmp_path / "dms")
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"models: [tiny-llama, {dms}]\nratios: [0.5]\nkv: [none, snapkv, dms+int4]\n"
+                    "tasks:\n  - decode_cost: {length: 48, new_tokens: 3}\n")
+    runs = load_grid(grid).runs
+    assert [(r.model, r.kv.label()) for r in runs] == [
+        ("tiny-llama", "none"), ("tiny-llama", runs[1].kv.label()), (dms, "none"), (dms, "dms()+int(bits=4)")]
+    assert runs[1].kv.label().startswith("snapkv")
+    grid.write_text("models: [tiny-llama]\nkv: [dms]\ntasks: [decode_cost]\n")
+    with pytest.raises(GridError, match=r"g.yaml:1: models: the methods include dms but no model of tiny-llama"):
+        load_grid(grid)

@@ -88,7 +88,7 @@ def pair_specs(models: Sequence[str], specs: Sequence[KVSpec]) -> list[tuple[str
     dms = {m: is_dms_checkpoint(m) for m in models}
     any_dms_spec = any(uses_dms(s) for s in specs)
     if any_dms_spec and not any(dms.values()):
-        raise LMCompressError(f"--methods has dms specs but no model of {', '.join(models)} is a DMS checkpoint "
+        raise LMCompressError(f"the methods include dms but no model of {', '.join(models)} is a DMS checkpoint "
                               "(a folder whose config.json has dms_* keys: `lmcompress dms retrofit`)")
     cells = []
     for m in models:
@@ -99,7 +99,7 @@ def pair_specs(models: Sequence[str], specs: Sequence[KVSpec]) -> list[tuple[str
         else:
             mine = [s for s in specs if not uses_dms(s)]
         if not mine:
-            raise LMCompressError(f"model {m!r} would run no method: --methods has only dms specs and {m!r} is "
-                                  "not a DMS checkpoint; add a method for it (e.g. none) or drop it")
+            raise LMCompressError(f"model {m!r} would run no method: the methods are all dms and {m!r} is not a "
+                                  "DMS checkpoint; add a method for it (e.g. none) or drop it")
         cells += [(m, s) for s in mine]
     return cells

@@ -125,3 +125,27 @@ def test_dms_checkpoint_with_4bit_weights_keeps_its_keys_and_decisions(tmp_path,
     assert all(h < 64 for h in got)  # decisions evicted tokens
     float_held = layer0_expected_held(dms_model(separate=separate), ids, separate)
     assert sum(abs(a - b) for a, b in zip(got, float_held)) <= 4  # 4-bit q_proj: (almost) the float decisions
+
+
+class ByteTokenizer:
+    """A stand-in tokenizer for the tiny models (vocab 256): one token per UTF-8 byte."""
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.tensor([list(text.encode("utf-8"))], dtype=torch.long) % 256)
+
+
+def test_perplexity_task_runs_dms_on_the_scored_tokens_too():
+    """The perplexity protocol (compressed prefix, then scored chunks with compression paused) runs DMS's decision
+    hooks in both phases: it used to fail in the scored chunks ("dms needs its decision hooks")."""
+    from lmcompress.eval.tasks.base import RunContext
+    from lmcompress.eval.tasks.perplexity import Perplexity
+
+    model = dms_model()
+    task = Perplexity(context_tokens=96, eval_tokens=32, chunk=16)
+    dms = task.run(RunContext(model, ByteTokenizer(), parse_method("dms")))
+    none = task.run(RunContext(model, ByteTokenizer(), parse_method("none")))
+    assert 1.0 < dms.metrics["perplexity"] < float("inf")
+    assert dms.costs["kv_bytes"] < none.costs["kv_bytes"]  # the prefix was compressed
+    assert dms.metrics["perplexity"] != none.metrics["perplexity"]  # marked tokens hidden in the scored chunks

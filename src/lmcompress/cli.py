@@ -80,10 +80,12 @@ def build_grid(args: argparse.Namespace):
         tasks = build_tasks(args.tasks, {"query_aware": args.query_aware, "decode": args.decode}, default_tasks)
     else:
         tasks = default_tasks()
-    from .models import quantized_format
+    from .models import DEFAULT_MODEL, quantized_format
+    from .runner.model_list import pair_specs, split_models
 
-    weights = quantized_format(args.model)  # e.g. "awq-gemm w4 g64 asym"; None for float weights
-    return [RunSpec(args.model, spec, task, weights) for spec in specs for task in tasks]
+    models = split_models(args.model, DEFAULT_MODEL)  # several models: one table (runner/model_list.py)
+    weights = {m: quantized_format(m) for m in models}  # e.g. "awq-gemm w4 g64 asym"; None for float weights
+    return [RunSpec(m, spec, task, weights[m]) for m, spec in pair_specs(models, specs) for task in tasks]
 
 
 def check_bench_inputs(args: argparse.Namespace) -> None:
@@ -97,7 +99,8 @@ def check_bench_inputs(args: argparse.Namespace) -> None:
     if args.executor == "local" and args.devices:
         for device in [d.strip() for d in args.devices.split(",") if d.strip()]:
             check_device(device, "--devices")
-    check_model_source(args.model)
+    for model in dict.fromkeys(args.models):
+        check_model_source(model)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -113,23 +116,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .runner.store import ResultStore, check_output_dir
 
     runs = build_grid(args)  # validates every parameter before anything runs
+    args.models = list(dict.fromkeys(r.model for r in runs))
     check_bench_inputs(args)
     if getattr(args, "prefill_cache_mb", 1) < 1:
         raise LMCompressError(f"--prefill-cache-mb={args.prefill_cache_mb} is not allowed; it must be >= 1")
-    limit = known_max_positions(args.model)
-    longest_run = max(runs, key=lambda r: r.task.max_sequence_tokens()).task
-    longest = longest_run.max_sequence_tokens()
-    if limit and longest > limit:
-        answer_room = getattr(longest_run, "max_new_tokens", 0)
-        if longest_run.name == "passkey":
+    for model in args.models:
+        limit = known_max_positions(model)
+        longest_run = max((r for r in runs if r.model == model), key=lambda r: r.task.max_sequence_tokens()).task
+        longest = longest_run.max_sequence_tokens()
+        if limit and longest > limit:
+            answer_room = getattr(longest_run, "max_new_tokens", 0)
+            if longest_run.name == "passkey":
+                raise LMCompressError(
+                    f"--lengths up to {longest - answer_room} tokens plus {answer_room} answer tokens exceed "
+                    f"{model}'s {limit} positions; allowed: lengths <= {limit - answer_room}"
+                )
             raise LMCompressError(
-                f"--lengths up to {longest - answer_room} tokens plus {answer_room} answer tokens exceed "
-                f"{args.model}'s {limit} positions; allowed: lengths <= {limit - answer_room}"
+                f"task {longest_run.name} needs {longest} tokens, which would exceed {model}'s {limit} positions; "
+                f"allowed: at most {limit} tokens (length, prompt and answer)"
             )
-        raise LMCompressError(
-            f"task {longest_run.name} needs {longest} tokens, which would exceed {args.model}'s {limit} positions; "
-            f"allowed: at most {limit} tokens (length, prompt and answer)"
-        )
     out = check_output_dir(args.out)  # a bad --out fails before any model loads or any run is computed
     store_path = Path(args.store) if args.store else out / "results.sqlite"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -149,7 +154,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         executor = make_executor(args, dtype, loader)
         if todo and isinstance(executor, InlineExecutor):
-            loader(args.model)  # fail fast on a missing model or a too-long context
+            loader(todo[0].model)  # fail fast on a missing model or a too-long context
         records = executor.run(runs, store)
     stats = getattr(executor, "prefill_stats", None)
     if stats and stats["replayed"]:
@@ -274,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="run a KV-compression benchmark grid (the main job)")
-    b.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
+    b.add_argument("--model", action="append", default=None,
+                   help=f"model name or path (default {DEFAULT_MODEL}); several: a comma-separated list or the flag "
+                        "repeated, measured on the same tasks in one table (a DMS checkpoint runs none and the dms "
+                        "specs, other models the rest)")
     b.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated method strings, e.g. snapkv, int4, snapkv+int4 (default {DEFAULT_METHODS})")
     b.add_argument("--ratios", default=None, help=f"eviction ratios swept (default {DEFAULT_RATIOS})")

@@ -187,9 +187,10 @@ def longest_sequence(tasks) -> int:
 # ------------------------------------------------------------------------------------------------ output
 def task_table(records: list[dict[str, Any]]) -> str:
     """A markdown table of every run's primary metric and KV bytes (one row per KV spec and task label), and
-    each group's mean per KV spec."""
+    each group's mean per KV spec; with runs of several models, a first column names the model."""
     from .registry import TASKS
 
+    several = len({rec["spec"].get("model") for rec in records}) > 1
     rows, groups = [], {}
     for rec in records:
         spec = rec["spec"]
@@ -199,12 +200,15 @@ def task_table(records: list[dict[str, Any]]) -> str:
         metric = task.primary_metric
         value = rec["result"]["metrics"].get(metric)
         kv = rec["result"]["costs"].get("kv_bytes")
-        rows.append(f"| {spec['kv_label']} | {task.name} | {metric} | {_num(value)} | {_num(kv, 0)} |")
+        model = f"| {spec.get('model')} " if several else ""
+        rows.append(f"{model}| {spec['kv_label']} | {task.name} | {metric} | {_num(value)} | {_num(kv, 0)} |")
         if getattr(task, "group", "") and value is not None:
-            groups.setdefault((spec["kv_label"], task.group), []).append(value)
-    lines = ["| KV spec | task | metric | value | KV bytes |", "|---|---|---|---|---|", *rows]
-    for (label, group), values in groups.items():
-        lines.append(f"| {label} | {group} (mean of {len(values)}) | score | {_num(sum(values) / len(values))} | |")
+            groups.setdefault((model, spec["kv_label"], task.group), []).append(value)
+    head = ("| model " if several else "") + "| KV spec | task | metric | value | KV bytes |"
+    lines = [head, "|---" * head.count(" | ") + "|---|", *rows]
+    for (model, label, group), values in groups.items():
+        lines.append(f"{model}| {label} | {group} (mean of {len(values)}) | score | "
+                     f"{_num(sum(values) / len(values))} | |")
     return "\n".join(lines)
 
 

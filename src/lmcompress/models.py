@@ -351,6 +351,10 @@ def load_model(
                 tokenizer = None  # a weights-only folder; tasks that need text say so
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
         model = model.to(device).eval()
+        if gguf_file is None:
+            from .kv.evict.dms_load import attach_folder_alpha
+
+            attach_folder_alpha(model, folder)  # a DMS checkpoint's separate-alpha weights (if it has them)
     _check_architecture(model.config, name)
     if placement is not None:
         from .placement import place_model
@@ -386,5 +390,8 @@ def _load_quantized_folder(
 
     with _quiet_progress(quiet):
         model, tokenizer = load_quantized(folder, dtype=dtype, device=device)
+    from .kv.evict.dms_load import attach_folder_alpha
+
+    attach_folder_alpha(model, folder)  # a 4-bit DMS checkpoint's separate-alpha weights (if it has them)
     _select_attention(model, attn_implementation)
     return model, tokenizer

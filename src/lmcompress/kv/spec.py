@@ -48,7 +48,7 @@ class KVSpec:
                 continue
             fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
             defaults = {f.name: f.default for f in dataclasses.fields(obj)}
-            always = {"bits", "ratio"}
+            always = {"bits", "ratio"} if getattr(obj, "takes_ratio", True) else {"bits"}  # DMS: no ratio
             shown = ", ".join(f"{k}={v}" for k, v in fields.items()
                               if v != defaults[k] or (k in always and not (k == "ratio" and fields.get("budget"))))
             parts.append(f"{obj.name}({shown})")

@@ -20,7 +20,8 @@ Format (every key but ``models``, ``kv`` and ``tasks`` optional)::
       - passkey: {length: 1024, sweep: {depth: [0.1, 0.5, 0.9]}}
       - {name: perplexity, context_tokens: 512, eval_tokens: 128}
 
-A task's ``sweep`` maps parameters to lists of values and expands into their cartesian product; a list value of a
+With several models, KV specs pair with models by :func:`lmcompress.runner.model_list.pair_specs` (a DMS
+checkpoint runs ``none`` and the ``dms`` specs, any other model the rest). A task's ``sweep`` maps parameters to lists of values and expands into their cartesian product; a list value of a
 tuple-typed parameter (``needle_grid``'s ``lengths``) is that tuple. Groups (``ruler``) expand into their members.
 Cells run model-major, every KV spec of one task back to back.
 
@@ -153,7 +154,13 @@ def expand(data: Any, where: _Where, default_name: str = "grid") -> Grid:
     ratios = _ratios(data.get("ratios"), ("ratios",), where) if "ratios" in data else None
     specs = _kv_specs(_list(data, "kv", where), ratios, where)
     tasks = _tasks(_list(data, "tasks", where), where)
-    runs = [RunSpec(m, s, t) for m in models for t in tasks for s in specs]
+    from .model_list import pair_specs
+
+    try:  # a DMS checkpoint runs none + the dms specs, other models the rest (runner/model_list.py)
+        cells = pair_specs(models, specs)
+    except LMCompressError as exc:
+        raise where.error(("models",), str(exc)) from None
+    runs = [RunSpec(m, s, t) for m in models for t in tasks for mm, s in cells if mm == m]
     keys = [r.key(dtype, device) for r in runs]
     if len(set(keys)) != len(keys):
         seen: set[str] = set()

@@ -83,6 +83,7 @@ def model_identity(name_or_path: str) -> dict[str, Any]:
     GGUF file itself; a folder's ``config.json`` and its ``*.safetensors`` (+ index) — or ``*.bin`` when there
     are none. (Size + mtime, not contents: rewriting a file changes its mtime; cheap for multi-GB checkpoints.)
     ``quantization_config`` is a folder's ``config.json`` entry of that name (AWQ / RTN checkpoints), else None.
+    A folder whose ``config.json`` has ``dms_*`` keys (a DMS checkpoint) also gets ``dms``: those keys and values.
     """
     from ..models import EMBEDDED_MODELS, TINY_MODELS
 
@@ -93,12 +94,15 @@ def model_identity(name_or_path: str) -> dict[str, Any]:
         return {"name": name_or_path, "weights": "tiny:" + name_or_path, "quantization_config": None}
     p = Path(name_or_path).expanduser()
     quant = None
+    dms: dict[str, Any] = {}
     files: list[Path] = []
     if p.is_dir():
         config = p / "config.json"
         files = ([config] if config.is_file() else []) + _weight_files(p)
         try:
-            quant = json.loads(config.read_text()).get("quantization_config")
+            data = json.loads(config.read_text())
+            quant = data.get("quantization_config")
+            dms = {k: v for k, v in sorted(data.items()) if str(k).startswith("dms_")}
         except (OSError, ValueError, AttributeError):
             quant = None
     elif p.is_file():
@@ -106,7 +110,10 @@ def model_identity(name_or_path: str) -> dict[str, Any]:
     h = hashlib.sha256()
     for f in files:
         h.update(_file_stamp(f).encode() + b"\0")
-    return {"name": name_or_path, "weights": "files:" + h.hexdigest()[:16], "quantization_config": quant}
+    identity = {"name": name_or_path, "weights": "files:" + h.hexdigest()[:16], "quantization_config": quant}
+    if dms:  # a DMS checkpoint: its settings key its rows by value (not only through config.json's stamp)
+        identity["dms"] = dms
+    return identity
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Reports of stored runs: a summary per (model, KV spec), a markdown table, ``results.json`` and a PNG plot.
 
 Summary columns: pass-key accuracy over every (length, depth) cell; perplexity; KV bytes, TTFT and peak
-memory at the longest pass-key length; decode tokens/s averaged over pass-key runs; and the provenance of the
+memory at the longest pass-key length; decode tokens/s averaged over pass-key runs (without pass-key runs: those
+costs over the other tasks' runs at their longest length); and the provenance of the
 row's runs: dtype, device and lmcompress code version (a code version other than the current one is marked
 ``(stale)``: the row was reused with ``--reuse-stale``).
 """
@@ -68,6 +69,18 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 peak_mem_bytes=max(r["result"]["costs"]["peak_mem_bytes"] for r in at_max),
                 mem_source=pk[0]["result"]["costs"]["mem_source"],
             )
+        other = [r for r in recs if r["spec"]["task"]["name"] not in ("passkey", "perplexity")
+                 and (r["result"].get("costs") or {}).get("kv_bytes") is not None]
+        if not pk and other:  # no pass-key runs (e.g. --tasks ruler): the costs of the other tasks' runs
+            longest = max((r["spec"]["task"]["params"].get("length") or 0 for r in other), default=0)
+            at_max = [r for r in other if (r["spec"]["task"]["params"].get("length") or 0) == longest]
+            costs = [r["result"]["costs"] for r in at_max]
+            peaks = [c["peak_mem_bytes"] for c in costs if c.get("peak_mem_bytes") is not None]
+            row.update(
+                length=longest or None, kv_bytes=_mean([c["kv_bytes"] for c in costs]),
+                ttft_s=_mean([c.get("ttft_s") for c in costs]), decode_tok_s=_mean([c.get("decode_tok_s") for c in costs]),
+                peak_mem_bytes=max(peaks) if peaks else None, mem_source=costs[0].get("mem_source"),
+            )
         row["shared_prefill"] = any((r["result"].get("costs") or {}).get("prefill") == "shared" for r in recs)
         if ppl:
             row["perplexity"] = _mean([r["result"]["metrics"]["perplexity"] for r in ppl])
@@ -83,13 +96,16 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def needle_grid(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[float, float]]]:
-    """``{kv_label: {length: {depth: accuracy}}}`` of pass-key runs."""
+    """``{kv_label: {length: {depth: accuracy}}}`` of pass-key runs (``"model | kv_label"`` keys when the runs
+    are of several models)."""
     grid: dict[str, dict[int, dict[float, float]]] = defaultdict(lambda: defaultdict(dict))
+    several = len({rec["spec"].get("model") for rec in records}) > 1
     for rec in records:
         if rec["spec"]["task"]["name"] != "passkey":
             continue
         p = rec["spec"]["task"]["params"]
-        grid[rec["spec"]["kv_label"]][p["length"]][p["depth"]] = rec["result"]["metrics"]["accuracy"]
+        label = f"{rec['spec'].get('model')} | {rec['spec']['kv_label']}" if several else rec["spec"]["kv_label"]
+        grid[label][p["length"]][p["depth"]] = rec["result"]["metrics"]["accuracy"]
     return {k: dict(v) for k, v in grid.items()}
 
 

@@ -383,6 +383,12 @@ def load_quantized(
             )
             parent_name, _, child = name.rpartition(".")
             setattr(layer.get_submodule(parent_name) if parent_name else layer, child, packed)
+    if getattr(config.get_text_config(), "dms_separate_alpha", False) is True:  # a DMS checkpoint's float
+        from ..kv.evict.dms_hooks import (
+            attach_separate_alpha,  # decision projection (not in the architecture)
+        )
+
+        attach_separate_alpha(model)
     expected = set(model.state_dict())
     unexpected = sorted(set(tensors) - expected)
     if unexpected:

@@ -58,8 +58,10 @@ class QuantizeReport:
 
 
 def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
-    """The ``nn.Linear`` modules of a decoder layer by relative name."""
-    return {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    """The ``nn.Linear`` modules of a decoder layer by relative name; a DMS checkpoint's separate-alpha decision
+    projection (``self_attn.dms_proj_alpha``: one logit per KV head) is left out and stays in float."""
+    return {name: m for name, m in layer.named_modules()
+            if isinstance(m, nn.Linear) and not name.endswith("dms_proj_alpha")}
 
 
 def check_quantizable(model: nn.Module, config: WeightQuantConfig) -> None:

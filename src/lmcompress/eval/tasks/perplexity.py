@@ -17,7 +17,7 @@ import torch
 from ..._compat import cache_kwargs
 from ...errors import LMCompressError, check_choice, check_positive_int
 from ...kv.cache import CompressedCache
-from ...kv.hooks import scoring_hooks
+from ...kv.hooks import policy_hooks, scoring_hooks
 from ...registry import TASKS
 from ..perf import PeakMemory, Stopwatch
 from ..pipeline import check_context_fits
@@ -87,7 +87,7 @@ class Perplexity(Task):
                 logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
                 nll_sum -= float(logp[0, window[0, self.context_tokens]])
                 count += 1
-                with cache.compression_paused():
+                with cache.compression_paused(), policy_hooks(model, cache):  # DMS decides on scored tokens too
                     for s in range(self.context_tokens, span - 1, self.chunk):
                         e = min(s + self.chunk, span - 1)
                         out = model(input_ids=window[:, s:e], **cache_kwargs(cache), use_cache=True)

@@ -61,7 +61,25 @@ def load_dms_model(folder: str | Path, **kwargs: Any) -> tuple[torch.nn.Module, 
     from ...models import load_model
 
     settings = read_settings(folder)
-    model, tokenizer = load_model(str(folder), **kwargs)
-    if settings.separate_alpha:
-        load_alpha_weights(model, folder)
+    model, tokenizer = load_model(str(folder), **kwargs)  # attaches separate-alpha weights (attach_folder_alpha)
     return model, tokenizer, settings
+
+
+def attach_folder_alpha(model: torch.nn.Module, folder: str | Path) -> None:
+    """Called by :func:`lmcompress.models.load_model` for every folder: when its ``config.json`` sets
+    ``dms_separate_alpha``, validate the DMS settings and load the separate-alpha weights into ``model``
+    (``from_pretrained`` drops them as unknown); any other folder is left as it is.
+
+    Raises:
+        LMCompressError: impossible DMS settings, or separate-alpha weights missing from the folder.
+    """
+    import json
+
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(config, dict) and config.get("dms_separate_alpha") is True:
+        read_settings(folder)
+        load_alpha_weights(model, folder)

@@ -66,7 +66,6 @@ _TABLES = {"store_meta", "runs", "claims"}
 #: the ``runs`` columns of the version-1 store (before dtype, device and code version were in the key).
 V1_COLUMNS = ("key", "model", "kv_label", "task", "spec", "result", "versions", "device", "started_at",
               "duration_s")
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 _COLUMNS = ("key, code_version, dtype, device, spec, provenance, result, status, error, started_at, duration_s, "
             "owner")
 
@@ -114,14 +113,10 @@ def inspect_store(path: str | Path) -> str:
         raise StoreError(f"result store {str(path)!r} is a folder; allowed: an SQLite file (existing or new)")
     if not path.is_file():
         raise StoreError(f"result store {str(path)!r} is not a regular file")
-    if path.stat().st_size == 0:
-        tables: set[str] = set()
-    else:
-        with open(path, "rb") as f:
-            if f.read(16) != _SQLITE_MAGIC:
-                raise StoreError(f"result store {str(path)!r} is not an SQLite file; allowed: a store written by "
-                                 "lmcompress bench, or a new path")
-        tables = _tables(path)
+    # Read through SQLite only: opening and closing the file with a plain file object would drop every POSIX
+    # lock this process holds on it (its open stores' connections included), after which another process
+    # closing the store deletes the write-ahead log still in use here, and rows written after that are lost.
+    tables: set[str] = set() if path.stat().st_size == 0 else _tables(path)
     if not tables:
         return "new"
     if "store_meta" in tables:
@@ -155,6 +150,9 @@ def _read_ro(path: Path, sql: str) -> list[tuple]:
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
+        if "not a database" in str(exc):
+            raise StoreError(f"result store {str(path)!r} is not an SQLite file; allowed: a store written by "
+                             "lmcompress bench, or a new path") from None
         raise StoreError(f"result store {str(path)!r} cannot be read as SQLite ({exc})") from None
 
 

@@ -81,3 +81,37 @@ def example_quantizer(name: str):
     if cls is kvq.TurboKV:
         return kvq.TurboKV(bits=4)
     return cls(group_size=16) if "group_size" in fields else cls()
+
+
+#: policies with parameters sized for the 100-token test prompts where their defaults do not fit
+_SIZED_FOR_100 = {
+    "adakv": lambda: evict.AdaKV(base=evict.SnapKV(ratio=0.6, window_size=W)),
+    "cake": lambda: evict.CAKE(ratio=0.5, window_size=W),
+    "decoding": lambda: evict.DecodingCompression(base=evict.Knorm(), interval=4, target_size=48),
+    "expected_attention": lambda: evict.ExpectedAttention(ratio=0.5, n_future_positions=16, n_sink=2),
+    "h2o": lambda: evict.H2O(ratio=0.5),
+    "keydiff": lambda: evict.KeyDiff(ratio=0.5),
+    "knorm": lambda: evict.Knorm(ratio=0.5),
+    "observed_attention": lambda: evict.ObservedAttention(ratio=0.5),
+    "pyramidkv": lambda: evict.PyramidKV(ratio=0.5, window_size=W),
+    "random": lambda: evict.Random(ratio=0.5, seed=3),
+    "snapkv": lambda: evict.SnapKV(ratio=0.5, window_size=W),
+    "streaming_llm": lambda: evict.StreamingLLM(ratio=0.5),
+    "threshold": lambda: evict.ThresholdEviction(base=evict.Knorm(), threshold=0.5, window=16),
+    "tova": lambda: evict.TOVA(ratio=0.5),
+}
+
+
+def every_spec():  # -> dict[str, KVSpec]
+    """One ``KVSpec`` per registered eviction method (``evict:NAME``; not those of :data:`NEEDS_ARTIFACTS`) and KV
+    quantizer (``quant:NAME``; IntKV at 4 bits), plus ``snapkv+kivi``, for 100-token prompts of the tiny models."""
+    from lmcompress.kv import KVSpec
+
+    def quantizer(name: str):
+        return kvq.IntKV(bits=4, group_size=16) if name == "int" else example_quantizer(name)
+
+    specs = {f"evict:{n}": KVSpec(evict=_SIZED_FOR_100[n]() if n in _SIZED_FOR_100 else example_policy(n))
+             for n in EVICTION_METHODS.names() if n not in NEEDS_ARTIFACTS}
+    specs.update({f"quant:{n}": KVSpec(quant=quantizer(n)) for n in KV_QUANTIZERS.names()})
+    specs["snapkv+kivi"] = KVSpec(evict=evict.SnapKV(ratio=0.5, window_size=W), quant=quantizer("kivi"))
+    return specs

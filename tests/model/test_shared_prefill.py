@@ -10,65 +10,19 @@ from random_ids import ids
 from lmcompress.eval.pipeline import answer, prefill
 from lmcompress.eval.shared_prefill import runs_model, sharing_prefills
 from lmcompress.kv import (
-    CAKE,
-    H2O,
-    TOVA,
-    AdaKV,
     CompressedCache,
-    DecodingCompression,
-    ExpectedAttention,
-    KeyDiff,
     Knorm,
     KVSpec,
-    ObservedAttention,
-    PyramidKV,
-    Random,
     SnapKV,
-    StreamingLLM,
-    ThresholdEviction,
 )
 from lmcompress.kv.evict import KVzip
-from lmcompress.kv.quant import IntKV
-from lmcompress.registry import EVICTION_METHODS, KV_QUANTIZERS
-from method_examples import NEEDS_ARTIFACTS, example_policy, example_quantizer
+from lmcompress.registry import EVICTION_METHODS
+from method_examples import NEEDS_ARTIFACTS, W, every_spec
 
 pytestmark = pytest.mark.model
 
-W = 8  # scoring windows sized for the 100-token test prompts
-EVICTION = {
-    "adakv": AdaKV(base=SnapKV(ratio=0.6, window_size=W)),
-    "cake": CAKE(ratio=0.5, window_size=W),
-    "decoding": DecodingCompression(base=Knorm(), interval=4, target_size=48),
-    "expected_attention": ExpectedAttention(ratio=0.5, n_future_positions=16, n_sink=2),
-    "h2o": H2O(ratio=0.5),
-    "keydiff": KeyDiff(ratio=0.5),
-    "knorm": Knorm(ratio=0.5),
-    "observed_attention": ObservedAttention(ratio=0.5),
-    "pyramidkv": PyramidKV(ratio=0.5, window_size=W),
-    "random": Random(ratio=0.5, seed=3),
-    "snapkv": SnapKV(ratio=0.5, window_size=W),
-    "streaming_llm": StreamingLLM(ratio=0.5),
-    "threshold": ThresholdEviction(base=Knorm(), threshold=0.5, window=16),
-    "tova": TOVA(ratio=0.5),
-}
-
-
-def _quantizer(name: str):
-    if name == "int":
-        return IntKV(bits=4, group_size=16)
-    return example_quantizer(name)
-
-
-def all_specs() -> dict[str, KVSpec]:
-    specs = {f"evict:{n}": KVSpec(evict=EVICTION.get(n) or example_policy(n)) for n in EVICTION_METHODS.names()
-             if n in EVICTION or n not in NEEDS_ARTIFACTS}
-    specs.update({f"quant:{n}": KVSpec(quant=_quantizer(n)) for n in KV_QUANTIZERS.names()})
-    specs["snapkv+kivi"] = KVSpec(evict=SnapKV(ratio=0.5, window_size=W), quant=_quantizer("kivi"))
-    return specs
-
-
 def test_every_registered_method_is_covered():
-    covered = {key.removeprefix("evict:") for key in all_specs() if key.startswith("evict:")}
+    covered = {key.removeprefix("evict:") for key in every_spec() if key.startswith("evict:")}
     assert covered | set(NEEDS_ARTIFACTS) == set(EVICTION_METHODS.names())
 
 
@@ -102,10 +56,10 @@ CONTEXT = ids(100, seed=11)
 QUESTION = ids(6, seed=12)
 
 
-@pytest.mark.parametrize("name", list(all_specs()))
+@pytest.mark.parametrize("name", list(every_spec()))
 @pytest.mark.parametrize("query_aware", [False, True])
 def test_shared_prefill_is_exact(model, name, query_aware):
-    spec = all_specs()[name]
+    spec = every_spec()[name]
     prompt = torch.cat([CONTEXT, QUESTION], dim=1) if query_aware else CONTEXT
     with torch.inference_mode():
         real = CompressedCache(model, spec, reserve=8)
@@ -131,7 +85,7 @@ def test_shared_prefill_is_exact(model, name, query_aware):
 
 def test_eviction_happened(model):
     """The exactness test compares caches that were really compressed (not two identical full caches)."""
-    cache = CompressedCache(model, all_specs()["evict:adakv"])
+    cache = CompressedCache(model, every_spec()["evict:adakv"])
     with torch.inference_mode(), sharing_prefills():
         prefill(model, CONTEXT, cache)
     assert max(cache.held_tokens()) < CONTEXT.shape[1]
@@ -164,7 +118,7 @@ def test_store_is_bounded(model):
 def test_shared_prefill_is_exact_with_sliding_window_layers(tiny_models, name):
     """Gemma 3 (sliding-window layers trimmed after attention, their own RoPE) replays exactly too."""
     gemma = tiny_models("gemma3")
-    spec = all_specs()[name]
+    spec = every_spec()[name]
     with torch.inference_mode():
         real = CompressedCache(gemma, spec)
         real_logits = prefill(gemma, CONTEXT, real)

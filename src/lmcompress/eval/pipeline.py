@@ -112,28 +112,26 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, cache: CompressedCache, t
         return _forward(model, ids, cache)
 
 
-def continue_greedy(model: torch.nn.Module, cache: CompressedCache, question_ids: torch.Tensor | None,
-                    first_logits: torch.Tensor | None, *, max_new_tokens: int, eos_token_ids: list[int],
-                    decode: str, clock: Stopwatch, stop_when: Callable[[list[int]], bool] | None = None
-                    ) -> tuple[list[int], int, float, int, list[int], float]:
-    """Append ``question_ids`` with compression paused (if given), then decode greedily.
-
-    ``stop_when(tokens)`` (optional) ends decoding early once it returns True for the tokens so far (the token
-    it was called on is kept); EOS and ``max_new_tokens`` still end it as usual.
-
-    Returns ``(tokens, decode_steps, ttft_s, kv_bytes_after_prompt, held_after_prompt, decode_s)``; ``ttft_s``
-    is the clock's reading at the first token (the caller started it before the prefill).
-    """
-    device = next(model.parameters()).device
+def finish_prompt(model: torch.nn.Module, cache: CompressedCache, question_ids: torch.Tensor | None,
+                  first_logits: torch.Tensor | None) -> tuple[int, int, list[int]]:
+    """Append ``question_ids`` with compression paused (if given; else ``first_logits [1, vocab]`` are the
+    prompt's last logits); returns ``(first answer token, kv_bytes_after_prompt, held_after_prompt)``."""
     if question_ids is not None:
         with scoring_hooks(model, cache), cache.compression_paused():
             first_logits = _forward(model, question_ids, cache)
-    kv_bytes, held = cache.nbytes, cache.held_tokens()
-    next_id = int(first_logits.argmax(-1))
-    ttft = clock.elapsed()
-    clock.reset()
+    return int(first_logits.argmax(-1)), cache.nbytes, cache.held_tokens()
+
+
+def decode_greedy(model: torch.nn.Module, cache: CompressedCache, next_id: int, *, max_new_tokens: int,
+                  eos_token_ids: list[int], decode: str,
+                  stop_when: Callable[[list[int]], bool] | None = None) -> tuple[list[int], int]:
+    """Greedy decoding from the first answer token ``next_id``; returns ``(tokens, decode_steps)`` (EOS not
+    included; ``decode_steps`` counts forwards, each producing one token). ``stop_when(tokens)`` (optional) ends
+    decoding early once it returns True for the tokens so far (the token it was called on is kept); EOS and
+    ``max_new_tokens`` still end it as usual."""
+    device = next(model.parameters()).device
     tokens: list[int] = []
-    steps = 0  # decode forwards, each producing one token
+    steps = 0
     decoder = _static_decoder(model, cache, max_new_tokens, decode, device)
     if decoder is not None:
         decoder.start(next_id, cache.get_seq_length())
@@ -149,10 +147,46 @@ def continue_greedy(model: torch.nn.Module, cache: CompressedCache, question_ids
                 logits = _forward(model, torch.tensor([[next_id]], device=device), cache)
                 next_id = int(logits.argmax(-1))
             steps += 1
-    decode_s = clock.elapsed()
     if decoder is not None:
         decoder.close()
-    return tokens, steps, ttft, kv_bytes, held, decode_s
+    return tokens, steps
+
+
+def continue_greedy(model: torch.nn.Module, cache: CompressedCache, question_ids: torch.Tensor | None,
+                    first_logits: torch.Tensor | None, *, max_new_tokens: int, eos_token_ids: list[int],
+                    decode: str, clock: Stopwatch, stop_when: Callable[[list[int]], bool] | None = None
+                    ) -> tuple[list[int], int, float, int, list[int], float]:
+    """:func:`finish_prompt` then :func:`decode_greedy`.
+
+    Returns ``(tokens, decode_steps, ttft_s, kv_bytes_after_prompt, held_after_prompt, decode_s)``; ``ttft_s``
+    is the clock's reading at the first token (the caller started it before the prefill).
+    """
+    next_id, kv_bytes, held = finish_prompt(model, cache, question_ids, first_logits)
+    ttft = clock.elapsed()
+    clock.reset()
+    tokens, steps = decode_greedy(model, cache, next_id, max_new_tokens=max_new_tokens,
+                                  eos_token_ids=eos_token_ids, decode=decode, stop_when=stop_when)
+    return tokens, steps, ttft, kv_bytes, held, clock.elapsed()
+
+
+def new_answer_cache(model: torch.nn.Module, context_ids: torch.Tensor, question_ids: torch.Tensor,
+                     spec: KVSpec, *, max_new_tokens: int, query_aware: bool) -> CompressedCache:
+    """The cache an answer starts from, after checking that prompt plus ``max_new_tokens`` fit the model; its
+    spare slots hold the question (unless ``query_aware``) and the answer."""
+    check_context_fits(model, context_ids.shape[1] + question_ids.shape[1] + max_new_tokens)
+    reserve = max_new_tokens + (0 if query_aware else question_ids.shape[1])
+    return CompressedCache(model, spec, reserve=reserve)
+
+
+def prefill_prompt(model: torch.nn.Module, cache: CompressedCache, context_ids: torch.Tensor,
+                   question_ids: torch.Tensor, *, query_aware: bool, tokenizer=None
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Prefill the context (with the question when ``query_aware``); returns ``(first_logits, rest)`` for
+    :func:`finish_prompt`."""
+    if query_aware:
+        return prefill(model, torch.cat([context_ids, question_ids], dim=1), cache, tokenizer), None
+    prefill(model, context_ids, cache, tokenizer)
+    return None, question_ids
 
 
 @torch.inference_mode()
@@ -188,20 +222,15 @@ def answer(
     device = next(model.parameters()).device
     context_ids, question_ids = context_ids.to(device), question_ids.to(device)
     n_prompt = context_ids.shape[1] + question_ids.shape[1]
-    check_context_fits(model, n_prompt + max_new_tokens)
     if eos_token_ids is None:
         eos_token_ids = default_eos(model, tokenizer)
-    reserve = max_new_tokens + (0 if query_aware else question_ids.shape[1])
-    cache = CompressedCache(model, spec, reserve=reserve)
+    cache = new_answer_cache(model, context_ids, question_ids, spec, max_new_tokens=max_new_tokens,
+                             query_aware=query_aware)
     clock = Stopwatch(device)
     with PeakMemory(device) as mem:
         clock.reset()
-        if query_aware:
-            logits = prefill(model, torch.cat([context_ids, question_ids], dim=1), cache, tokenizer)
-            rest = None
-        else:
-            prefill(model, context_ids, cache, tokenizer)
-            logits, rest = None, question_ids
+        logits, rest = prefill_prompt(model, cache, context_ids, question_ids, query_aware=query_aware,
+                                      tokenizer=tokenizer)
         tokens, steps, ttft, kv_bytes, held, decode_s = continue_greedy(
             model, cache, rest, logits, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
             decode=decode, clock=clock, stop_when=stop_when)

@@ -11,6 +11,7 @@ import torch
 
 from .. import _compat
 from .layer import KVHandle
+from .row_batch import RowBatchHandle
 
 
 def lmcompress_attention(
@@ -27,13 +28,17 @@ def lmcompress_attention(
 
     Args:
         query: ``[B, Hq, q, D]`` (after RoPE).
-        key, value: :class:`KVHandle` (compressed cache) or ``[B, Hkv, n, D]`` tensors (any other cache).
+        key, value: :class:`KVHandle` (compressed cache), :class:`RowBatchHandle` (a row batch of them) or ``[B, Hkv, n, D]`` tensors (any other cache).
         attention_mask: SDPA-style bool mask ``[B, 1, q, n]`` or None.
         scaling: softmax scale (defaults to ``D**-0.5``).
 
     Returns:
         ``([B, q, Hq, D], None)``.
     """
+    if isinstance(key, RowBatchHandle):  # several prompts' caches decoded as one batch (kv/row_batch.py)
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        return key.layer.attend(query, scaling, module), None
     if not isinstance(key, KVHandle):
         return _compat.sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs

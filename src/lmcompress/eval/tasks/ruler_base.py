@@ -15,12 +15,12 @@ from typing import Any, ClassVar
 
 from ..._compat import max_positions
 from ...errors import LMCompressError, check_choice, check_positive_int
+from ..batched_answers import answer_prompts
 from ..pipeline import DECODE_MODES
 from .base import RunContext, Task, TaskResult
 from .prompting import (
     ANSWER_PREFIX_MODES,
     Prompt,
-    answer_prompt,
     encode_prompt,
     generation_record,
     mean_costs,
@@ -60,6 +60,10 @@ class RulerTask(Task):
             as long as the decoded text of a token prefix is a prefix of the full decoded text, which holds for
             the byte-level BPE tokenizers here). The stored answer is then the shorter text; ``False`` decodes
             RULER's full length.
+        answer_batch: answers decoded together as one batch (:mod:`lmcompress.eval.batched_answers`: each
+            sample is prefilled and compressed alone, only the greedy decoding is batched; tokens equal the
+            one-by-one answers up to floating-point rounding, and a sample's ``decode_tok_s`` is then its rate
+            inside the batch). 1 answers one by one. Eager decoding only (CPU, or ``decode="eager"``).
     """
 
     primary_metric: ClassVar[str] = "score"
@@ -76,11 +80,13 @@ class RulerTask(Task):
     decode: str = "auto"
     max_new_tokens: int = 128
     stop_at_full_score: bool = True
+    answer_batch: int = 1
 
     def __post_init__(self) -> None:
         check_positive_int("length", self.length)
         check_positive_int("samples", self.samples)
         check_positive_int("max_new_tokens", self.max_new_tokens)
+        check_positive_int("answer_batch", self.answer_batch)
         check_choice("answer_prefix", self.answer_prefix, ANSWER_PREFIX_MODES)
         check_choice("decode", self.decode, DECODE_MODES)
         if self.max_new_tokens >= self.length:
@@ -156,17 +162,23 @@ class RulerTask(Task):
 
     def run(self, ctx: RunContext) -> TaskResult:
         score_fn = METRICS[self.match]
+        samples = self.samples_for(ctx)
+        stops = [self._full_score_stop(ctx, score_fn, sample.outputs) if self.stop_at_full_score else None
+                 for sample, _ in samples]
+        gens = answer_prompts(ctx.model, [(p.context_ids, p.question_ids) for _, p in samples], ctx.spec,
+                              tokenizer=ctx.tokenizer, max_new_tokens=self.max_new_tokens,
+                              query_aware=self.query_aware, decode=self.decode, batch=self.answer_batch,
+                              stop_when=stops)
         records: list[dict[str, Any]] = []
-        for sample, prompt in self.samples_for(ctx):
-            stop = self._full_score_stop(ctx, score_fn, sample.outputs) if self.stop_at_full_score else None
-            gen = answer_prompt(ctx, prompt, max_new_tokens=self.max_new_tokens, query_aware=self.query_aware,
-                                decode=self.decode, stop_when=stop)
+        for (sample, _), gen in zip(samples, gens):
             rec = generation_record(gen)
             rec.update(outputs=sample.outputs, score=score_fn(gen.text, sample.outputs),
-                       answer_tokens=len(gen.token_ids))
+                       answer_tokens=len(gen.token_ids), decode_batch=gen.extra.get("decode_batch", 1))
             records.append(rec)
+        costs = mean_costs(records)
+        costs["decode_batch"] = max(r["decode_batch"] for r in records)
         return TaskResult(
             metrics={"score": 100.0 * sum(r["score"] for r in records) / len(records)},
-            costs=mean_costs(records),
+            costs=costs,
             details={"samples": records},
         )

@@ -28,7 +28,7 @@ class RulerSuite(Task):
     """All RULER-style tasks at one length; the score is the mean of the members' scores (0..100).
 
     Attributes:
-        length / samples / seed / query_aware / answer_prefix / decode: passed to every member.
+        length / samples / seed / query_aware / answer_prefix / decode / answer_batch: passed to every member.
         haystack_source: essay text of the niah tasks that use one.
         qa_1 / qa_2: RULER-format jsonl files for the qa tasks ("" leaves the task out).
         tasks: a comma-separated subset of the member names ("" = all).
@@ -44,6 +44,7 @@ class RulerSuite(Task):
     query_aware: bool = False
     answer_prefix: str = "auto"
     decode: str = "auto"
+    answer_batch: int = 1
     haystack_source: str = "lee"
     qa_1: str = ""
     qa_2: str = ""
@@ -54,6 +55,7 @@ class RulerSuite(Task):
         check_positive_int("samples", self.samples)
         check_choice("answer_prefix", self.answer_prefix, ANSWER_PREFIX_MODES)
         check_choice("decode", self.decode, DECODE_MODES)
+        check_positive_int("answer_batch", self.answer_batch)
         self.members()  # validates every member's parameters before anything runs
 
     def member_names(self) -> list[str]:
@@ -69,7 +71,8 @@ class RulerSuite(Task):
     def members(self) -> list[Task]:
         """The member tasks with this group's shared parameters."""
         shared = {"length": self.length, "samples": self.samples, "seed": self.seed, "query_aware": self.query_aware,
-                  "answer_prefix": self.answer_prefix, "decode": self.decode}
+                  "answer_prefix": self.answer_prefix, "decode": self.decode,
+                  "answer_batch": self.answer_batch}
         out = []
         for name in self.member_names():
             cls = TASKS.get(name)

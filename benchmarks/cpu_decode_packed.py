@@ -2,11 +2,13 @@
 uncompressed cache and packed INT4 / KIVI-2 caches, in the same process, interleaved, repeated ``--repeats``
 times (medians reported).
 
-Each packed method runs twice: through the codes-level CPU path (``kv/kernels/cpu_decode.py``, the default) and
-through the block-wise dequantize-then-attend reference (``LMCOMPRESS_NO_KERNELS=1``), so the table shows what
-the path changes. Reported per row: wall-clock tokens/s and CPU-time tokens/s (``time.thread_time``: the time
-this thread ran, less sensitive to other jobs on a shared machine than wall time), the OMP thread count and the
-1-minute load average before and after the row.
+Each packed method runs three times: through the codes-level CPU path with the fused C kernel (the default where a
+compiler built it, ``kv/kernels/cpu_fused.py``), through the same path's torch products
+(``LMCOMPRESS_NO_NATIVE=1``) and through the block-wise dequantize-then-attend reference
+(``LMCOMPRESS_NO_KERNELS=1``), so the table shows what each step changes. Reported per row: wall-clock tokens/s
+and CPU-time tokens/s (``time.process_time``: CPU time of all the process's threads, less sensitive to other jobs
+on a shared machine than wall time), the OMP thread count and the 1-minute load average before and after the
+row.
 
 Usage (repository root)::
 
@@ -36,13 +38,17 @@ from lmcompress.models import load_model  # noqa: E402
 METHODS = ("none", "int4", "kivi2")
 
 
-def decode_rate(model, method: str, ids: torch.Tensor, new: int, reference: bool) -> dict:
+PATHS = {"fused": {}, "torch": {"LMCOMPRESS_NO_NATIVE": "1"}, "reference": {"LMCOMPRESS_NO_KERNELS": "1"}}
+
+
+def decode_rate(model, method: str, ids: torch.Tensor, new: int, path: str) -> dict:
     """Prefill ``ids: [1, T]`` into a fresh cache for ``method``, decode ``new`` greedy tokens (two warm-up steps
-    first); returns wall and CPU-time tokens/s and the cache's bytes."""
-    if reference:
-        os.environ["LMCOMPRESS_NO_KERNELS"] = "1"
-    else:
-        os.environ.pop("LMCOMPRESS_NO_KERNELS", None)
+    first) through ``path`` (``fused``: the C kernel where it reads the format, ``torch``: the torch codes path,
+    ``reference``: dequantize-then-attend); returns wall and CPU-time tokens/s and the cache's bytes."""
+    for env in PATHS.values():
+        for k in env:
+            os.environ.pop(k, None)
+    os.environ.update(PATHS[path])
     try:
         cache = CompressedCache(model, parse_method(method), reserve=new + 4)
         with torch.no_grad():
@@ -50,12 +56,13 @@ def decode_rate(model, method: str, ids: torch.Tensor, new: int, reference: bool
             nxt = logits.argmax(-1)
             for _ in range(2):
                 nxt = model(input_ids=nxt, **cache_kwargs(cache)).logits.argmax(-1)
-            w0, c0 = time.perf_counter(), time.thread_time()
+            w0, c0 = time.perf_counter(), time.process_time()
             for _ in range(new):
                 nxt = model(input_ids=nxt, **cache_kwargs(cache)).logits.argmax(-1)
-            wall, cpu = time.perf_counter() - w0, time.thread_time() - c0
+            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     finally:
-        os.environ.pop("LMCOMPRESS_NO_KERNELS", None)
+        for k in ("LMCOMPRESS_NO_KERNELS", "LMCOMPRESS_NO_NATIVE"):
+            os.environ.pop(k, None)
     return {"wall_tok_s": new / wall, "cpu_tok_s": new / cpu, "kv_bytes": cache.nbytes}
 
 
@@ -72,15 +79,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, _ = load_model("smollm2-135m", quiet=True)
     ids = torch.randint(0, 49152, (1, args.tokens), generator=torch.Generator().manual_seed(0))
-    rows = [(m, False) for m in args.methods.split(",")]
+    methods = args.methods.split(",")
+    rows = [(m, "fused") for m in methods] + [(m, "torch") for m in methods if m != "none"]
     if not args.no_reference:
-        rows += [(m, True) for m in args.methods.split(",") if m != "none"]
+        rows += [(m, "reference") for m in methods if m != "none"]
     results: dict[str, list[dict]] = {}
     for rep in range(args.repeats):
-        for method, ref in rows:
-            label = method + (" (reference)" if ref else "")
+        for method, path in rows:
+            label = method if path == "fused" or method == "none" else f"{method} ({path})"
             load0 = os.getloadavg()[0]
-            r = decode_rate(model, method, ids, args.new, ref)
+            r = decode_rate(model, method, ids, args.new, path)
             r.update(label=label, repeat=rep, load_before=load0, load_after=os.getloadavg()[0])
             results.setdefault(label, []).append(r)
             print(json.dumps(r), flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmcompress.kv.kernels import cpu_decode
+from lmcompress.kv.kernels import cpu_decode, cpu_fused, cpu_native
 from lmcompress.kv.quant.kivi_store import KIVIStore
 from lmcompress.kv.quant.store import PackedStore
 from lmcompress.kv.quant.uniform import UniformCodec
@@ -43,10 +43,20 @@ STORES = {
 }
 
 
+@pytest.fixture(params=["fused C kernel", "torch products"])
+def native(request, monkeypatch):
+    """Both implementations of the codes path: the fused C kernel (where a compiler built it) and the torch one."""
+    fused = request.param == "fused C kernel"
+    if fused and cpu_native.library() is None:
+        pytest.skip("no C compiler here: the fused kernel is not built (the torch path runs)")
+    monkeypatch.setenv("LMCOMPRESS_NO_NATIVE", "0" if fused else "1")
+    return fused
+
+
 @pytest.mark.parametrize("name", list(STORES))
 @pytest.mark.parametrize("batch,hq,hkv", [(1, 6, 2), (2, 4, 4), (1, 3, 1)])
 @pytest.mark.parametrize("fp_tokens", [0, 5])
-def test_matches_dequantized_attention(name, batch, hq, hkv, fp_tokens):
+def test_matches_dequantized_attention(name, batch, hq, hkv, fp_tokens, native):
     d = 64
     store = STORES[name](d)
     k, v = _states(batch, hkv, 192, d, seed=1)
@@ -61,7 +71,26 @@ def test_matches_dequantized_attention(name, batch, hq, hkv, fp_tokens):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_long_store_crosses_blocks(monkeypatch):
+@pytest.mark.parametrize("name", list(STORES))
+def test_fused_kernel_takes_the_formats_it_reads(name):
+    """The C kernel really runs for 2-, 4- and 8-bit codes (3-bit codes stay on the torch path)."""
+    if cpu_native.library() is None:
+        pytest.skip("no C compiler here")
+    d = 64
+    store = STORES[name](d)
+    k, v = _states(1, 2, 192, d, seed=1)
+    store.append(k, v)
+    fk, fv = _states(1, 2, 4, d, seed=2)
+    qg = torch.randn(1, 2, 3, d)
+    vp = getattr(store, "value_packed", store.length)
+    window = store.value_window_view() if isinstance(store, KIVIStore) else None
+    fp_v = fv if window is None else torch.cat([window, fv], dim=2)
+    got = cpu_fused.attention(store, store.parts("keys"), store.parts("values"), store.length, vp, fk, fp_v, qg,
+                              0.125)
+    assert (got is None) == name.startswith("int3")
+
+
+def test_long_store_crosses_blocks(monkeypatch, native):
     """More tokens than one unpacking block: the per-block pieces and the single softmax still agree."""
     monkeypatch.setattr(cpu_decode, "BLOCK_TOKENS", 96)
     d = 32

@@ -19,7 +19,9 @@ and the ``[B, Hq, T]`` scores.
 Used by :meth:`~lmcompress.kv.segment.KVSegment.attend` for one query on the CPU (the CUDA counterpart is the
 Triton kernel of :mod:`.decode`). Rotated formats around these codecs are read with the query rotated in and the
 output rotated back (:mod:`.rotated`); other formats (symmetric, codebooks, outliers, QAQ, ``layer`` granularity)
-return None and the block-wise reference runs. ``LMCOMPRESS_NO_KERNELS=1`` forces the reference.
+return None and the block-wise reference runs. ``LMCOMPRESS_NO_KERNELS=1`` forces the reference. Where the fused C
+kernel is built (:mod:`.cpu_fused`: 2-, 4- and 8-bit codes, not rotated) it computes the same sums in one loop
+per KV head instead of these torch products.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ..quant.kivi_store import KIVIStore
 from ..quant.packing import unpack_float
 from ..quant.store import PackedStore
 from ..quant.uniform import UniformCodec
-from . import rotated
+from . import cpu_fused, rotated
 
 #: widths read as byte planes of 32-bit words (:func:`_codes`); others are unpacked
 WORD_BITS = (1, 2, 4)
@@ -212,6 +214,9 @@ def decode_attention(store, fp_keys: torch.Tensor, fp_values: torch.Tensor, quer
         vp, fp_v = n, fp_values
     vparts = store.parts("values")
     m = fp_keys.shape[2]
+    fused = cpu_fused.attention(store, kparts, vparts, n, vp, fp_keys, fp_v, qg, scaling)
+    if fused is not None:
+        return fused.reshape(b, hq, 1, d).to(query.dtype)
     scores = qg.new_empty((b, hkv, g, n + m))
     kc, vc = rotated.inner(store.key_codec), rotated.inner(store.value_codec)
     scores[..., :n] = _key_scores(kc, kparts, n, rotated.rotate_query(qg, store.key_codec))

@@ -41,17 +41,9 @@ class KVSpec:
         return (self.evict is None or self.evict.is_noop) and self.quant is None
 
     def label(self) -> str:
-        """Short human-readable name, e.g. ``snapkv(ratio=0.5)+int(bits=4)``."""
-        parts = []
-        for obj in (self.evict, self.quant):
-            if obj is None:
-                continue
-            fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-            defaults = {f.name: f.default for f in dataclasses.fields(obj)}
-            always = {"bits", "ratio"} if getattr(obj, "takes_ratio", True) else {"bits"}  # DMS: no ratio
-            shown = ", ".join(f"{k}={v}" for k, v in fields.items()
-                              if v != defaults[k] or (k in always and not (k == "ratio" and fields.get("budget"))))
-            parts.append(f"{obj.name}({shown})")
+        """Short human-readable name, e.g. ``snapkv(ratio=0.5)+int(bits=4)``; a wrapper shows its base by the
+        base's own short name (``criticaladakv(base=expected_attention(ratio=0.5))``)."""
+        parts = [short_label(obj) for obj in (self.evict, self.quant) if obj is not None]
         return "+".join(parts) or "none"
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,3 +73,24 @@ class KVSpec:
         """Stable short hash of the canonical dict."""
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def short_label(obj: Any) -> str:
+    """``name(k=v, ...)`` of a policy or quantizer: the parameters that differ from their defaults, plus ``bits``
+    and ``ratio`` always (not ``ratio`` where a budget is set, where the method takes none, or where a wrapper's
+    ratio is unset and its base decides), nested methods by their own short label."""
+    fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+    always = {"bits", "ratio"} if getattr(obj, "takes_ratio", True) else {"bits"}  # DMS: no ratio
+    if fields.get("budget") or (dataclasses.is_dataclass(fields.get("base")) and not fields.get("ratio")):
+        always.discard("ratio")
+
+    def show(v: Any) -> str:
+        if dataclasses.is_dataclass(v) and hasattr(v, "name"):
+            return short_label(v)
+        if isinstance(v, tuple) and v and all(dataclasses.is_dataclass(x) for x in v):
+            return "(" + ", ".join(short_label(x) for x in v) + ")"
+        return str(v)
+
+    shown = ", ".join(f"{k}={show(v)}" for k, v in fields.items() if v != defaults[k] or k in always)
+    return f"{obj.name}({shown})"

@@ -26,6 +26,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .suite_table import markdown_suites
+
 MB = 1024 * 1024
 COLUMNS = ("task", "method", "ratio", "score", "none score", "KV MB", "compression", "TTFT s", "decode tok/s",
            "peak MB", "samples", "chance")
@@ -53,8 +55,19 @@ def task_key(rec: dict[str, Any]) -> str:
     return f"{task['name']}@{length}" if isinstance(length, int) and not isinstance(length, bool) else task["name"]
 
 
+def display_label(rec: dict[str, Any]) -> str:
+    """The KV spec's short label, rebuilt from the stored spec (so rows stored by older code, whose labels were
+    spelled differently, group with new ones); the stored label where the spec no longer parses."""
+    from ..kv.spec import KVSpec
+
+    try:
+        return KVSpec.from_dict(rec["spec"]["kv"]).label()
+    except Exception:  # a method renamed or removed since the row was stored
+        return rec["spec"]["kv_label"]
+
+
 def method_key(rec: dict[str, Any]) -> str:
-    return rec["spec"]["kv_label"] + ("+q" if rec["spec"]["task"]["params"].get("query_aware") else "")
+    return display_label(rec) + ("+q" if rec["spec"]["task"]["params"].get("query_aware") else "")
 
 
 def _ratio(kv: dict[str, Any]) -> str:
@@ -100,7 +113,7 @@ def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         peaks = [c.get("peak_mem_bytes") for c in costs if isinstance(c.get("peak_mem_bytes"), (int, float))]
         rows.append({
             "model": model, "task": task, "task_name": name, "method": method,
-            "kv_label": recs[0]["spec"]["kv_label"], "query_aware": method.endswith("+q"),
+            "kv_label": display_label(recs[0]), "query_aware": method.endswith("+q"),
             "ratio": _ratio(recs[0]["spec"]["kv"]),
             "metric": metric, "higher_is_better": higher,
             "score": _mean([(r["result"].get("metrics") or {}).get(metric) for r in recs]) if metric else None,
@@ -111,6 +124,7 @@ def leaderboard_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "samples": sum(_samples(r) for r in recs), "runs": len(recs),
             "chance": _chance(recs[0], cls_chance),
             "shared_prefill": any(c.get("prefill") == "shared" for c in costs),
+            "decode_batch": max((c.get("decode_batch") or 1 for c in costs), default=1),
         })
     for row in rows:
         peers = [r for r in rows if r["model"] == row["model"] and r["task"] == row["task"]
@@ -292,8 +306,11 @@ def write_leaderboard(records: list[dict[str, Any]], out_dir: str | Path) -> dic
         sections.append(f'<figure class="heatmap"><img src="img/{path.name}" alt="{html.escape(method)} needle '
                         f'heatmap"><figcaption>{html.escape(model)} {html.escape(task)}: '
                         f"{html.escape(method)}</figcaption></figure>")
+    suites = markdown_suites(rows)
+    if suites:
+        sections.insert(0, f"<h2>Suites</h2>\n<pre>{html.escape(suites)}</pre>")
     md = out / "leaderboard.md"
-    md.write_text(markdown_leaderboard(rows) + "\n")
+    md.write_text((suites + "\n\n" if suites else "") + markdown_leaderboard(rows) + "\n")
     notes = html.escape(SHARED_NOTE) if any(r["shared_prefill"] for r in rows) else ""
     page = out / "index.html"
     page.write_text(

@@ -15,6 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .leaderboard import display_label
+
 MB = 1024 * 1024
 
 
@@ -36,7 +38,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for rec in records:
         dev_type = rec.get("provenance", {}).get("device_type", rec["device"])
-        groups[(rec["spec"]["model"], rec["dtype"], dev_type, rec["spec"]["kv_label"])].append(rec)
+        groups[(rec["spec"]["model"], rec["dtype"], dev_type, display_label(rec))].append(rec)
     rows = []
     for (model, dtype, _dev_type, label), recs in groups.items():
         kv = recs[0]["spec"]["kv"]
@@ -104,7 +106,7 @@ def needle_grid(records: list[dict[str, Any]]) -> dict[str, dict[int, dict[float
         if rec["spec"]["task"]["name"] != "passkey":
             continue
         p = rec["spec"]["task"]["params"]
-        label = f"{rec['spec'].get('model')} | {rec['spec']['kv_label']}" if several else rec["spec"]["kv_label"]
+        label = f"{rec['spec'].get('model')} | {display_label(rec)}" if several else display_label(rec)
         grid[label][p["length"]][p["depth"]] = rec["result"]["metrics"]["accuracy"]
     return {k: dict(v) for k, v in grid.items()}
 

@@ -83,3 +83,28 @@ def attention(store, kparts: dict, vparts: dict, n: int, vp: int, fp_keys: torch
         m, fk.data_ptr(), fk.stride(1), fk.stride(2), fv.data_ptr(), fv.stride(1), fv.stride(2),
         out.data_ptr(), work.data_ptr())
     return out if rc == 0 else None
+
+
+def encode(codec, x: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """``codec.encode(x)`` for ``x: [B, H, T, D]`` on the CPU through the C encode kernel (bit-identical codes,
+    scales and zero points: the kernel rounds every operation as the torch ops do), or None where it does not
+    apply (symmetric codes, widths other than 2/4/8 bits, granularities other than token/head, the kernel not
+    built) or ``x`` fails the finiteness check (the torch path then raises the library's error)."""
+    if (type(codec) is not UniformCodec or codec.symmetric or codec.bits not in BITS
+            or codec.granularity not in ("token", "head") or x.is_cuda or x.dim() != 4):
+        return None
+    b, h, t, d = x.shape
+    group = d if codec.granularity == "head" else codec.group_size
+    if d % group or d % (8 // codec.bits):
+        return None
+    lib = cpu_native.encode_library()
+    if lib is None:
+        return None
+    xf = x.float().contiguous()
+    ng = d // group
+    codes = torch.empty((b, h, t, d * codec.bits // 8), dtype=torch.uint8)
+    scale = torch.empty((b, h, t, ng), dtype=torch.float16)
+    zero = torch.empty((b, h, t, ng), dtype=torch.float16)
+    rc = lib.lmc_encode_affine(xf.data_ptr(), b * h * t, d, group, codec.bits, codes.data_ptr(), scale.data_ptr(),
+                               zero.data_ptr())
+    return {"scale": scale, "zero": zero, "codes": codes} if rc == 0 else None

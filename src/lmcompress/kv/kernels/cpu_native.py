@@ -1,8 +1,9 @@
-"""The fused C decode-attention kernel of the CPU path (``cpu_decode_native.c``): built on first use, loaded with
-ctypes.
+"""The C kernels of the CPU path, built on first use and loaded with ctypes: fused decode attention over packed
+codes (``cpu_decode_native.c``) and the per-token affine encode (``cpu_encode_native.c``, compiled with strict
+float semantics so its codes are bit-identical to the torch encode's).
 
-The source ships with the package; the first call compiles it with the system C compiler (``cc``, ``-O3
--march=native -fopenmp``) into ``~/.cache/lmcompress/native/<hash>/`` (``$LMCOMPRESS_CACHE`` overrides the root),
+The sources ship with the package; the first call compiles one with the system C compiler (``cc``, ``-O3
+-march=native``) into ``~/.cache/lmcompress/native/<hash>/`` (``$LMCOMPRESS_CACHE`` overrides the root),
 keyed by the source, the flags and this CPU's feature flags, and later processes load the built library. Without
 a compiler, or when the build fails, :func:`library` returns None and the torch codes path of
 :mod:`.cpu_decode` runs (``LMCOMPRESS_NO_NATIVE=1`` forces that). Nothing is built at import time.
@@ -17,12 +18,15 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("cpu_decode_native.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast", "-fno-math-errno",
-         "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-freciprocal-math")
+HERE = Path(__file__).parent
+#: the decode kernel may reorder sums (vectorised reductions): float32-rounding differences only
+DECODE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=fast", "-fno-math-errno",
+                "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-freciprocal-math")
+#: the encode kernel must round every operation as torch does
+ENCODE_FLAGS = ("-O2", "-march=native", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
 
 
 def _cpu_flags() -> str:
@@ -40,12 +44,12 @@ def _cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "lmcompress"
 
 
-def _build(compiler: str, out: Path) -> bool:
+def _build(compiler: str, source: Path, flags: tuple[str, ...], out: Path) -> bool:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, timeout=120)
+        done = subprocess.run([compiler, *flags, str(source), "-o", tmp, "-lm"], capture_output=True, timeout=120)
         if done.returncode != 0:
             return False
         os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
@@ -57,33 +61,51 @@ def _build(compiler: str, out: Path) -> bool:
             os.unlink(tmp)
 
 
-@lru_cache(maxsize=1)
-def _load() -> ctypes.CDLL | None:
+@cache
+def _load(source_name: str, flags: tuple[str, ...]) -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None or not SOURCE.exists():
+    source = HERE / source_name
+    if compiler is None or not source.exists():
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + _cpu_flags().encode()
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + _cpu_flags().encode()
                          + platform.machine().encode()).hexdigest()[:16]
-    path = _cache_root() / "native" / key / "libcpu_decode.so"
-    if not path.exists() and not _build(compiler, path):
+    path = _cache_root() / "native" / key / f"lib{source.stem}.so"
+    if not path.exists() and not _build(compiler, source, flags, path):
         return None
     try:
-        lib = ctypes.CDLL(str(path))
+        return ctypes.CDLL(str(path))
     except OSError:
         return None
-    fn = lib.lmc_decode_attention
-    i, f, p, long_ = ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_long
-    fn.argtypes = [i, i, i, p, f,  # rows, G, D, q, scaling
-                   i, i, i, i, p, long_, long_, p, p, long_, long_,  # packed keys
-                   i, i, i, p, long_, long_, p, p, long_, long_,  # packed values
-                   i, p, long_, long_, p, long_, long_,  # full-precision keys, values
-                   p, p]  # out, work
-    fn.restype = ctypes.c_int
-    return lib
+
+
+def _disabled() -> bool:
+    return os.environ.get("LMCOMPRESS_NO_NATIVE", "") == "1"
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None (no compiler, a failed build, or ``LMCOMPRESS_NO_NATIVE=1``)."""
-    if os.environ.get("LMCOMPRESS_NO_NATIVE", "") == "1":
+    """The decode-attention library, or None (no compiler, a failed build, or ``LMCOMPRESS_NO_NATIVE=1``)."""
+    if _disabled():
         return None
-    return _load()
+    lib = _load("cpu_decode_native.c", DECODE_FLAGS)
+    if lib is not None and lib.lmc_decode_attention.argtypes is None:
+        i, f, p, long_ = ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_long
+        lib.lmc_decode_attention.argtypes = [
+            i, i, i, p, f,  # rows, G, D, q, scaling
+            i, i, i, i, p, long_, long_, p, p, long_, long_,  # packed keys
+            i, i, i, p, long_, long_, p, p, long_, long_,  # packed values
+            i, p, long_, long_, p, long_, long_,  # full-precision keys, values
+            p, p]  # out, work
+        lib.lmc_decode_attention.restype = ctypes.c_int
+    return lib
+
+
+def encode_library() -> ctypes.CDLL | None:
+    """The per-token affine encode library, or None (as :func:`library`)."""
+    if _disabled():
+        return None
+    lib = _load("cpu_encode_native.c", ENCODE_FLAGS)
+    if lib is not None and lib.lmc_encode_affine.argtypes is None:
+        i, p, long_ = ctypes.c_int, ctypes.c_void_p, ctypes.c_long
+        lib.lmc_encode_affine.argtypes = [p, long_, i, i, i, p, p, p]
+        lib.lmc_encode_affine.restype = ctypes.c_int
+    return lib

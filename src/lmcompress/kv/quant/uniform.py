@@ -152,6 +152,12 @@ class UniformCodec:
     def encode(self, x: torch.Tensor, ignore: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``x: [B, H, T, D]`` -> parts. ``ignore`` (bool, like ``x``) marks elements left out of the statistics
         (outliers stored elsewhere); their codes are clamped and meaningless."""
+        if not x.is_cuda and ignore is None:
+            from ..kernels import cpu_fused
+
+            parts = cpu_fused.encode(self, x)  # the C kernel, bit-identical to the torch ops below
+            if parts is not None:
+                return parts
         check_finite(x)
         if x.is_cuda and ignore is None:
             from ..kernels import dispatch

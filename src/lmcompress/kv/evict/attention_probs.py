@@ -48,18 +48,41 @@ def window_attention(inputs: ScoreInputs, window: int, method: str = "this metho
         LMCompressError: fewer than ``window`` queries, or no more held tokens than ``window``.
     """
     q_avail = inputs.queries.shape[2]
-    n = int(inputs.valid_counts().min())
+    # uniform layout: every head holds all n tokens, known from the shape (no device read)
+    n = inputs.num_tokens if inputs.valid is None else int(inputs.valid_counts().min())
     if window > q_avail or window >= n:
         raise LMCompressError(
             f"{method} needs window_size={window} queries and more than {window} cached tokens per head; "
             f"got {q_avail} queries and {n} tokens: lower window_size or compress a longer context"
         )
     hkv = inputs.keys.shape[1]
-    q = group_queries(inputs.queries[:, :, -window:], hkv).float()  # [B, Hkv, G, w, D]
-    logits = torch.einsum("bhgqd,bhkd->bhgqk", q, inputs.keys.float()) * inputs.scaling
-    vis = _visible(inputs, query_positions(inputs, window))
-    logits = logits.masked_fill(~vis, -math.inf)
+    logits = _window_logits(inputs.queries[:, :, -window:], inputs.keys, hkv)  # [B, Hkv, G, w, n] float32
+    logits.mul_(inputs.scaling)  # in place: the [B, Hkv, G, w, n] block is the largest tensor here
+    logits.masked_fill_(~_visible(inputs, query_positions(inputs, window)), -math.inf)
     return logits.softmax(dim=-1)
+
+
+def _window_logits(queries: torch.Tensor, keys: torch.Tensor, hkv: int) -> torch.Tensor:
+    """``queries: [B, Hq, w, D]`` . ``keys: [B, Hkv, n, D]`` -> ``[B, Hkv, G, w, n]`` float32 dot products.
+
+    On CUDA with bf16/fp16 inputs: one batched GEMM on the 16-bit inputs with float32 accumulation and output
+    (the products of 16-bit values are exact in float32, so this is the float32 GEMM of the same values up to the
+    order of the sums); elsewhere: the float32 einsum of the upcast inputs.
+    """
+    b, hq, w, d = queries.shape
+    n = keys.shape[2]
+    g = hq // hkv
+    if keys.is_cuda and keys.dtype in (torch.bfloat16, torch.float16) and queries.dtype == keys.dtype:
+        q = queries.reshape(b * hkv, g * w, d)
+        k = keys.reshape(b * hkv, n, d)
+        try:
+            out = torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
+        except (TypeError, NotImplementedError, RuntimeError):  # torch without bmm(out_dtype=): float32 below
+            out = None
+        if out is not None:
+            return out.view(b, hkv, g, w, n)
+    q = group_queries(queries, hkv).float()  # [B, Hkv, G, w, D]
+    return torch.einsum("bhgqd,bhkd->bhgqk", q, keys.float())
 
 
 def summed_attention(inputs: ScoreInputs, tile: int = QUERY_TILE) -> torch.Tensor:

@@ -39,6 +39,8 @@ class SnapKV(EvictionPolicy):
 
     name = "snapkv"
     display = "SnapKV"
+    #: pooled probabilities are >= 0 and the window +inf: the prefill path selects without host syncs
+    finite_scores = True
     window_size: int = 64
     kernel_size: int = 5
 

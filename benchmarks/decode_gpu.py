@@ -78,10 +78,15 @@ SETUPS: dict[str, tuple[str, str]] = {
     "ours streaming_llm 4096, fused": ("bf16F", "streaming_llm:budget=4096"),
     "ours snapkv 4096, fused": ("bf16F", "snapkv:budget=4096"),
     "ours int4w + streaming_llm 4096, fused": ("int4F", "streaming_llm:budget=4096"),
+    # the decode attention over static slots through SDPA instead of the split-K Triton kernel (A/B)
+    "ours none, fused, sdpa attn": ("bf16F", "none"),
+    "ours snapkv 8x, fused, sdpa attn": ("bf16F", f"snapkv:ratio={RATIO_8X}"),
+    "ours int4w + snapkv 8x, fused, sdpa attn": ("int4F", f"snapkv:ratio={RATIO_8X}"),
 }
+SDPA_SUFFIX = ", sdpa attn"
 FUSED_KINDS = ("bf16f", "bf16F", "int4F")
 BATCH_SETUPS = ("hf eager", "ours none", "ours snapkv 8x", "ours int4w + snapkv 8x", "ours none, fused",
-                "ours snapkv 8x, fused", "ours int4w + snapkv 8x, fused")
+                "ours snapkv 8x, fused", "ours int4w + snapkv 8x, fused", "ours snapkv 8x, fused, sdpa attn")
 
 
 def build_model(layers: int, smoke: bool, device: torch.device):
@@ -238,7 +243,13 @@ def run_one(model, setup: str, ctx: int, batch: int, new_tokens: int, eager_toke
     elif method == "hf_compiled":
         res = _hf_compiled(model, ids, new_tokens, clock)
     else:
-        res = _ours(model, ids, new_tokens, clock, method, eager_tokens, chunk)
+        from lmcompress.kv.static import set_slot_attention
+
+        prev = set_slot_attention("sdpa" if setup.endswith(SDPA_SUFFIX) else "triton")
+        try:
+            res = _ours(model, ids, new_tokens, clock, method, eager_tokens, chunk)
+        finally:
+            set_slot_attention(prev)
     ttft, times, kv, path, cache = res
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / GiB if clock.cuda else float("nan")

@@ -452,7 +452,13 @@ def main() -> None:
                          "budget setups only)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the script only")
+    ap.add_argument("--slot-config", default=None,
+                    help="JSON launch settings of the Triton slot attention (kv/kernels/slot_attention.CONFIG)")
     args = ap.parse_args()
+    if args.slot_config:
+        from lmcompress.kv.kernels import slot_attention
+
+        slot_attention.CONFIG.update(json.loads(args.slot_config))
     start = time.perf_counter()
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     if args.cpu_smoke:
@@ -466,7 +472,8 @@ def main() -> None:
     out_file = Path(args.out) / "decode_gpu.json"
     bandwidth = copy_bandwidth(device)
     header = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "copy_TBps": round(bandwidth / 1e12, 3)}
+              "torch": torch.__version__, "copy_TBps": round(bandwidth / 1e12, 3),
+              **({"slot_config": json.loads(args.slot_config)} if args.slot_config else {})}
 
     def save() -> None:
         out_file.write_text(json.dumps({**header, "rows": rows}, indent=1))

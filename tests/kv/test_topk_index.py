@@ -50,3 +50,25 @@ def test_prefill_fast_path_keeps_the_keep_mask_tokens(policy):
     assert torch.equal(layer.positions().long(), expected.nonzero()[:, 2].view(b, h, keep))
     assert torch.equal(layer.segments[0].all_tokens()[0], k.gather(2, layer.positions().long()[..., None]
                                                                    .expand(b, h, keep, d)))
+
+
+def test_snapkv_scores_a_few_heads_at_a_time_with_the_same_result(monkeypatch):
+    """Long prompts are scored in KV-head tiles (bounded float32 probabilities); the scores and kept set equal
+    the one-tile computation."""
+    from lmcompress.kv.evict import attention_probs
+    from lmcompress.kv.evict.base import ScoreInputs
+    from lmcompress.kv.evict.snapkv import SnapKV
+
+    torch.manual_seed(5)
+    b, h, g, n, d, w = 2, 4, 2, 150, 16, 8
+    inputs = ScoreInputs(keys=torch.randn(b, h, n, d), values=torch.randn(b, h, n, d),
+                         queries=torch.randn(b, h * g, w, d), positions=torch.arange(n).expand(b, h, n).int(),
+                         scaling=0.25, layer_idx=0, num_layers=1)
+    pol = SnapKV(ratio=0.7, window_size=w)
+    assert len(attention_probs.head_tiles(inputs, w)) == 1
+    whole = pol.score(inputs)
+    monkeypatch.setattr(attention_probs, "TILE_BYTES", b * g * w * n * 4 * 3)  # 3 heads a tile: tiles 3 + 1
+    assert attention_probs.head_tiles(inputs, w) == [(0, 3), (3, 4)]
+    tiled = pol.score(inputs)
+    torch.testing.assert_close(tiled, whole, rtol=1e-6, atol=0)
+    assert torch.equal(topk_mask(tiled, 40), topk_mask(whole, 40))

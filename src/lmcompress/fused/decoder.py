@@ -143,6 +143,7 @@ class FusedAttention(nn.Module):
         cos, sin = position_embeddings
         query, key = apply_rope(q.view(shape), k.view(shape), cos, sin)
         value = v.view(shape).transpose(1, 2)
+        del q, k, v  # views of the [B, S, q + 2 kv] projection: it is freed once the cache holds K/V
         if cache is not None:
             key, value = _compat.update_cache(cache, key, value, self.layer_idx, cos, sin, cache_position)
         attn_output, attn_weights = _compat.attention_function(self.config)(

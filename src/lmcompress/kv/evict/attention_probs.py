@@ -8,6 +8,7 @@ uniform and the left-padded ragged layout.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -83,6 +84,30 @@ def _window_logits(queries: torch.Tensor, keys: torch.Tensor, hkv: int) -> torch
             return out.view(b, hkv, g, w, n)
     q = group_queries(queries, hkv).float()  # [B, Hkv, G, w, D]
     return torch.einsum("bhgqd,bhkd->bhgqk", q, keys.float())
+
+
+#: bytes of float32 probabilities a scorer holds at once: longer prompts are scored a few KV heads at a time
+#: (:func:`head_tiles`; a 32k prompt's 64-query window is 32 MiB per KV head of an 8B model)
+TILE_BYTES = 128 << 20
+
+
+def head_tiles(inputs: ScoreInputs, window: int) -> list[tuple[int, int]]:
+    """``[(h0, h1), ...]`` ranges of KV heads whose ``[B, h1 - h0, G, window, n]`` float32 probabilities fit
+    :data:`TILE_BYTES` (one range covering every head when they all fit)."""
+    b, hkv, n = inputs.keys.shape[:3]
+    per_head = b * inputs.num_kv_groups * window * n * 4
+    step = max(1, min(hkv, TILE_BYTES // max(per_head, 1)))
+    return [(h, min(hkv, h + step)) for h in range(0, hkv, step)]
+
+
+def head_slice(inputs: ScoreInputs, h0: int, h1: int) -> ScoreInputs:
+    """The score inputs of KV heads ``[h0, h1)`` (and their query heads)."""
+    g = inputs.num_kv_groups
+    return dataclasses.replace(
+        inputs, keys=inputs.keys[:, h0:h1], values=inputs.values[:, h0:h1],
+        queries=inputs.queries[:, h0 * g : h1 * g], positions=inputs.positions[:, h0:h1],
+        valid=None if inputs.valid is None else inputs.valid[:, h0:h1],
+        aux={k: v[:, h0:h1] for k, v in inputs.aux.items()})
 
 
 def summed_attention(inputs: ScoreInputs, tile: int = QUERY_TILE) -> torch.Tensor:

@@ -4,8 +4,8 @@
 (``length`` a one-element device tensor, so the launch is the same at every step and replays in a CUDA graph).
 One program takes one KV head and one chunk of slots and processes all ``G = Hq / Hkv`` query heads of that KV
 head together, so each key and value is read once (SDPA with ``enable_gqa`` and a mask over all slots reads
-every slot, masked or not). The last program of each KV head to finish (an atomic counter) merges the chunks'
-partial softmax sums in the same launch.
+every slot, masked or not). A second kernel merges the chunks' partial softmax sums (merging them in the same
+launch, in the last program of each KV head, was slower on the H200: BENCHMARKS.md 5.7).
 
 Arithmetic: scores ``q . k`` in float32 from bf16/fp16 inputs, online softmax in float32 (base-2 exponentials of
 pre-scaled scores), the probabilities rounded to the input dtype for the ``p . v`` product (as flash attention
@@ -23,10 +23,9 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, m_ptr, l_ptr, cnt_ptr, out_ptr, qk_scale,
-                           q_sb, q_sh, C, S, CHUNK, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                           BN: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr, SP: tl.constexpr,
-                           STAGES: tl.constexpr):
+def _partial_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, m_ptr, l_ptr, qk_scale,
+                    q_sb, q_sh, C, S, CHUNK, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                    BN: tl.constexpr, HKV: tl.constexpr, STAGES: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     b = bh // HKV
@@ -57,50 +56,39 @@ def _slot_attention_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, m_ptr, l_ptr, cn
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    if S == 1:  # one chunk: normalize and store
-        dst = (b * HQ + h * G + rows)[:, None] * D + cols[None, :]
-        tl.store(out_ptr + dst, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
-    else:
-        part = (bh * S + s) * G  # only the G real rows are stored
-        tl.store(o_ptr + (part + rows)[:, None] * D + cols[None, :], acc, mask=rmask[:, None])
-        tl.store(m_ptr + part + rows, m_i, mask=rmask)
-        tl.store(l_ptr + part + rows, l_i, mask=rmask)
-        # The last program of this KV head to finish merges the S partial sums (chunks past the length have
-        # m = -inf and weight 0), then resets the counter for the next call. The barrier orders every thread's
-        # stores before the release.
-        tl.debug_barrier()
-        if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == S - 1:
-            sidx = tl.arange(0, SP)
-            smask = sidx < S
-            ml = (bh * S + sidx) * G
-            for g in tl.static_range(G):
-                m = tl.load(m_ptr + ml + g, mask=smask, other=float("-inf"), cache_modifier=".cg")
-                li = tl.load(l_ptr + ml + g, mask=smask, other=0.0, cache_modifier=".cg")
-                w = tl.where(smask, tl.exp2(m - tl.max(m, 0)), 0.0)
-                o = tl.load(o_ptr + (ml + g)[:, None] * D + cols[None, :], mask=smask[:, None], other=0.0,
-                            cache_modifier=".cg")
-                res = tl.sum(o * w[:, None], 0) / tl.sum(li * w, 0)
-                tl.store(out_ptr + (b * HQ + h * G + g) * D + cols, res.to(out_ptr.dtype.element_ty))
-            tl.atomic_xchg(cnt_ptr + bh, 0, sem="relaxed")
+    out = (bh * S + s) * G  # only the G real rows are stored
+    tl.store(o_ptr + (out + rows)[:, None] * D + cols[None, :], acc, mask=rmask[:, None])
+    tl.store(m_ptr + out + rows, m_i, mask=rmask)
+    tl.store(l_ptr + out + rows, l_i, mask=rmask)
 
 
-#: per device: int32 counters (one per batch row and KV head), zero between calls (the last program resets them)
-_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    key = (str(device), device.index or 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 256), device=device, dtype=torch.int32)
-    return buf
+@triton.jit
+def _merge_kernel(o_ptr, m_ptr, l_ptr, out_ptr, S, G: tl.constexpr, D: tl.constexpr,
+                  SP: tl.constexpr, HKV: tl.constexpr, HQ: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    sidx = tl.arange(0, SP)
+    smask = sidx < S
+    cols = tl.arange(0, D)
+    ml = (bh * S + sidx) * G + g
+    m = tl.load(m_ptr + ml, mask=smask, other=float("-inf"))
+    li = tl.load(l_ptr + ml, mask=smask, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(smask, tl.exp2(m - m_max), 0.0)  # chunks past the length have m = -inf: weight 0
+    o = tl.load(o_ptr + ml[:, None] * D + cols[None, :], mask=smask[:, None], other=0.0)
+    num = tl.sum(o * w[:, None], 0)
+    den = tl.sum(li * w, 0)
+    dst = (b * HQ + h * G + g) * D + cols
+    tl.store(out_ptr + dst, (num / den).to(out_ptr.dtype.element_ty))
 
 
 def plan_splits(batch_heads: int, capacity: int, block: int = 64, programs: int = 264,
                 max_splits: int = 64) -> tuple[int, int]:
     """``(S, chunk)``: chunks of ``chunk`` slots (a multiple of ``block``) so that ``batch_heads * S`` programs
     cover ``capacity`` slots with about ``programs`` programs (two per multiprocessor of an H100/H200), at most
-    ``max_splits`` chunks per head (the merging program reads them in one load)."""
+    ``max_splits`` chunks per head (the merge kernel reads them in one load)."""
     tiles = triton.cdiv(capacity, block)
     want = max(1, min(tiles, max_splits, triton.cdiv(programs, batch_heads)))
     chunk = triton.cdiv(tiles, want) * block
@@ -119,7 +107,7 @@ def slot_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length
 
     Returns ``[B, Hq, 1, D]`` in the query's dtype. ``splits``: ``(S, chunk)`` from :func:`plan_splits`
     (default: planned from the shapes; fixed for fixed shapes, so graph-capturable); ``config``: launch
-    settings (default :data:`CONFIG`). One launch: the last program of each KV head merges its chunks.
+    settings (default :data:`CONFIG`). Two launches: the chunks' partial sums, then their merge.
     """
     b, hq, q_len, d = query.shape
     hkv, cap = k.shape[1], k.shape[2]
@@ -139,8 +127,9 @@ def slot_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length
     m_part = torch.empty((b * hkv, s, g), device=dev, dtype=torch.float32)
     l_part = torch.empty((b * hkv, s, g), device=dev, dtype=torch.float32)
     out = torch.empty((b, hq, 1, d), device=dev, dtype=query.dtype)
-    _slot_attention_kernel[(b * hkv, s)](
-        query, k, v, length, o_part, m_part, l_part, _counters(dev, b * hkv), out, scaling * LOG2E,
-        query.stride(0), query.stride(1), cap, s, chunk, G=g, GP=gp, D=d, BN=cfg["block"], HKV=hkv, HQ=hq,
-        SP=triton.next_power_of_2(s), STAGES=cfg["stages"], num_warps=cfg["warps"])
+    _partial_kernel[(b * hkv, s)](query, k, v, length, o_part, m_part, l_part, scaling * LOG2E,
+                                  query.stride(0), query.stride(1), cap, s, chunk, G=g, GP=gp, D=d, BN=cfg["block"],
+                                  HKV=hkv, STAGES=cfg["stages"], num_warps=cfg["warps"])
+    _merge_kernel[(b * hkv, g)](o_part, m_part, l_part, out, s, G=g, D=d,
+                                SP=triton.next_power_of_2(s), HKV=hkv, HQ=hq, num_warps=4)
     return out

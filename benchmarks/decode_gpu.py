@@ -78,10 +78,15 @@ SETUPS: dict[str, tuple[str, str]] = {
     "ours streaming_llm 4096, fused": ("bf16F", "streaming_llm:budget=4096"),
     "ours snapkv 4096, fused": ("bf16F", "snapkv:budget=4096"),
     "ours int4w + streaming_llm 4096, fused": ("int4F", "streaming_llm:budget=4096"),
+    # the decode attention over static slots through SDPA instead of the split-K Triton kernel (A/B)
+    "ours none, fused, sdpa attn": ("bf16F", "none"),
+    "ours snapkv 8x, fused, sdpa attn": ("bf16F", f"snapkv:ratio={RATIO_8X}"),
+    "ours int4w + snapkv 8x, fused, sdpa attn": ("int4F", f"snapkv:ratio={RATIO_8X}"),
 }
+SDPA_SUFFIX = ", sdpa attn"
 FUSED_KINDS = ("bf16f", "bf16F", "int4F")
 BATCH_SETUPS = ("hf eager", "ours none", "ours snapkv 8x", "ours int4w + snapkv 8x", "ours none, fused",
-                "ours snapkv 8x, fused", "ours int4w + snapkv 8x, fused")
+                "ours snapkv 8x, fused", "ours int4w + snapkv 8x, fused", "ours snapkv 8x, fused, sdpa attn")
 
 
 def build_model(layers: int, smoke: bool, device: torch.device):
@@ -238,7 +243,13 @@ def run_one(model, setup: str, ctx: int, batch: int, new_tokens: int, eager_toke
     elif method == "hf_compiled":
         res = _hf_compiled(model, ids, new_tokens, clock)
     else:
-        res = _ours(model, ids, new_tokens, clock, method, eager_tokens, chunk)
+        from lmcompress.kv.static import set_slot_attention
+
+        prev = set_slot_attention("sdpa" if setup.endswith(SDPA_SUFFIX) else "triton")
+        try:
+            res = _ours(model, ids, new_tokens, clock, method, eager_tokens, chunk)
+        finally:
+            set_slot_attention(prev)
     ttft, times, kv, path, cache = res
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / GiB if clock.cuda else float("nan")
@@ -441,7 +452,13 @@ def main() -> None:
                          "budget setups only)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on the CPU: checks the script only")
+    ap.add_argument("--slot-config", default=None,
+                    help="JSON launch settings of the Triton slot attention (kv/kernels/slot_attention.CONFIG)")
     args = ap.parse_args()
+    if args.slot_config:
+        from lmcompress.kv.kernels import slot_attention
+
+        slot_attention.CONFIG.update(json.loads(args.slot_config))
     start = time.perf_counter()
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     if args.cpu_smoke:
@@ -455,7 +472,8 @@ def main() -> None:
     out_file = Path(args.out) / "decode_gpu.json"
     bandwidth = copy_bandwidth(device)
     header = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "copy_TBps": round(bandwidth / 1e12, 3)}
+              "torch": torch.__version__, "copy_TBps": round(bandwidth / 1e12, 3),
+              **({"slot_config": json.loads(args.slot_config)} if args.slot_config else {})}
 
     def save() -> None:
         out_file.write_text(json.dumps({**header, "rows": rows}, indent=1))

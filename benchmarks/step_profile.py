@@ -37,8 +37,14 @@ def main() -> None:
     ap.add_argument("--fused", action="store_true", help="fused norms and decoder modules (lmcompress.fused)")
     ap.add_argument("--int4", action="store_true",
                     help="RTN 4-bit weights (W4A16 kernels tuned for M = 1 first, as decode_gpu.py does)")
+    ap.add_argument("--slot-config", default=None,
+                    help="JSON launch settings of the Triton slot attention (kv/kernels/slot_attention.CONFIG)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    if args.slot_config:
+        from lmcompress.kv.kernels import slot_attention
+
+        slot_attention.CONFIG.update(json.loads(args.slot_config))
     if args.int4:
         from decode_gpu import int4_model
 

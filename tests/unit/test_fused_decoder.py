@@ -129,3 +129,16 @@ def test_static_decode_over_a_fused_model_matches_its_eager_decode_and_the_unfus
             tok = plain(tok, **cache_kwargs(dyn)).logits[:, -1].argmax(-1, keepdim=True)
             eager.append(int(tok))
     assert static == eager
+
+
+@pytest.mark.parametrize("concat", [True, False])
+def test_mlp_row_chunks_compute_the_same_function(concat, monkeypatch):
+    """A forward with more rows than FusedMLP.max_rows runs in chunks (bounded intermediates), same output."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    fuse_decoder(model, concat=concat)
+    with torch.no_grad():
+        whole = model(ids).logits
+        monkeypatch.setattr(FusedMLP, "max_rows", 5)  # 24 rows: chunks of 5, the last one of 4
+        chunked = model(ids).logits
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)

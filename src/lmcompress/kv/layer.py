@@ -130,9 +130,9 @@ class CompressedLayer(CacheLayerMixin):
             for i, seg in enumerate(self.segments):
                 bi, hi = divmod(i, h)
                 seg.append(key_states[bi : bi + 1, hi : hi + 1], value_states[bi : bi + 1, hi : hi + 1],
-                           pos.expand(1, 1, q))
+                           pos.expand(1, 1, q), last_position=self.seen + q - 1)
         else:
-            self.segments[0].append(key_states, value_states, pos.expand(b, h, q))
+            self.segments[0].append(key_states, value_states, pos.expand(b, h, q), last_position=self.seen + q - 1)
         self.seen += q
         self._inputs_cache = None
         handle = KVHandle(self, q)
@@ -391,6 +391,18 @@ class CompressedLayer(CacheLayerMixin):
         )
         self._inputs_cache = (key, inputs)
         return inputs
+
+    def keep_uniform(self, index: torch.Tensor) -> None:
+        """Keep the tokens ``index: [B, Hkv, k]`` (ascending, the same ``k < held`` for every head) of a uniform
+        layer: what :meth:`keep` does with such indices, without its checks that read device values on the host
+        (the prefill path of windowed scorers, so that a layer's compression does not stall the next layer)."""
+        if self.ragged:
+            raise LMCompressError("keep_uniform needs a uniform layer (every head the same tokens); use keep()")
+        self.eviction_events += 1
+        self._inputs_cache = None
+        self.segments[0].keep(index)
+        for seg in self.segments:
+            seg.commit()
 
     def keep(self, kept: torch.Tensor, in_place: bool = False) -> None:
         """Keep only ``kept`` tokens and free the rest.

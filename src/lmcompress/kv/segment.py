@@ -158,8 +158,11 @@ class KVSegment:
     def _fp_headroom(self) -> int:
         return 0 if self.quant is not None else self.reserve
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
-        """Append ``[B, H, q, D]`` states at int32 ``positions: [B, H, q]`` in full precision."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+               last_position: int | None = None) -> None:
+        """Append ``[B, H, q, D]`` states at int32 ``positions: [B, H, q]`` in full precision.
+
+        ``last_position``: ``positions[0, 0, -1]`` when the caller knows it (saves reading it off the device)."""
         if self.fp_k is None:
             self.fp_k = TokenBuffer(keys, headroom=self._fp_headroom())
             self.fp_v = TokenBuffer(values, headroom=self._fp_headroom())
@@ -173,7 +176,7 @@ class KVSegment:
                 self.pos.append(positions)
         for name, buf in self.aux.items():
             buf.append(torch.full(positions.shape, self.aux_fill[name], device=positions.device))
-        self.last_position = int(positions[0, 0, -1])
+        self.last_position = int(positions[0, 0, -1]) if last_position is None else last_position
 
     def set_aux(self, name: str, values: torch.Tensor, fill: float = 0.0) -> None:
         """Attach (or overwrite) the per-token values ``values: [B, H, held]``; tokens appended later get

@@ -33,6 +33,19 @@ def _triton() -> bool:
     return triton_available()
 
 
+#: decode attention over static slots on CUDA: "triton" (kv/kernels/slot_attention.py) or "sdpa"
+_SLOT_ATTENTION = ["triton"]
+
+
+def set_slot_attention(name: str) -> str:
+    """Choose the decode attention of static slots on CUDA (``"triton"`` or ``"sdpa"``); returns the previous
+    choice. Read when a step runs (or is captured into a CUDA graph), so set it before capturing."""
+    if name not in ("triton", "sdpa"):
+        raise ValueError(f"slot attention {name!r} is not one of 'triton', 'sdpa'")
+    old, _SLOT_ATTENTION[0] = _SLOT_ATTENTION[0], name
+    return old
+
+
 def _policy_chain(policy: EvictionPolicy) -> list[EvictionPolicy]:
     """``policy`` and the policies it wraps (``base``, recursively)."""
     chain = [policy]
@@ -189,7 +202,19 @@ class StaticSlots:
             self.pos.index_copy_(2, clock.cur_slot, clock.cur_pos.expand(b, h, 1))
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """``query: [B, Hq, 1, D]`` over the valid slots -> ``[B, Hq, 1, D]``."""
+        """``query: [B, Hq, 1, D]`` over the valid slots -> ``[B, Hq, 1, D]``.
+
+        On CUDA with Triton, 16-bit K/V (and :func:`set_slot_attention` left at ``"triton"``): the split-K kernel of
+        :mod:`~lmcompress.kv.kernels.slot_attention`, which reads only the valid slots' K/V once per KV head;
+        elsewhere SDPA under the slot mask. Both compute the same attention up to bf16 rounding.
+        """
+        d = query.shape[-1]
+        if (query.is_cuda and query.shape[2] == 1 and _SLOT_ATTENTION[0] == "triton" and d >= 16
+                and query.dtype in (torch.bfloat16, torch.float16) and self.k.dtype == query.dtype
+                and not d & (d - 1) and self.k.is_contiguous() and self.v.is_contiguous() and _triton()):
+            from .kernels.slot_attention import slot_attention
+
+            return slot_attention(query, self.k, self.v, self.clock.length, scaling)
         return torch.nn.functional.scaled_dot_product_attention(
             query, self.k, self.v, attn_mask=self.clock.mask, scale=scaling,
             enable_gqa=query.shape[1] != self.k.shape[1])

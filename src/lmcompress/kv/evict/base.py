@@ -140,6 +140,22 @@ def topk_mask(scores: torch.Tensor, k: torch.Tensor | int, order: torch.Tensor |
     return mask
 
 
+def topk_index(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Ascending indices ``[..., k]`` of the ``k`` highest of ``scores: [..., n]`` per row, ties to the newest:
+    the entries :func:`topk_mask` selects, for scores without NaN and without ``-inf`` (which ``topk_mask``
+    never selects, so its rows could keep fewer), computed with no read of a device value on the host.
+
+    Each score is mapped to an int64 key that orders like the float (its bits, the negative ones flipped;
+    ``-0.0`` first made ``+0.0``, which sorts equal to it) times ``n`` plus its index, so that equal scores order
+    by index, newest highest; every key is distinct and ``torch.topk`` picks exactly the ``k`` largest.
+    """
+    n = scores.shape[-1]
+    bits = (scores.float() + 0.0).view(torch.int32).to(torch.int64)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    key = bits * n + torch.arange(n, device=scores.device)
+    return key.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
 @dataclass(frozen=True)
 class EvictionPolicy:
     """Base of eviction policies.
@@ -160,6 +176,10 @@ class EvictionPolicy:
     is_scorer: ClassVar[bool] = True
     #: whether heads may keep different numbers of tokens (the layer then stores them ragged).
     headwise: ClassVar[bool] = False
+    #: whether :meth:`score` never gives NaN or ``-inf``, so that the default :meth:`after_forward` may pick a
+    #: uniform layer's kept tokens with :func:`topk_index` (same tokens as :meth:`keep_mask`, no host sync).
+    #: Only read where the class keeps the default ``keep_mask`` / ``keep_counts``.
+    finite_scores: ClassVar[bool] = False
 
     ratio: float = 0.0
     budget: int | None = None
@@ -268,8 +288,23 @@ class EvictionPolicy:
     def after_forward(self, layer: CompressedLayer, query: torch.Tensor, scaling: float,
                       module: torch.nn.Module | None) -> None:
         """Compress ``layer`` after an attention call; by default prefill chunks (more than one query) only."""
-        if query.shape[2] > 1:
-            layer.keep(self.keep_mask(layer.score_inputs(query, scaling, module)))
+        if query.shape[2] <= 1:
+            return
+        inputs = layer.score_inputs(query, scaling, module)
+        if self._uniform_fast_path(inputs):
+            n = inputs.num_tokens
+            k = self.n_keep(n, inputs.layer_idx, inputs.num_layers)
+            if k < n:
+                layer.keep_uniform(topk_index(self.final_scores(inputs), k))
+            return
+        layer.keep(self.keep_mask(inputs))
+
+    def _uniform_fast_path(self, inputs: ScoreInputs) -> bool:
+        """Whether :meth:`after_forward` may select with :func:`topk_index`: every head holds the same tokens
+        (no padding) and the class keeps the default count and mask rules with finite scores."""
+        cls = type(self)
+        return (cls.finite_scores and inputs.valid is None and cls.keep_mask is EvictionPolicy.keep_mask
+                and cls.keep_counts is EvictionPolicy.keep_counts)
 
     # ------------------------------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ...errors import LMCompressError, check_positive_int
 from ...registry import EVICTION_METHODS
-from .attention_probs import window_attention
+from .attention_probs import head_slice, head_tiles, window_attention
 from .base import EvictionPolicy, ScoreInputs
 
 
@@ -39,6 +39,8 @@ class SnapKV(EvictionPolicy):
 
     name = "snapkv"
     display = "SnapKV"
+    #: pooled probabilities are >= 0 and the window +inf: the prefill path selects without host syncs
+    finite_scores = True
     window_size: int = 64
     kernel_size: int = 5
 
@@ -56,6 +58,18 @@ class SnapKV(EvictionPolicy):
     def score(self, inputs: ScoreInputs) -> torch.Tensor:
         w = self.window_size
         n = inputs.num_tokens
-        attn = window_attention(inputs, w, self.display)[..., : n - w]  # [B, Hkv, G, w, n-w]
-        scores = pool_tokens(attn.mean(dim=-2), self.kernel_size).mean(dim=2)  # [B, Hkv, n-w]
+        tiles = head_tiles(inputs, w)
+        if len(tiles) == 1:
+            scores = self._window_scores(inputs)
+        else:  # long prompts: a few KV heads at a time (heads are scored independently: same scores)
+            b, hkv = inputs.keys.shape[:2]
+            scores = torch.empty((b, hkv, n - w), dtype=torch.float32, device=inputs.keys.device)
+            for h0, h1 in tiles:
+                scores[:, h0:h1] = self._window_scores(head_slice(inputs, h0, h1))
         return F.pad(scores, (0, w), value=math.inf)
+
+    def _window_scores(self, inputs: ScoreInputs) -> torch.Tensor:
+        """``[B, Hkv, n - w]`` pooled window attention of the tokens before the window."""
+        n = inputs.num_tokens
+        attn = window_attention(inputs, self.window_size, self.display)[..., : n - self.window_size]
+        return pool_tokens(attn.mean(dim=-2), self.kernel_size).mean(dim=2)  # [B, Hkv, G, w, n-w] -> [B, Hkv, n-w]

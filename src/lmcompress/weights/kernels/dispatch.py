@@ -131,6 +131,13 @@ def candidates(m: int, n: int, k: int, group: int, sms: int) -> list[KernelConfi
             found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, s > 1) for s in splits]
             found += [KernelConfig("gemv", 1, block_n, block_k, s, warps, 1, s > 1, True) for s in splits[:2]]
         found.append(KernelConfig("gemv", 1, 256, min(16, group), splits[-1], 4, 1, False))
+        # wider tiles, 8 warps: more bytes per load instruction and per program in flight (H200 call 10)
+        for block_n, block_k in ((256, 32), (512, 16), (512, 32)):
+            if block_k > group:
+                continue
+            programs = triton.cdiv(n, block_n) * m
+            for s in sorted({_split_for(programs, n_groups, sms, w) for w in (2, 4, 8)}):
+                found.append(KernelConfig("gemv", 1, block_n, block_k, s, 8, 1, s > 1))
         # the group loop software-pipelined (num_stages 3-4: the words of the next groups copied asynchronously
         # into shared memory); needs several groups per program, so fewer splits
         for block_n, block_k in ((256, 16), (128, 32)):

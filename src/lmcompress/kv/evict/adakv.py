@@ -10,7 +10,13 @@ import torch
 
 from ...errors import LMCompressError, check_range
 from ...registry import EVICTION_METHODS
-from .base import DelegatesToBase, EvictionPolicy, ScoreInputs, check_wrapper_sizes, require_scorer, topk_mask
+from .base import (
+    DelegatesToBase,
+    EvictionPolicy,
+    ScoreInputs,
+    check_wraps_scorer,
+    topk_mask,
+)
 
 
 def check_alpha_safeguard(alpha: object) -> None:
@@ -46,8 +52,7 @@ class AdaKV(DelegatesToBase, EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_scorer(self.name, self.base)
-        check_wrapper_sizes(self)
+        check_wraps_scorer(self)
         check_alpha_safeguard(self.alpha_safeguard)
 
     def keep_mask(self, inputs: ScoreInputs) -> torch.Tensor:

@@ -352,6 +352,15 @@ def require_scorer(owner: str, base: object) -> EvictionPolicy:
     return base
 
 
+def check_wraps_scorer(policy: EvictionPolicy) -> EvictionPolicy:
+    """The checks every wrapper around a score-based ``base`` makes first: the base scores tokens
+    (:func:`require_scorer`) and the wrapper's own ratio/budget stay unset (:func:`check_wrapper_sizes`); returns
+    the base."""
+    base = require_scorer(policy.name, policy.base)
+    check_wrapper_sizes(policy)
+    return base
+
+
 class DelegatesToBase:
     """Mixin of the wrappers around a score-based ``base`` policy (AdaKV, CriticalKV, ChunkKV, ...): their
     no-op test, observation window, budget and query observation are the base's. Put it before

@@ -11,7 +11,12 @@ import torch
 
 from ...errors import check_positive_int
 from ...registry import EVICTION_METHODS
-from .base import DelegatesToBase, EvictionPolicy, ScoreInputs, check_wrapper_sizes, require_scorer
+from .base import (
+    DelegatesToBase,
+    EvictionPolicy,
+    ScoreInputs,
+    check_wraps_scorer,
+)
 from .subset import check_part_length, part_scores
 
 
@@ -44,8 +49,7 @@ class BlockPress(DelegatesToBase, EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_scorer(self.name, self.base)
-        check_wrapper_sizes(self)
+        check_wraps_scorer(self)
         check_positive_int("block_size", self.block_size)
         check_part_length(self.name, self.base, self.block_size, "block_size")
 

@@ -14,9 +14,8 @@ from .base import (
     DelegatesToBase,
     EvictionPolicy,
     ScoreInputs,
-    check_wrapper_sizes,
+    check_wraps_scorer,
     evicted_count,
-    require_scorer,
     topk_mask,
 )
 from .per_layer import layer_ratio
@@ -50,8 +49,7 @@ class ChunkPress(DelegatesToBase, EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_scorer(self.name, self.base)
-        check_wrapper_sizes(self)
+        check_wraps_scorer(self)
         check_positive_int("chunk_length", self.chunk_length)
         check_part_length(self.name, self.base, self.chunk_length, "chunk_length")
         if self.base.budget is not None:

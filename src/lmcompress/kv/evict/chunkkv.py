@@ -14,9 +14,8 @@ from .base import (
     DelegatesToBase,
     EvictionPolicy,
     ScoreInputs,
-    check_wrapper_sizes,
+    check_wraps_scorer,
     evicted_count,
-    require_scorer,
 )
 from .per_layer import layer_ratio
 
@@ -63,8 +62,7 @@ class ChunkKV(DelegatesToBase, EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_scorer(self.name, self.base)
-        check_wrapper_sizes(self)
+        check_wraps_scorer(self)
         check_positive_int("chunk_length", self.chunk_length)
 
     def chunks_kept(self, num_chunks: int, layer_idx: int = 0, num_layers: int = 1) -> int:

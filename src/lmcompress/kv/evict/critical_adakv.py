@@ -26,7 +26,13 @@ import torch
 
 from ...registry import EVICTION_METHODS
 from .adakv import check_alpha_safeguard
-from .base import DelegatesToBase, EvictionPolicy, ScoreInputs, check_wrapper_sizes, require_scorer, topk_mask
+from .base import (
+    DelegatesToBase,
+    EvictionPolicy,
+    ScoreInputs,
+    check_wraps_scorer,
+    topk_mask,
+)
 from .critical_kv import check_critical_params, projected_value_norms
 
 
@@ -52,10 +58,9 @@ class CriticalAdaKV(DelegatesToBase, EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_wraps_scorer(self)
         check_alpha_safeguard(self.alpha_safeguard)
         check_critical_params(self.display, self.epsilon, self.first_stage_ratio)
-        require_scorer(self.name, self.base)
-        check_wrapper_sizes(self)
 
     def keep_mask(self, inputs: ScoreInputs) -> torch.Tensor:
         counts = inputs.valid_counts()

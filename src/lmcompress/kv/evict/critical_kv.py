@@ -23,7 +23,13 @@ import torch
 from ... import _compat
 from ...errors import LMCompressError, check_range
 from ...registry import EVICTION_METHODS
-from .base import DelegatesToBase, EvictionPolicy, ScoreInputs, check_wrapper_sizes, require_scorer, topk_mask
+from .base import (
+    DelegatesToBase,
+    EvictionPolicy,
+    ScoreInputs,
+    check_wraps_scorer,
+    topk_mask,
+)
 
 
 def projected_value_norms(inputs: ScoreInputs) -> torch.Tensor:
@@ -70,9 +76,8 @@ class CriticalKV(DelegatesToBase, EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_wraps_scorer(self)
         check_critical_params(self.display, self.epsilon, self.first_stage_ratio)
-        require_scorer(self.name, self.base)
-        check_wrapper_sizes(self)
 
     def n_keep(self, n: int, layer_idx: int = 0, num_layers: int = 1) -> int:
         return self.base.n_keep(n, layer_idx, num_layers)

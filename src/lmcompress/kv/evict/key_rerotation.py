@@ -11,7 +11,7 @@ import torch
 
 from ...errors import LMCompressError
 from ...registry import EVICTION_METHODS
-from .base import DelegatesToBase, EvictionPolicy, check_wrapper_sizes, require_scorer
+from .base import DelegatesToBase, EvictionPolicy, check_wraps_scorer
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..layer import CompressedLayer
@@ -41,8 +41,7 @@ class KeyRerotation(DelegatesToBase, EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_scorer(self.name, self.base)
-        check_wrapper_sizes(self)
+        check_wraps_scorer(self)
 
     def after_forward(self, layer: CompressedLayer, query: torch.Tensor, scaling: float,
                       module: torch.nn.Module | None) -> None:

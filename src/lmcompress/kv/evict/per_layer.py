@@ -11,7 +11,12 @@ import torch
 
 from ...errors import LMCompressError, check_range
 from ...registry import EVICTION_METHODS
-from .base import EvictionPolicy, ScoreInputs, check_wrapper_sizes, evicted_count, require_scorer
+from .base import (
+    EvictionPolicy,
+    ScoreInputs,
+    check_wraps_scorer,
+    evicted_count,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..layer import CompressedLayer
@@ -63,8 +68,7 @@ class PerLayerCompression(EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_scorer(self.name, self.base)
-        check_wrapper_sizes(self)
+        check_wraps_scorer(self)
         if self.base.budget is not None:
             raise LMCompressError(
                 f"per_layer takes its sizes from ratios; the base cannot have a budget (got {self.base.budget})"

@@ -14,7 +14,7 @@ import torch
 
 from ...errors import LMCompressError, check_positive_int
 from ...registry import EVICTION_METHODS
-from .base import EvictionPolicy, check_wrapper_sizes, require_scorer
+from .base import EvictionPolicy, check_wraps_scorer
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..layer import CompressedLayer
@@ -50,8 +50,7 @@ class ThresholdEviction(EvictionPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require_scorer(self.name, self.base)
-        check_wrapper_sizes(self)
+        check_wraps_scorer(self)
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or \
                 self.threshold != self.threshold:
             raise LMCompressError(f"threshold={self.threshold!r} is required and must be a number")

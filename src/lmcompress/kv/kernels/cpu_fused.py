@@ -24,10 +24,9 @@ def _reads(codec, key: bool, d: int) -> bool:
     return codec.granularity in granularities and d <= 256
 
 
-def _rows(t: torch.Tensor, inner: int) -> bool:
-    """``t: [B, H, ...]`` can be walked as ``B * H`` rows of stride ``t.stride(1)``, its last ``inner`` dims
-    dense over their innermost one."""
-    return (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)) and t.stride(-1) == 1 and t.dim() >= inner
+def _rows(t: torch.Tensor) -> bool:
+    """``t: [B, H, ...]`` can be walked as ``B * H`` rows of stride ``t.stride(1)``, dense in its last dim."""
+    return (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1)) and t.stride(-1) == 1
 
 
 def _groups(codec: UniformCodec, d: int) -> int:
@@ -60,7 +59,7 @@ def attention(store, kparts: dict, vparts: dict, n: int, vp: int, fp_keys: torch
     fk, fv = fp_keys.float(), fp_values.float()
     q = qg.contiguous()
     channel = kc.granularity == "channel"
-    if not all(_rows(t, 2) for t in (kcodes, ks, kz, vcodes, vs, vz, fk, fv)) or kcodes.dtype != torch.uint8:
+    if not all(_rows(t) for t in (kcodes, ks, kz, vcodes, vs, vz, fk, fv)) or kcodes.dtype != torch.uint8:
         return None
     if ks.stride() != kz.stride() or vs.stride() != vz.stride():
         return None
